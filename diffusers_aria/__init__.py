@@ -1,3 +1,56 @@
-"""diffusers-aria: adaptive region-based importance allocation of conditioning prompts for diffusion distillation."""
+"""diffusers-aria: adaptive region-based importance allocation of conditioning prompts for diffusion distillation.
+
+Public API:
+    build_regions, ConditionRegions      -- partition a prompt pool into regions (regions.py)
+    DiscrepancyTracker                   -- online per-region discrepancy estimates (tracker.py)
+    ARIAAllocation, make_policy, ...     -- estimates -> region probabilities (allocation.py)
+    AdaptiveRegionSampler                -- draw prompts by region (sampler.py)
+    ARIACallback                         -- accelerate glue: gather, update, re-allocate, log, checkpoint
+    RandomConditioning, SwapSchedule     -- RC's condition switching (conditioning.py)
+    load_prompt_pool                     -- read a pool from a list, a Dataset or a file (pool.py)
+"""
+
+from .allocation import (
+    EXP3,
+    POLICIES,
+    AllocationPolicy,
+    ARIAAllocation,
+    DoReMiEG,
+    PromptUniform,
+    RegionUniform,
+    StaticAfterWarmup,
+    make_policy,
+)
+from .callback import ARIACallback
+from .conditioning import ConditioningBatch, RandomConditioning, SwapSchedule
+from .pool import PromptPoolError, load_prompt_pool, pool_fingerprint
+from .regions import ConditionRegions, RegionsMismatchError, build_regions, load_or_build_regions
+from .sampler import AdaptiveRegionSampler
+from .tracker import DiscrepancyTracker
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ARIAAllocation",
+    "ARIACallback",
+    "AdaptiveRegionSampler",
+    "AllocationPolicy",
+    "ConditionRegions",
+    "ConditioningBatch",
+    "DiscrepancyTracker",
+    "DoReMiEG",
+    "EXP3",
+    "POLICIES",
+    "PromptPoolError",
+    "PromptUniform",
+    "RandomConditioning",
+    "RegionUniform",
+    "RegionsMismatchError",
+    "StaticAfterWarmup",
+    "SwapSchedule",
+    "build_regions",
+    "load_or_build_regions",
+    "load_prompt_pool",
+    "make_policy",
+    "pool_fingerprint",
+]

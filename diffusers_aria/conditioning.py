@@ -1,0 +1,149 @@
+"""Random Conditioning (RC): swap a sample's paired caption for a pool prompt with probability p(t).
+
+RC (CVPR 2025) replaces, for a noised latent x_t at timestep t, the paired caption by a prompt from a large
+text pool with probability p(t); the student then matches the teacher on (x_t, t, new prompt). ARIA only
+changes *which* pool prompt is drawn: `RandomConditioning` takes its prompts from an
+`AdaptiveRegionSampler`. Schedules: exponential `exp(-lam * (1 - t/T))` (lam=5 by default), sigmoid,
+constant. Null-prompt dropout replaces a prompt by "" (region -1, ignored by the tracker).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .pool import get_prompts
+from .sampler import AdaptiveRegionSampler
+
+SCHEDULES = ("exponential", "sigmoid", "constant")
+NULL_REGION = -1
+
+
+@dataclass
+class SwapSchedule:
+    """p(t), the probability of swapping the caption at timestep t.
+
+    kind: "exponential" -> exp(-lam * (1 - t/T)); "sigmoid" -> 1 / (1 + exp(-lam * (t/T - center)));
+    "constant" -> `value`.
+    """
+
+    kind: str = "exponential"
+    lam: float = 5.0
+    center: float = 0.5
+    value: float = 0.5
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"rc schedule {self.kind!r} is not valid; choose one of {', '.join(SCHEDULES)}")
+        if self.kind == "constant" and not 0 <= self.value <= 1:
+            raise ValueError(f"constant swap probability {self.value!r} must lie in [0, 1]")
+        if self.lam < 0:
+            raise ValueError(f"rc lambda {self.lam!r} must be >= 0")
+
+    def __call__(self, timesteps: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(timesteps, dtype=torch.float64) / self.num_train_timesteps
+        if self.kind == "exponential":
+            return torch.exp(-self.lam * (1.0 - t))
+        if self.kind == "sigmoid":
+            return torch.sigmoid(self.lam * (t - self.center))
+        return torch.full_like(t, self.value)
+
+    def mean(self) -> float:
+        """Average swap probability over uniform t."""
+        t = torch.arange(self.num_train_timesteps, dtype=torch.float64)
+        return float(self(t).mean())
+
+
+@dataclass
+class ConditioningBatch:
+    """What `RandomConditioning` decided for one batch."""
+
+    prompts: list[str]
+    swapped: torch.Tensor  # bool [B]: the prompt came from the pool
+    region_ids: torch.Tensor  # long [B]: region of the prompt used (-1: null prompt / unknown)
+    pool_indices: torch.Tensor  # long [B]: pool index of swapped prompts, -1 otherwise
+
+
+class RandomConditioning:
+    """Per-sample condition switching with prompts drawn by an `AdaptiveRegionSampler`.
+
+    Args:
+        sampler: the region sampler (its probabilities are ARIA's allocation).
+        pool: the prompt pool (list of str or a `datasets.Dataset` with a `prompt` column).
+        schedule: the swap probability p(t).
+        null_prompt_prob: probability of replacing the final prompt by "" (classifier-free-guidance dropout).
+        seed: swap coins come from (seed, step, rank).
+        regions: `ConditionRegions` to assign paired captions to regions when no ids are given.
+    """
+
+    def __init__(self, sampler: AdaptiveRegionSampler, pool, schedule: SwapSchedule | None = None,
+                 null_prompt_prob: float = 0.0, seed: int = 0, regions=None) -> None:
+        if not 0 <= null_prompt_prob <= 1:
+            raise ValueError(f"null_prompt_prob={null_prompt_prob!r} must lie in [0, 1]")
+        if len(pool) != sampler.num_prompts:
+            raise ValueError(f"the pool has {len(pool)} prompts but the sampler covers {sampler.num_prompts}")
+        self.sampler, self.pool = sampler, pool
+        self.schedule = schedule or SwapSchedule()
+        self.null_prompt_prob = float(null_prompt_prob)
+        self.seed = int(seed)
+        self.regions = regions
+        self._assigned: dict[str, int] = {}
+
+    def _caption_regions(self, captions: Sequence[str]) -> np.ndarray:
+        if self.regions is None:
+            return np.full(len(captions), NULL_REGION, dtype=np.int64)
+        todo = [c for c in dict.fromkeys(captions) if c not in self._assigned]
+        if todo:
+            for c, r in zip(todo, self.regions.assign(todo).tolist()):
+                self._assigned[c] = int(r)
+            if len(self._assigned) > 100_000:
+                self._assigned.clear()
+        return np.asarray([self._assigned.get(c, NULL_REGION) for c in captions], dtype=np.int64)
+
+    def __call__(self, step: int, timesteps: torch.Tensor, captions: Sequence[str] | None = None,
+                 caption_region_ids=None, rank: int = 0, num_replicas: int = 1) -> ConditioningBatch:
+        """Decide the prompts of one batch (this rank's part of the global batch of `step`).
+
+        Every rank must call this once per step, with the same batch size: it advances the sampler's
+        global draw. With `captions=None` (image-free training) every sample takes a pool prompt.
+        """
+        t = torch.as_tensor(timesteps).reshape(-1).cpu()
+        n = t.numel()
+        gen = torch.Generator().manual_seed(_step_seed(self.seed, step, rank))
+        coins = torch.rand(n, generator=gen, dtype=torch.float64)
+        nulls = torch.rand(n, generator=gen, dtype=torch.float64) < self.null_prompt_prob
+        idx, reg = self.sampler.draw(step, n, num_replicas=num_replicas, rank=rank)
+        if captions is None:
+            swapped = torch.ones(n, dtype=torch.bool)
+            cap_regions = np.full(n, NULL_REGION, dtype=np.int64)
+            captions = [""] * n
+        else:
+            if len(captions) != n:
+                raise ValueError(f"got {len(captions)} captions for {n} timesteps")
+            swapped = coins < self.schedule(t)
+            cap_regions = (np.asarray(caption_region_ids, dtype=np.int64).reshape(-1) if caption_region_ids is not None
+                           else self._caption_regions(captions))
+        sw = swapped.numpy()
+        pool_prompts = get_prompts(self.pool, idx[sw]) if sw.any() else []
+        it = iter(pool_prompts)
+        prompts = [next(it) if s else c for s, c in zip(sw.tolist(), captions)]
+        regions = np.where(sw, reg, cap_regions)
+        if self.null_prompt_prob > 0:
+            nm = nulls.numpy()
+            prompts = ["" if z else p for z, p in zip(nm.tolist(), prompts)]
+            regions = np.where(nm, NULL_REGION, regions)
+        return ConditioningBatch(
+            prompts=prompts,
+            swapped=swapped,
+            region_ids=torch.from_numpy(regions.astype(np.int64)),
+            pool_indices=torch.from_numpy(np.where(sw, idx, -1).astype(np.int64)),
+        )
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank, 0x5C]).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
+

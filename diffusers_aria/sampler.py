@@ -1,0 +1,205 @@
+"""Drawing prompts by region: `AdaptiveRegionSampler`.
+
+One global draw per step is a pure function of `(seed, epoch, step)`, the current region probabilities and
+the per-region draw counters, so every rank computes the same draw and takes its own disjoint slice. A
+draw picks regions by the probabilities, then prompts inside each region without replacement: the j-th
+draw from region k in its c-th pass is `members_k[perm_{k,c}(j)]`, where `perm_{k,c}` is a keyed
+pseudo-random permutation of `range(size_k)` (a cycle-walking Feistel network), so no permutation array is
+ever stored. Memory: the region-id order (int32 when N < 2**31, 4 bytes a prompt) plus O(K).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser, vectorised over uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def keyed_permutation(j: np.ndarray, n: np.ndarray, key: np.ndarray, rounds: int = 4) -> np.ndarray:
+    """Image of positions `j` under a keyed pseudo-random permutation of `range(n)` (element-wise n, key).
+
+    A balanced Feistel network on the smallest even bit width covering n, with cycle walking for the
+    values that fall outside [0, n). Bijective for every (n, key); O(1) memory.
+    """
+    j = np.asarray(j, dtype=np.uint64)
+    n = np.asarray(n, dtype=np.uint64)
+    key = np.asarray(key, dtype=np.uint64)
+    bits = np.maximum(np.ceil(np.log2(np.maximum(n.astype(np.float64), 2.0))).astype(np.int64), 2)
+    half = ((bits + 1) // 2).astype(np.uint64)
+    mask = (np.uint64(1) << half) - np.uint64(1)
+
+    def feistel(x, half, mask, key):
+        left, right = x >> half, x & mask
+        for r in range(rounds):
+            f = _mix64(right ^ _mix64(key + np.uint64(r + 1) * np.uint64(0x9E3779B97F4A7C15))) & mask
+            left, right = right, left ^ f
+        return (left << half) | right
+
+    with np.errstate(over="ignore"):
+        out = feistel(j, half, mask, key)
+        todo = out >= n
+        while todo.any():
+            out[todo] = feistel(out[todo], half[todo], mask[todo], key[todo])
+            todo = out >= n
+    return out.astype(np.int64)
+
+
+class AdaptiveRegionSampler(Sampler[int]):
+    """Draws pool indices by region probabilities; a `torch.utils.data.Sampler[int]` and a direct `draw`.
+
+    Args:
+        region_ids: int array [N], the region of each pool entry (e.g. `ConditionRegions.region_ids`).
+        batch_size: global number of indices drawn per step when iterating (the DataLoader's batch size
+            times the number of processes, when the DataLoader is prepared by accelerate).
+        probabilities: initial region probabilities (default: prompt-uniform, i.e. Random Conditioning).
+        seed: all randomness comes from (seed, epoch, step).
+        num_replicas, rank: when iterating outside accelerate, yield only this rank's slice of each global
+            draw. Leave at 1/0 when the DataLoader goes through `accelerator.prepare`, which shards batches.
+        num_samples: indices per epoch when iterating (None: infinite).
+    """
+
+    def __init__(self, region_ids, batch_size: int = 1, probabilities=None, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0, num_samples: int | None = None) -> None:
+        ids = np.asarray(region_ids)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"region_ids must be a non-empty 1-D array, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer) or int(ids.min()) < 0:
+            raise ValueError("region_ids must be non-negative integers")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank={rank!r} must lie in [0, num_replicas={num_replicas})")
+        self.num_prompts = int(ids.size)
+        self.num_regions = int(ids.max()) + 1
+        index_dtype = np.int32 if self.num_prompts < 2**31 else np.int64
+        self.order = np.argsort(ids, kind="stable").astype(index_dtype, copy=False)
+        self.sizes = np.bincount(ids, minlength=self.num_regions).astype(np.int64)
+        if np.any(self.sizes == 0):
+            empty = np.flatnonzero(self.sizes == 0)[:8].tolist()
+            raise ValueError(f"regions {empty} have no prompts; region ids must be contiguous 0..K-1")
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.num_samples = num_samples
+        self.epoch = 0
+        self.step = 0  # next step to draw when iterating
+        self.counters = np.zeros(self.num_regions, dtype=np.int64)  # draws so far per region
+        self.probabilities = self.sizes / self.sizes.sum()
+        if probabilities is not None:
+            self.set_probabilities(probabilities)
+
+    # ----------------------------------------------------------------------------------- probabilities
+    def set_probabilities(self, probabilities) -> None:
+        p = np.asarray(probabilities.detach().cpu() if isinstance(probabilities, torch.Tensor) else probabilities,
+                       dtype=np.float64).reshape(-1)
+        if p.shape != (self.num_regions,):
+            raise ValueError(f"got {p.size} probabilities for {self.num_regions} regions")
+        if np.any(p < 0) or not np.all(np.isfinite(p)) or p.sum() <= 0:
+            raise ValueError("region probabilities must be finite, non-negative and not all zero")
+        self.probabilities = p / p.sum()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    # ----------------------------------------------------------------------------------- drawing
+    def _rng(self, step: int) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.epoch, int(step)])))
+
+    def draw_regions(self, step: int, n: int) -> np.ndarray:
+        """The regions of one global draw of `n` samples at `step` (does not advance counters)."""
+        u = self._rng(step).random(n)
+        cdf = np.cumsum(self.probabilities)
+        cdf[-1] = 1.0
+        return np.minimum(np.searchsorted(cdf, u, side="right"), self.num_regions - 1)
+
+    def draw_global(self, step: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """One global draw of `n` (pool index, region) pairs at `step`; advances the per-region counters."""
+        regions = self.draw_regions(step, n)
+        # position of each sample among this step's draws from its region
+        order = np.argsort(regions, kind="stable")
+        sorted_r = regions[order]
+        starts = np.searchsorted(sorted_r, sorted_r, side="left")
+        rank_in_region = np.empty(n, dtype=np.int64)
+        rank_in_region[order] = np.arange(n) - starts
+        pos = self.counters[regions] + rank_in_region
+        self.counters += np.bincount(regions, minlength=self.num_regions)
+        size = self.sizes[regions]
+        cycle = pos // size
+        with np.errstate(over="ignore"):
+            key = _mix64(np.uint64(self.seed) ^ _mix64(regions.astype(np.uint64) * np.uint64(0x100000001B3)
+                                                     + cycle.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
+        within = keyed_permutation(pos % size, size, key)
+        return self.order[self.offsets[regions] + within].astype(np.int64), regions
+
+    def draw(self, step: int, n: int, num_replicas: int | None = None, rank: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's `n` (pool index, region) pairs of the global draw of `n * num_replicas` at `step`.
+
+        Every rank must call `draw` for every step, in order, with the same `n` and probabilities (as
+        `ARIACallback` guarantees): the per-region counters advance with the global draw.
+        """
+        world = self.num_replicas if num_replicas is None else int(num_replicas)
+        r = self.rank if rank is None else int(rank)
+        idx, reg = self.draw_global(step, n * world)
+        return idx[r * n:(r + 1) * n], reg[r * n:(r + 1) * n]
+
+    def __iter__(self) -> Iterator[int]:
+        per_rank = self.batch_size // self.num_replicas if self.num_replicas > 1 else self.batch_size
+        if self.num_replicas > 1 and self.batch_size % self.num_replicas:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by num_replicas={self.num_replicas}")
+        yielded = 0
+        while self.num_samples is None or yielded < self.num_samples:
+            idx, _ = self.draw(self.step, per_rank)
+            self.step += 1
+            for i in idx.tolist():
+                if self.num_samples is not None and yielded >= self.num_samples:
+                    return
+                yielded += 1
+                yield i
+
+    def __len__(self) -> int:
+        if self.num_samples is None:
+            raise TypeError("this AdaptiveRegionSampler is infinite (num_samples=None) and has no length")
+        return self.num_samples
+
+    # ----------------------------------------------------------------------------------- state
+    def draw_shares(self) -> np.ndarray:
+        """Share of all draws so far that went to each region."""
+        total = self.counters.sum()
+        return self.counters / total if total else np.zeros(self.num_regions)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "counters": torch.from_numpy(self.counters.copy()),
+            "probabilities": torch.from_numpy(self.probabilities.copy()),
+            "step": int(self.step),
+            "epoch": int(self.epoch),
+            "seed": int(self.seed),
+            "num_prompts": int(self.num_prompts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_prompts"]) != self.num_prompts:
+            raise ValueError(
+                f"sampler state was saved for {int(state['num_prompts'])} prompts, this sampler has {self.num_prompts}"
+            )
+        counters = np.asarray(state["counters"], dtype=np.int64)
+        if counters.shape != (self.num_regions,):
+            raise ValueError(f"sampler state has {counters.size} regions, this sampler has {self.num_regions}")
+        self.counters = counters.copy()
+        self.probabilities = np.asarray(state["probabilities"], dtype=np.float64).copy()
+        self.step, self.epoch, self.seed = int(state["step"]), int(state["epoch"]), int(state["seed"])
