@@ -1,0 +1,159 @@
+"""Intermediate-feature taps, teacher/student feature pairing and width projections for feature KD."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .students import STUDENT_ARCHITECTURES
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    """Return the hidden state of a module output (first element of tuples / model outputs)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return _first_tensor(output[0])
+    if isinstance(output, dict) and output:
+        return _first_tensor(next(iter(output.values())))
+    raise TypeError(f"Cannot extract a tensor from a module output of type {type(output).__name__}.")
+
+
+class FeatureTaps:
+    """Record the outputs of named submodules of ``model`` with forward hooks.
+
+    Pass the unwrapped model (not a DDP/compiled wrapper). Tuple outputs keep their first element,
+    which for diffusers down blocks is the hidden state. Use as a context manager to remove hooks.
+    """
+
+    def __init__(self, model: nn.Module, module_names: list[str]) -> None:
+        modules = dict(model.named_modules())
+        unknown = [name for name in module_names if name not in modules]
+        if unknown:
+            valid = [name for name in modules if name][:8]
+            raise KeyError(
+                f"Feature tap module(s) {unknown} not found in {type(model).__name__}; "
+                f"valid names look like {valid} (pass the unwrapped model)."
+            )
+        self._features: dict[str, torch.Tensor] = {}
+        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in module_names]
+
+    def _hook(self, name: str):
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self._features[name] = _first_tensor(output)
+
+        return record
+
+    @property
+    def features(self) -> dict[str, torch.Tensor]:
+        """Outputs recorded since the last :meth:`clear`, keyed by module name."""
+        return dict(self._features)
+
+    def clear(self) -> None:
+        """Forget recorded features (call once per training step)."""
+        self._features.clear()
+
+    def remove(self) -> None:
+        """Remove all hooks and recorded features."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._features.clear()
+
+    def __enter__(self) -> FeatureTaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _last_inner_layer(config: dict, stage: int) -> str:
+    """Name of the last ResNet/attention layer of down ``stage`` (its output before downsampling)."""
+    layers = config.get("layers_per_block", 2)
+    n_layers = layers[stage] if isinstance(layers, (list, tuple)) else layers
+    kind = "attentions" if "CrossAttn" in config["down_block_types"][stage] else "resnets"
+    return f"down_blocks.{stage}.{kind}.{n_layers - 1}"
+
+
+def default_feature_mapping(teacher_config: dict, student_config: dict, architecture: str) -> dict[str, str]:
+    """Map teacher module names to student module names at the end of each stage, matched by resolution.
+
+    Every down block, the mid block (when both have one) and every up block are paired. When the
+    student drops the lowest-resolution stage (``bk_tiny``), its new last down block has no
+    downsampler, so it is paired with the teacher's last layer of that stage before downsampling.
+    """
+    if architecture not in STUDENT_ARCHITECTURES:
+        raise ValueError(
+            f"Unknown student architecture {architecture!r}; valid options are {list(STUDENT_ARCHITECTURES)}."
+        )
+    n_teacher = len(teacher_config["down_block_types"])
+    n_student = len(student_config["down_block_types"])
+    offset = n_teacher - n_student
+    if offset < 0:
+        raise ValueError(f"Student has more stages ({n_student}) than the teacher ({n_teacher}).")
+    mapping: dict[str, str] = {}
+    for stage in range(n_student):
+        teacher_name = f"down_blocks.{stage}"
+        if offset and stage == n_student - 1:
+            teacher_name = _last_inner_layer(teacher_config, stage)
+        mapping[teacher_name] = f"down_blocks.{stage}"
+    if teacher_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") and student_config.get(
+        "mid_block_type", "UNetMidBlock2DCrossAttn"
+    ):
+        mapping["mid_block"] = "mid_block"
+    for block in range(n_student):
+        mapping[f"up_blocks.{block + offset}"] = f"up_blocks.{block}"
+    return mapping
+
+
+@torch.no_grad()
+def infer_feature_channels(
+    model: nn.Module, module_names: list[str], *args: Any, **kwargs: Any
+) -> dict[str, int]:
+    """Run ``model(*args, **kwargs)`` once and return the channel count of each tapped output."""
+    with FeatureTaps(model, module_names) as taps:
+        model(*args, **kwargs)
+        return {name: int(feature.shape[1]) for name, feature in taps.features.items()}
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class FeatureProjections(nn.Module):
+    """Per-pair 1x1 convolutions lifting student features to the teacher's width.
+
+    A projection exists only where the widths differ; elsewhere the feature passes through unchanged.
+    Call ``projections(teacher_name, student_feature)``.
+    """
+
+    def __init__(
+        self, mapping: dict[str, str], teacher_channels: dict[str, int], student_channels: dict[str, int]
+    ) -> None:
+        super().__init__()
+        self.mapping = dict(mapping)
+        self.projections = nn.ModuleDict()
+        for teacher_name, student_name in self.mapping.items():
+            if teacher_name not in teacher_channels or student_name not in student_channels:
+                raise KeyError(
+                    f"Missing channel count for pair {teacher_name!r} -> {student_name!r}; "
+                    f"teacher has {sorted(teacher_channels)}, student has {sorted(student_channels)}."
+                )
+            c_t, c_s = int(teacher_channels[teacher_name]), int(student_channels[student_name])
+            if c_t != c_s:
+                self.projections[_key(teacher_name)] = nn.Conv2d(c_s, c_t, kernel_size=1)
+
+    def has_projection(self, teacher_name: str) -> bool:
+        """Whether the pair keyed by ``teacher_name`` uses a learned projection."""
+        return _key(teacher_name) in self.projections
+
+    def forward(self, teacher_name: str, student_feature: torch.Tensor) -> torch.Tensor:
+        if teacher_name not in self.mapping:
+            raise KeyError(f"Unknown feature pair {teacher_name!r}; valid names are {sorted(self.mapping)}.")
+        key = _key(teacher_name)
+        if key not in self.projections:
+            return student_feature
+        conv = self.projections[key]
+        return conv(student_feature.to(conv.weight.dtype))
