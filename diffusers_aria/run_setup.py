@@ -1,0 +1,251 @@
+"""Setting up and finishing a distillation run: teacher, student, EMA, pool, regions, paired data, outputs.
+
+Everything the training script needs besides its argument parser and loop, in small functions that the
+tests call directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .pool import load_prompt_pool, pool_fingerprint
+from .regions import load_or_build_regions
+
+
+class OutputDirError(ValueError):
+    """The output folder holds a previous run and neither resume nor overwrite was asked for."""
+
+
+def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
+    """Refuse to start a new run in a non-empty folder (nothing is deleted either way)."""
+    if resuming or overwrite or not os.path.isdir(output_dir):
+        return
+    entries = sorted(os.listdir(output_dir))
+    if entries:
+        shown = ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "")
+        raise OutputDirError(
+            f"--output_dir {output_dir!r} is not empty (it holds {shown}); pass --resume_from_checkpoint latest to "
+            "continue that run, --overwrite_output_dir to write into it anyway (nothing is deleted), or choose a new folder"
+        )
+
+
+@dataclass
+class TeacherParts:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    name_or_path: str
+
+    def pipeline_components(self) -> dict[str, Any]:
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                "scheduler": self.scheduler}
+
+
+def load_teacher(name_or_path: str, revision: str | None = None, variant: str | None = None) -> TeacherParts:
+    """Load a Stable Diffusion teacher's parts (any transformers text encoder; never remote code)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoModel, AutoTokenizer
+
+    kw = {"revision": revision}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", trust_remote_code=False, **kw)
+    text_encoder = AutoModel.from_pretrained(name_or_path, subfolder="text_encoder", variant=variant,
+                                             trust_remote_code=False, **kw)
+    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **kw)
+    unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, **kw)
+    scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
+    return TeacherParts(unet, vae, text_encoder, tokenizer, scheduler, name_or_path)
+
+
+def make_student(teacher_unet, architecture: str, width_scale: float = 1.0, pretrained: str | None = None):
+    """A BK-SDM student initialised from the teacher, or a pretrained student UNet. Returns (unet, report)."""
+    from diffusers import UNet2DConditionModel
+
+    from .distillation import build_student
+
+    if pretrained:
+        sub = "unet" if os.path.isdir(os.path.join(pretrained, "unet")) else None
+        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder=sub)
+        if unet.config.cross_attention_dim != teacher_unet.config.cross_attention_dim:
+            raise ValueError(
+                f"student {pretrained!r} has cross_attention_dim {unet.config.cross_attention_dim} but the teacher has "
+                f"{teacher_unet.config.cross_attention_dim}; the student must share the teacher's text encoder")
+        return unet.to(torch.float32), f"loaded pretrained student {pretrained}"
+    student, report = build_student(teacher_unet.to(torch.float32), architecture, width_scale)
+    return student, report
+
+
+def feature_mapping(teacher, student, architecture: str) -> dict[str, str]:
+    """BK feature pairs when both UNets have the standard structure; empty (output KD only) otherwise."""
+    from .distillation import default_feature_mapping
+
+    try:
+        mapping = default_feature_mapping(dict(teacher.config), dict(student.config), architecture)
+    except (ValueError, KeyError):
+        return {}
+    names_t = dict(teacher.named_modules())
+    names_s = dict(student.named_modules())
+    return {t: s for t, s in mapping.items() if t in names_t and s in names_s}
+
+
+# ------------------------------------------------------------------------------------------ EMA
+
+
+def make_ema(student, decay: float):
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel([p for p in student.parameters() if p.requires_grad], decay=decay)
+
+
+def register_ema_hooks(accelerator, ema) -> None:
+    """Save/load the EMA shadow weights (safetensors + JSON) inside accelerate checkpoints."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            os.makedirs(output_dir, exist_ok=True)
+            save_file({f"p{i}": t.detach().contiguous().cpu() for i, t in enumerate(ema.shadow_params)},
+                      os.path.join(output_dir, "ema.safetensors"))
+            with open(os.path.join(output_dir, "ema.json"), "w") as fh:
+                json.dump({"optimization_step": int(ema.optimization_step), "decay": float(ema.decay)}, fh)
+
+    def load_hook(models, input_dir):
+        tensors = load_file(os.path.join(input_dir, "ema.safetensors"))
+        for i, t in enumerate(ema.shadow_params):
+            t.data.copy_(tensors[f"p{i}"].to(t.device, t.dtype))
+        with open(os.path.join(input_dir, "ema.json")) as fh:
+            ema.optimization_step = json.load(fh)["optimization_step"]
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ------------------------------------------------------------------------------------------ pool, regions
+
+
+def load_pool(source: str, column: str | None = None, split: str = "train", builtin_size: int = 4000, seed: int = 0):
+    """The prompt pool and, for the built-in pool, each prompt's group. Returns (Dataset, groups or None)."""
+    import datasets
+
+    if source == "builtin":
+        from .builtin_pool import builtin_prompt_pool
+
+        ds = builtin_prompt_pool(num_prompts=builtin_size, seed=seed)
+        if not isinstance(ds, datasets.Dataset):
+            ds = datasets.Dataset.from_list(list(ds))
+        groups = list(ds["group"]) if "group" in ds.column_names else None
+        return load_prompt_pool(ds, "prompt"), groups
+    if os.path.exists(source):
+        return load_prompt_pool(source, column), None
+    ds = datasets.load_dataset(source, split=split)
+    return load_prompt_pool(ds, column), None
+
+
+def load_regions(regions_dir: str, pool, **build_kwargs):
+    return load_or_build_regions(regions_dir, pool, **build_kwargs)
+
+
+# ------------------------------------------------------------------------------------------ paired data
+
+
+def paired_dataset(args, pool, regions, teacher: TeacherParts, accelerator):
+    """The paired training rows: teacher-generated latents (--image_free) or an image/caption dataset."""
+    from .data import ImageCaptionDataset, LatentCaptionDataset, load_image_caption_dataset
+    from .pool import get_prompts
+
+    if args.image_free:
+        from diffusers import StableDiffusionPipeline
+
+        from .data import load_or_generate_teacher_latents
+
+        n = min(args.num_teacher_latents, len(pool))
+        idx = np.sort(np.random.default_rng(args.seed).choice(len(pool), size=n, replace=False))
+        prompts = get_prompts(pool, idx)
+        pipe = StableDiffusionPipeline(unet=teacher.unet, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **teacher.pipeline_components())
+        pipe.set_progress_bar_config(disable=True)
+        latents = load_or_generate_teacher_latents(
+            os.path.join(args.output_dir, "teacher_latents"), pipe, prompts, idx,
+            fingerprint=f"{pool_fingerprint(pool)}|{teacher.name_or_path}|{args.seed}",
+            num_inference_steps=args.teacher_inference_steps, guidance_scale=args.teacher_guidance_scale,
+            height=args.resolution, width=args.resolution, progress=accelerator.is_local_main_process)
+        return LatentCaptionDataset(latents, prompts, np.asarray(regions.region_ids)[idx])
+    ds = load_image_caption_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.revision,
+                                    args.cache_dir, args.max_train_samples, args.seed)
+    data = ImageCaptionDataset(ds, args.image_column, args.caption_column, args.resolution, args.center_crop,
+                               args.random_flip, args.seed)
+    data.region_ids = regions.assign(data.captions())
+    return data
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+_SECRET_WORDS = ("token", "password", "secret")
+
+
+def loggable_config(args) -> dict[str, Any]:
+    """The run's flags for trackers: scalars only, no secrets."""
+    out = {}
+    for k, v in vars(args).items():
+        if any(w in k.lower() for w in _SECRET_WORDS):
+            continue
+        out[k] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+        if out[k] is None:
+            out[k] = "None"
+    return out
+
+
+def save_student_pipeline(output_dir: str, student, teacher: TeacherParts, lora: bool = False) -> None:
+    """Write a `StableDiffusionPipeline` folder with the student UNet into `output_dir` (plus LoRA weights).
+
+    With `lora=True` the pipeline holds the base student and `pytorch_lora_weights.safetensors` its adapters,
+    loadable with `pipe.load_lora_weights(output_dir)`.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from .distillation import base_state_dict, save_lora_weights
+
+    tmp = os.path.join(output_dir, ".pipeline.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet = student
+    if lora:
+        unet = UNet2DConditionModel.from_config(student.config)
+        unet.load_state_dict(base_state_dict(student))
+    pipe = StableDiffusionPipeline(unet=unet, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False, **teacher.pipeline_components())
+    pipe.save_pretrained(tmp)
+    if lora:
+        save_lora_weights(student, tmp)
+    for name in os.listdir(tmp):
+        dst = os.path.join(output_dir, name)
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)
+        os.replace(os.path.join(tmp, name), dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_card(args, report_paths: dict, validation_image: str | None, settings, init_report) -> str:
+    from .hub import write_model_card
+
+    with open(report_paths["json"]) as fh:
+        report = json.load(fh)
+    report.pop("history", None)
+    teacher_report = None
+    tr = os.path.join(args.pretrained_model_name_or_path, "aria_teacher_report.json")
+    if os.path.isfile(tr):
+        with open(tr) as fh:
+            teacher_report = json.load(fh)
+    return write_model_card(
+        args.output_dir, base_model=args.pretrained_model_name_or_path, repo_id=args.hub_model_id,
+        architecture=args.student_architecture, student_mode=args.student_mode, aria_settings=settings.to_dict(),
+        aria_report=report, validation_image=validation_image, allocation_plot=report_paths.get("plot"),
+        train_settings={**loggable_config(args), "student_init": str(init_report)}, teacher_report=teacher_report)

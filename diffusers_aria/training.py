@@ -1,0 +1,163 @@
+"""Building blocks of an ARIA distillation run, kept out of the training script so they can be tested.
+
+* `AriaSettings` + `build_aria`: regions -> sampler, tracker, policy, callback and Random Conditioning.
+* `encode_prompts`: text-encoder hidden states for a list of prompts, as the pipelines compute them.
+* `KDStep`: one teacher/student forward pass on (x_t, t, c) with feature taps, returning per-sample losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .allocation import POLICIES, make_policy
+from .callback import ARIACallback
+from .conditioning import RandomConditioning, SwapSchedule
+from .data import step_generator
+from .distillation import DistillationLoss, FeatureProjections, FeatureTaps, LossTerms, prediction_target
+from .sampler import AdaptiveRegionSampler
+from .tracker import DiscrepancyTracker
+
+
+@dataclass
+class AriaSettings:
+    """Every ARIA and Random Conditioning setting of a run (the script's --aria_* and --rc_* flags)."""
+
+    allocation: str = "aria"
+    alpha: float = 1.0
+    tau: float = 1.0
+    form: str = "exp"
+    beta: float = 1.0
+    floor: float = 0.05
+    cap: float | None = None
+    damping: float = 0.1
+    warmup_steps: int = 40
+    half_life: float = 100.0
+    num_timestep_bins: int = 10
+    timestep_norm: bool = True
+    prior_strength: float = 8.0
+    feed: str = "swapped"
+    doremi_lr: float = 0.5
+    doremi_smoothing: float = 0.05
+    exp3_gamma: float = 0.1
+    log_every: int = 10
+    rc_schedule: str = "exponential"
+    rc_lambda: float = 5.0
+    rc_constant: float = 0.5
+    null_prompt_prob: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.allocation not in POLICIES:
+            raise ValueError(f"--allocation {self.allocation!r} is not valid; choose one of {', '.join(POLICIES)}")
+        if self.feed not in ("swapped", "all"):
+            raise ValueError(f"--aria_feed {self.feed!r} is not valid; choose 'swapped' or 'all'")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+
+@dataclass
+class AriaComponents:
+    sampler: AdaptiveRegionSampler
+    tracker: DiscrepancyTracker
+    policy: Any
+    callback: ARIACallback
+    conditioning: RandomConditioning
+
+
+def build_aria(settings: AriaSettings, regions, pool, accelerator=None, seed: int = 0,
+               num_train_timesteps: int = 1000, region_names: list[str] | None = None) -> AriaComponents:
+    """Sampler, tracker, policy, callback and RC helper for `regions` of `pool`, from `settings`."""
+    sampler = AdaptiveRegionSampler(regions.region_ids, seed=seed)
+    tracker = DiscrepancyTracker(regions.num_regions, half_life=settings.half_life,
+                                 num_timestep_bins=settings.num_timestep_bins,
+                                 num_train_timesteps=num_train_timesteps,
+                                 normalize_timesteps=settings.timestep_norm, prior_strength=settings.prior_strength)
+    policy = make_policy(settings.allocation, sampler.sizes, alpha=settings.alpha, tau=settings.tau, form=settings.form,
+                         beta=settings.beta, floor=settings.floor, cap=settings.cap, damping=settings.damping,
+                         warmup_steps=settings.warmup_steps, lr=settings.doremi_lr,
+                         smoothing=settings.doremi_smoothing, gamma=settings.exp3_gamma)
+    callback = ARIACallback(accelerator, sampler, tracker, policy, log_every=settings.log_every,
+                            region_names=region_names)
+    schedule = SwapSchedule(kind=settings.rc_schedule, lam=settings.rc_lambda, value=settings.rc_constant,
+                            num_train_timesteps=num_train_timesteps)
+    rc = RandomConditioning(sampler, pool, schedule=schedule, null_prompt_prob=settings.null_prompt_prob, seed=seed,
+                            regions=regions)
+    return AriaComponents(sampler, tracker, policy, callback, rc)
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, tokenizer, prompts: list[str], device=None) -> torch.Tensor:
+    """Encoder hidden states [B, L, D] for `prompts`, padded to the tokenizer's max length as pipelines do."""
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    device = device or text_encoder.device
+    return text_encoder(tokens.input_ids.to(device))[0]
+
+
+def sample_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, seed: int, step: int, rank: int
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timesteps of one step, a pure function of (seed, step, rank)."""
+    gen = step_generator(seed, step, rank, salt=1)
+    noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(latents.device, latents.dtype)
+    t = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
+    return noise, t
+
+
+class KDStep:
+    """Teacher and student predictions on the same (x_t, t, c), with feature taps, into per-sample losses.
+
+    Args:
+        teacher: the frozen teacher UNet (in its weight dtype).
+        student: the *unwrapped* student UNet (taps hook its modules; call with the wrapped model).
+        noise_scheduler: provides `add_noise` and the prediction type.
+        loss: `DistillationLoss`.
+        feature_mapping: teacher module name -> student module name (empty/None: no feature KD).
+        projections: optional `FeatureProjections` when widths differ.
+    """
+
+    def __init__(self, teacher, student, noise_scheduler, loss: DistillationLoss,
+                 feature_mapping: dict[str, str] | None = None, projections: FeatureProjections | None = None) -> None:
+        self.teacher, self.noise_scheduler, self.loss = teacher, noise_scheduler, loss
+        self.feature_mapping = dict(feature_mapping or {}) if loss.lambda_kd_feat > 0 else {}
+        self.projections = projections
+        self.teacher_taps = FeatureTaps(teacher, list(self.feature_mapping)) if self.feature_mapping else None
+        self.student_taps = FeatureTaps(student, list(self.feature_mapping.values())) if self.feature_mapping else None
+
+    def __call__(self, student_model, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor, paired_mask: torch.Tensor | None = None) -> LossTerms:
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        with torch.no_grad():
+            t_dtype = next(self.teacher.parameters()).dtype
+            teacher_pred = self.teacher(noisy.to(t_dtype), timesteps, encoder_hidden_states.to(t_dtype)).sample
+            teacher_feats = dict(self.teacher_taps.features) if self.teacher_taps else None
+        student_pred = student_model(noisy, timesteps, encoder_hidden_states).sample
+        student_feats = dict(self.student_taps.features) if self.student_taps else None
+        target = None
+        if self.loss.lambda_sd > 0:
+            target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
+        terms = self.loss(student_pred, teacher_pred, student_feats, teacher_feats, self.feature_mapping or None,
+                          target=target, paired_mask=paired_mask, projections=self.projections)
+        if self.teacher_taps:
+            self.teacher_taps.clear()
+            self.student_taps.clear()
+        return terms
+
+
+def region_names_from_groups(region_ids: np.ndarray, groups: list[str] | None) -> list[str] | None:
+    """Name each region by its majority group (e.g. the built-in pool's topic), when groups are known."""
+    if groups is None:
+        return None
+    ids = np.asarray(region_ids)
+    names = []
+    for k in range(int(ids.max()) + 1):
+        members = [groups[i] for i in np.flatnonzero(ids == k)[:2000]]
+        vals, counts = np.unique(members, return_counts=True)
+        names.append(f"{vals[counts.argmax()]} ({counts.max() / counts.sum():.0%})")
+    return names
