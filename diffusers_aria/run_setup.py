@@ -233,6 +233,14 @@ def save_student_pipeline(output_dir: str, student, teacher: TeacherParts, lora:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_run_info(output_dir: str, **info) -> None:
+    """`run_info.json`: how the run went (processes, steps, ...), for people and tests."""
+    path = os.path.join(output_dir, "run_info.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(info, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def write_card(args, report_paths: dict, validation_image: str | None, settings, init_report) -> str:
     from .hub import write_model_card
 

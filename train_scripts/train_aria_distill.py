@@ -345,6 +345,9 @@ def main(args: argparse.Namespace) -> None:
         run_setup.save_student_pipeline(args.output_dir, final_student, teacher_parts, lora=args.student_mode == "lora")
         report_paths = aria.callback.write_report(args.output_dir)
         run_setup.write_card(args, report_paths, grid, settings, init_report)
+        run_setup.write_run_info(args.output_dir, num_processes=world, global_step=global_step,
+                                 allocation=args.allocation, student_mode=args.student_mode,
+                                 nonfinite_samples=aria.tracker.num_nonfinite)
         if args.push_to_hub:
             from diffusers_aria.hub import push_to_hub
 

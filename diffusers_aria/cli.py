@@ -1,0 +1,229 @@
+"""The `diffusers-aria` command line: regions, reports, evaluation, the tiny teacher, and the embedded demo.
+
+    diffusers-aria regions build --pool prompts.txt --num_regions 256 --output regions/
+    diffusers-aria regions show regions/ [--pool prompts.txt]
+    diffusers-aria report OUTPUT_OR_CHECKPOINT_DIR
+    diffusers-aria evaluate --teacher T --student S [--pool builtin] [--regions DIR]
+    diffusers-aria make-tiny-teacher OUTPUT_DIR [--train_steps N] [--force]
+    diffusers-aria demo [--output_dir outputs/demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train_scripts" / "train_aria_distill.py"
+
+
+def _cmd_regions_build(a: argparse.Namespace) -> int:
+    from .regions import build_regions
+    from .run_setup import load_pool
+
+    pool, _ = load_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, seed=a.seed)
+    regions = build_regions(pool, num_regions=a.num_regions, embedder=a.embedder, seed=a.seed, method=a.method,
+                            embeddings_cache_dir=a.embeddings_cache)
+    regions.save(a.output)
+    print(regions.summary(pool))
+    print(f"saved {regions.num_regions} regions to {a.output}")
+    return 0
+
+
+def _cmd_regions_show(a: argparse.Namespace) -> int:
+    from .regions import ConditionRegions
+    from .run_setup import load_pool
+
+    regions = ConditionRegions.load(a.regions_dir)
+    pool = None
+    if a.pool:
+        pool, _ = load_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, seed=a.seed)
+        regions.check_pool(pool)
+    print(regions.summary(pool))
+    return 0
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from .callback import STATE_JSON
+
+    path = a.path
+    for candidate in (os.path.join(path, "aria_report.json"), os.path.join(path, STATE_JSON)):
+        if os.path.isfile(candidate):
+            with open(candidate) as fh:
+                data = json.load(fh)
+            summary = data.get("summary", data)
+            break
+    else:
+        print(f"error: {path!r} holds no aria_report.json or {STATE_JSON}; pass a run's output folder or a checkpoint",
+              file=sys.stderr)
+        return 2
+    print(f"policy {summary['policy']} at step {summary['step']}")
+    for k, v in summary["metrics"].items():
+        print(f"  {k}: {v:.4g}")
+    print(f"{'region':>6} {'size':>7} {'prior':>8} {'prob':>8} {'estimate':>9}  name")
+    for r in sorted(summary["regions"], key=lambda r: -r["estimate"])[: a.top]:
+        print(f"{r['region']:>6} {r['size']:>7} {r['prior']:>8.4f} {r['probability']:>8.4f} {r['estimate']:>9.3f}  "
+              f"{r.get('name') or ''}")
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .evaluation import evaluate_student
+    from .pool import get_prompts
+    from .regions import ConditionRegions
+    from .run_setup import load_pool
+
+    pool, groups = load_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, seed=a.seed)
+    rng = np.random.default_rng(a.seed + 1)
+    idx = np.sort(rng.choice(len(pool), size=min(a.num_prompts, len(pool)), replace=False))
+    region_ids = None
+    if a.regions:
+        regions = ConditionRegions.load(a.regions)
+        regions.check_pool(pool)
+        region_ids = np.asarray(regions.region_ids)[idx].tolist()
+    res = evaluate_student(a.teacher, a.student, get_prompts(pool, idx), region_ids,
+                           [groups[i] for i in idx] if groups else None, seed=a.seed, output_json=a.output)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _cmd_make_tiny_teacher(a: argparse.Namespace) -> int:
+    from .tiny_teacher import make_tiny_teacher
+
+    report = make_tiny_teacher(a.output_dir, train_steps=a.train_steps, seed=a.seed, force=a.force)
+    _print_teacher_report(report)
+    return 0
+
+
+def _print_teacher_report(report) -> None:
+    state = "reused cached teacher" if report.cached else f"trained for {report.train_steps} steps in {report.seconds:.0f} s"
+    print(f"tiny teacher at {report.path} ({state})")
+    print("text sensitivity E||eps(c1)-eps(c2)||^2 / E||eps||^2 by timestep:")
+    for t in sorted(report.sensitivity_after):
+        print(f"  t={t:>4}: before {report.sensitivity_before[t]:.3f}  after {report.sensitivity_after[t]:.3f}")
+
+
+def demo_command(output_dir: str, teacher_dir: str, max_train_steps: int, num_processes: int, extra: list[str]
+                 ) -> list[str]:
+    """The `accelerate launch` command line of the embedded default run."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    launch += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    return launch + [
+        str(TRAIN_SCRIPT), "--pretrained_model_name_or_path", teacher_dir, "--output_dir", output_dir,
+        "--image_free", "--num_teacher_latents", "512", "--teacher_inference_steps", "20",
+        "--prompt_pool", "builtin", "--builtin_pool_size", "4000", "--num_regions", "16",
+        "--resolution", "32", "--train_batch_size", str(max(16 // num_processes, 1)),
+        "--max_train_steps", str(max_train_steps), "--learning_rate", "3e-4", "--lr_warmup_steps", "10",
+        "--rc_schedule", "constant", "--rc_constant", "0.5", "--allocation", "aria",
+        "--checkpointing_steps", str(max(max_train_steps // 3, 1)), "--checkpoints_total_limit", "2",
+        "--validation_prompts", "a red fox in the snow", "a bowl of ramen with chopsticks",
+        "a saxophone on a stage", "an astronaut floating near a nebula",
+        "--validation_inference_steps", "20", "--aria_log_every", "10", "--report_to", "tensorboard",
+    ] + extra
+
+
+def _cmd_demo(a: argparse.Namespace, extra: list[str]) -> int:
+    from .tiny_teacher import make_tiny_teacher
+
+    teacher_dir = a.teacher_dir or os.path.join(os.path.dirname(os.path.abspath(a.output_dir)), "tiny-teacher")
+    report = make_tiny_teacher(teacher_dir, train_steps=a.teacher_train_steps)
+    _print_teacher_report(report)
+    cmd = demo_command(a.output_dir, teacher_dir, a.max_train_steps, a.num_processes, extra)
+    if os.path.isdir(a.output_dir) and os.listdir(a.output_dir) and "--resume_from_checkpoint" not in extra:
+        cmd += ["--overwrite_output_dir"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true") if a.num_processes > 1 else None
+    print("running:", " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        return rc
+    print(f"\nDone. Look at {a.output_dir}/:\n"
+          "  validation_final.png  teacher (top row) vs student (bottom row), same prompts and seeds\n"
+          "  aria_allocation.png   how ARIA moved sampling between regions over training\n"
+          "  aria_report.md        per-region table: size, prior, probability, discrepancy estimate\n"
+          "  README.md             the model card; model_index.json + unet/ ...: the student pipeline\n"
+          f"  logs/                 tensorboard --logdir {a.output_dir}/logs")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffusers-aria", description="ARIA for diffusers distillation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def pool_args(sp):
+        sp.add_argument("--pool", default="builtin", help="'builtin' or a prompt file / dataset")
+        sp.add_argument("--column", default=None)
+        sp.add_argument("--builtin_pool_size", type=int, default=4000)
+        sp.add_argument("--seed", type=int, default=0)
+
+    regions = sub.add_parser("regions", help="build or show the regions of a prompt pool")
+    rsub = regions.add_subparsers(dest="regions_command", required=True)
+    b = rsub.add_parser("build")
+    pool_args(b)
+    b.add_argument("--num_regions", type=int, default=64)
+    b.add_argument("--embedder", default="sentence-transformers/all-MiniLM-L6-v2")
+    b.add_argument("--method", default="auto", choices=["auto", "faiss", "sklearn"])
+    b.add_argument("--embeddings_cache", default=None)
+    b.add_argument("--output", required=True)
+    s = rsub.add_parser("show")
+    s.add_argument("regions_dir")
+    pool_args(s)
+    s.set_defaults(pool=None)
+
+    r = sub.add_parser("report", help="print the ARIA report of a run or checkpoint")
+    r.add_argument("path")
+    r.add_argument("--top", type=int, default=32)
+
+    e = sub.add_parser("evaluate", help="held-out teacher-student discrepancy per region and group")
+    e.add_argument("--teacher", required=True)
+    e.add_argument("--student", required=True)
+    pool_args(e)
+    e.add_argument("--regions", default=None)
+    e.add_argument("--num_prompts", type=int, default=256)
+    e.add_argument("--output", default=None)
+
+    t = sub.add_parser("make-tiny-teacher", help="build the tiny offline teacher pipeline (cached)")
+    t.add_argument("output_dir")
+    t.add_argument("--train_steps", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true")
+
+    d = sub.add_parser("demo", help="the embedded default: tiny teacher, built-in pool, ARIA distillation on CPU")
+    d.add_argument("--output_dir", default="outputs/demo")
+    d.add_argument("--teacher_dir", default=None, help="default: tiny-teacher beside the output folder")
+    d.add_argument("--teacher_train_steps", type=int, default=None)
+    d.add_argument("--max_train_steps", type=int, default=300)
+    d.add_argument("--num_processes", type=int, default=1)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:  # everything after `--` goes to the training script (demo)
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    a = build_parser().parse_args(argv)
+    if a.command == "make-tiny-teacher" and a.train_steps is None:
+        from .tiny_teacher import DEFAULT_TRAIN_STEPS
+
+        a.train_steps = DEFAULT_TRAIN_STEPS
+    if a.command == "demo" and a.teacher_train_steps is None:
+        from .tiny_teacher import DEFAULT_TRAIN_STEPS
+
+        a.teacher_train_steps = DEFAULT_TRAIN_STEPS
+    if a.command == "regions":
+        return _cmd_regions_build(a) if a.regions_command == "build" else _cmd_regions_show(a)
+    handlers = {"report": _cmd_report, "evaluate": _cmd_evaluate, "make-tiny-teacher": _cmd_make_tiny_teacher}
+    if a.command == "demo":
+        return _cmd_demo(a, extra)
+    return handlers[a.command](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Measuring a student: held-out teacher-student discrepancy per region and per group.
+
+The discrepancy of a prompt is the normalised epsilon error E||eps_s(x_t,t,c) - eps_t(x_t,t,c)||^2 /
+E||eps_t||^2 at shared (x_0, noise, t), where x_0 are fixed random latents: the same inputs for every
+student, so two students are compared on identical draws. Results aggregate per region and per group
+(e.g. seen / unseen / underrepresented).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def prompt_discrepancy(teacher_unet, student_unet, text_encoder, tokenizer, noise_scheduler, prompts: Sequence[str],
+                       timesteps: Sequence[int] = (100, 400, 700), seed: int = 0, batch_size: int = 16,
+                       latent_shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Normalised epsilon error per prompt and timestep, float64 [len(prompts), len(timesteps)]."""
+    from .training import encode_prompts
+
+    cfg = teacher_unet.config
+    shape = latent_shape or (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    device = next(student_unet.parameters()).device
+    out = np.zeros((len(prompts), len(timesteps)))
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        hidden = encode_prompts(text_encoder, tokenizer, chunk, device)
+        for j, t in enumerate(timesteps):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + start * 1_009 + int(t))
+            x0 = torch.randn((len(chunk), *shape), generator=gen)
+            noise = torch.randn((len(chunk), *shape), generator=gen)
+            tt = torch.full((len(chunk),), int(t), dtype=torch.long)
+            xt = noise_scheduler.add_noise(x0, noise, tt).to(device)
+            tt = tt.to(device)
+            et = teacher_unet(xt.to(teacher_unet.dtype), tt, hidden.to(teacher_unet.dtype)).sample.float()
+            es = student_unet(xt.to(student_unet.dtype), tt, hidden.to(student_unet.dtype)).sample.float()
+            num = ((es - et) ** 2).flatten(1).mean(1)
+            den = (et ** 2).flatten(1).mean(1).clamp_min(1e-12)
+            out[start:start + len(chunk), j] = (num / den).double().cpu().numpy()
+    return out
+
+
+def aggregate(values: np.ndarray, labels: Sequence) -> dict[str, float]:
+    """Mean of `values` per label (labels may be ints or strings)."""
+    labels = np.asarray([str(x) for x in labels])
+    return {lab: float(values[labels == lab].mean()) for lab in sorted(set(labels.tolist()))}
+
+
+def evaluate_student(teacher_path: str, student_path: str, prompts: Sequence[str], region_ids: Sequence[int] | None = None,
+                     groups: Sequence[str] | None = None, timesteps: Sequence[int] = (100, 400, 700), seed: int = 0,
+                     output_json: str | None = None) -> dict:
+    """Load a teacher and a student pipeline folder and report the held-out discrepancy.
+
+    Returns {"overall", "per_timestep", "per_region", "per_group", "worst_region"}; written to `output_json`.
+    """
+    from .run_setup import load_teacher
+
+    teacher = load_teacher(teacher_path)
+    student = load_teacher(student_path)
+    if os.path.isfile(os.path.join(student_path, "pytorch_lora_weights.safetensors")):
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(unet=student.unet, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **student.pipeline_components())
+        pipe.load_lora_weights(student_path)
+    vals = prompt_discrepancy(teacher.unet.eval(), student.unet.eval(), teacher.text_encoder.eval(), teacher.tokenizer,
+                              teacher.scheduler, prompts, timesteps, seed)
+    per_prompt = vals.mean(axis=1)
+    result: dict = {"num_prompts": len(prompts), "timesteps": list(map(int, timesteps)),
+                    "overall": float(per_prompt.mean()),
+                    "per_timestep": {str(t): float(vals[:, j].mean()) for j, t in enumerate(timesteps)}}
+    if region_ids is not None:
+        per_region = aggregate(per_prompt, region_ids)
+        result["per_region"] = per_region
+        result["worst_region"] = max(per_region.items(), key=lambda kv: kv[1])
+    if groups is not None:
+        result["per_group"] = aggregate(per_prompt, groups)
+    if output_json:
+        tmp = output_json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(result, fh, indent=1)
+        os.replace(tmp, output_json)
+    return result
