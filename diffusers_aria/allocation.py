@@ -39,21 +39,33 @@ def project_to_bounds(target: np.ndarray, lower: np.ndarray, upper: np.ndarray, 
     p = target.copy()
     if np.all(p >= lower) and np.all(p <= upper):
         return p
-    pinned = np.zeros(p.shape, dtype=bool)
+    # The solution is clip(lam * target, lower, upper) with the scale lam where the sum is one. The sum is
+    # nondecreasing in lam and linear between the knots lower_k/target_k and upper_k/target_k: find the knot
+    # interval holding the solution by bisection, then rescale its free entries exactly. (`iters` bounds the
+    # bisection; log2 of the number of knots steps suffice.)
+    pos = target > 0
+    knots = np.unique(np.concatenate([[0.0], lower[pos] / target[pos], upper[pos] / target[pos]]))
+
+    def total(lam: float) -> float:
+        return float(np.clip(lam * target, lower, upper).sum())
+
+    lo_i, hi_i = 0, len(knots) - 1  # invariant: total(knots[lo_i]) <= 1 (sum(lower) <= 1)
+    if total(knots[hi_i]) <= 1.0:
+        lo_i = hi_i
     for _ in range(iters):
-        lo = (p < lower) & ~pinned
-        hi = (p > upper) & ~pinned
-        if not lo.any() and not hi.any():
+        if hi_i - lo_i <= 1:
             break
-        p[lo] = lower[lo]
-        p[hi] = upper[hi]
-        pinned |= lo | hi
-        free = ~pinned
-        rest = 1.0 - p[pinned].sum()
-        mass = target[free].sum()
-        if not free.any() or mass <= 0:
-            break
-        p[free] = target[free] * (rest / mass)
+        mid = (lo_i + hi_i) // 2
+        if total(knots[mid]) <= 1.0:
+            lo_i = mid
+        else:
+            hi_i = mid
+    lam = knots[lo_i] + 1.0 if lo_i == hi_i else 0.5 * (knots[lo_i] + knots[hi_i])
+    p = np.clip(lam * target, lower, upper)
+    free = pos & (lam * target > lower) & (lam * target < upper)
+    mass = target[free].sum()
+    if free.any() and mass > 0:
+        p[free] = target[free] * ((1.0 - p[~free].sum()) / mass)
     return p
 
 

@@ -98,10 +98,11 @@ class RandomConditioning:
             return np.full(len(captions), NULL_REGION, dtype=np.int64)
         todo = [c for c in dict.fromkeys(captions) if c not in self._assigned]
         if todo:
+            if len(self._assigned) + len(todo) > 100_000:  # bound the cache, but keep this batch's captions
+                self._assigned.clear()
+                todo = list(dict.fromkeys(captions))
             for c, r in zip(todo, self.regions.assign(todo).tolist()):
                 self._assigned[c] = int(r)
-            if len(self._assigned) > 100_000:
-                self._assigned.clear()
         return np.asarray([self._assigned.get(c, NULL_REGION) for c in captions], dtype=np.int64)
 
     def __call__(self, step: int, timesteps: torch.Tensor, captions: Sequence[str] | None = None,

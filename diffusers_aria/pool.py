@@ -70,7 +70,8 @@ def load_prompt_pool(source: PoolSource, column: str | None = None, validate: bo
             "pass a list of strings, a datasets.Dataset, or a path to .txt/.csv/.tsv/.jsonl/.parquet"
         )
     if len(ds) == 0:
-        raise PromptPoolError(f"the prompt pool {source if isinstance(source, str) else ''} is empty: it needs at least one prompt")
+        where = f" {os.fspath(source)!r}" if isinstance(source, (str, os.PathLike)) else ""
+        raise PromptPoolError(f"the prompt pool{where} is empty: it needs at least one prompt")
     if validate:
         _validate_dataset(ds)
     return ds

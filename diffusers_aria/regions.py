@@ -77,7 +77,10 @@ def load_embedder(embedder: str | Any = DEFAULT_EMBEDDER, device: str | None = N
 
 
 def _embedder_name(embedder: str | Any) -> str:
-    return embedder if isinstance(embedder, str) else type(embedder).__name__
+    """An id or path that `load_embedder` can load again (a loaded model is named by its tokenizer's path)."""
+    if isinstance(embedder, str):
+        return embedder
+    return getattr(getattr(embedder, "tokenizer", None), "name_or_path", None) or type(embedder).__name__
 
 
 def embed_texts(texts: list[str], embedder: str | Any = DEFAULT_EMBEDDER, batch_size: int = 256) -> np.ndarray:

@@ -233,6 +233,22 @@ def save_student_pipeline(output_dir: str, student, teacher: TeacherParts, lora:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def gather_state_hashes(accelerator, callback) -> list[str]:
+    """A sha256 of the ARIA state on every rank (they must all be equal), gathered to every rank."""
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    from .callback import _flatten
+
+    tensors, plain = _flatten(callback.state_dict())
+    h = hashlib.sha256(json.dumps(plain, sort_keys=True).encode())
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].contiguous().numpy().tobytes())
+    return gather_object([h.hexdigest()]) if accelerator.num_processes > 1 else [h.hexdigest()]
+
+
 def write_run_info(output_dir: str, **info) -> None:
     """`run_info.json`: how the run went (processes, steps, ...), for people and tests."""
     path = os.path.join(output_dir, "run_info.json")

@@ -18,6 +18,21 @@ import torch
 from torch.utils.data import Sampler
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_MUL1, _MUL2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MASK64_INT, _MUL1_INT, _MUL2_INT = 0xFFFFFFFFFFFFFFFF, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_PY_TAIL = 12  # cycle-walk at most this many leftover values with Python ints (cheaper than numpy calls)
+
+
+def _mix64_array(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on a uint64 array (a new array; array arithmetic wraps without warnings)."""
+    x = x ^ (x >> _S30)
+    x *= _MUL1
+    x ^= x >> _S27
+    x *= _MUL2
+    x ^= x >> _S31
+    return x
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -28,33 +43,91 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
+def _feistel(x: np.ndarray, half: np.ndarray, mask: np.ndarray, round_keys: list[np.ndarray]) -> np.ndarray:
+    left, right = x >> half, x & mask
+    for rk in round_keys:
+        f = _mix64_array(right ^ rk)
+        f &= mask
+        f ^= left
+        left, right = right, f
+    left <<= half
+    left |= right
+    return left
+
+
+def _cycle_walk_int(x: int, n: int, half: int, mask: int, round_keys: list[int]) -> int:
+    """`_feistel` applied to one value (Python ints) until it falls inside [0, n)."""
+    while True:
+        left, right = x >> half, x & mask
+        for rk in round_keys:
+            z = right ^ rk
+            z ^= z >> 30
+            z = (z * _MUL1_INT) & _MASK64_INT
+            z ^= z >> 27
+            z = (z * _MUL2_INT) & _MASK64_INT
+            z ^= z >> 31
+            left, right = right, left ^ (z & mask)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
 def keyed_permutation(j: np.ndarray, n: np.ndarray, key: np.ndarray, rounds: int = 4) -> np.ndarray:
     """Image of positions `j` under a keyed pseudo-random permutation of `range(n)` (element-wise n, key).
 
     A balanced Feistel network on the smallest even bit width covering n, with cycle walking for the
     values that fall outside [0, n). Bijective for every (n, key); O(1) memory.
     """
-    j = np.asarray(j, dtype=np.uint64)
-    n = np.asarray(n, dtype=np.uint64)
-    key = np.asarray(key, dtype=np.uint64)
+    shape = np.broadcast_shapes(np.shape(j), np.shape(n), np.shape(key))
+    # broadcast to one flat shape: cycle walking indexes n and key element-wise (scalars included)
+    j, n, key = (np.broadcast_to(np.asarray(a, dtype=np.uint64), shape).reshape(-1) for a in (j, n, key))
     bits = np.maximum(np.ceil(np.log2(np.maximum(n.astype(np.float64), 2.0))).astype(np.int64), 2)
     half = ((bits + 1) // 2).astype(np.uint64)
     mask = (np.uint64(1) << half) - np.uint64(1)
 
-    def feistel(x, half, mask, key):
-        left, right = x >> half, x & mask
-        for r in range(rounds):
-            f = _mix64(right ^ _mix64(key + np.uint64(r + 1) * np.uint64(0x9E3779B97F4A7C15))) & mask
-            left, right = right, left ^ f
-        return (left << half) | right
-
     with np.errstate(over="ignore"):
-        out = feistel(j, half, mask, key)
-        todo = out >= n
-        while todo.any():
-            out[todo] = feistel(out[todo], half[todo], mask[todo], key[todo])
-            todo = out >= n
-    return out.astype(np.int64)
+        # round r's key is mix64(key + (r+1) * golden): computed once, not once per cycle-walking pass
+        round_keys = [_mix64_array(key + np.uint64(r + 1) * _GOLDEN) for r in range(rounds)]
+        out = _feistel(j, half, mask, round_keys)
+        todo = np.flatnonzero(out >= n)
+        if todo.size:
+            cur, h, m, nn = out[todo], half[todo], mask[todo], n[todo]
+            rks = [rk[todo] for rk in round_keys]
+            while todo.size > _PY_TAIL:  # walk the values still outside [0, n), compacting as they land
+                cur = _feistel(cur, h, m, rks)
+                bad = cur >= nn
+                good = ~bad
+                out[todo[good]] = cur[good]
+                todo, cur, h, m, nn = todo[bad], cur[bad], h[bad], m[bad], nn[bad]
+                rks = [rk[bad] for rk in rks]
+            if todo.size:  # the last few: per-value loops beat per-pass numpy overhead
+                c, nl, hl, ml = cur.tolist(), nn.tolist(), h.tolist(), m.tolist()
+                rkl = [rk.tolist() for rk in rks]
+                out[todo] = np.asarray([_cycle_walk_int(c[i], nl[i], hl[i], ml[i], [rk[i] for rk in rkl])
+                                        for i in range(len(c))], dtype=np.uint64)
+    return out.astype(np.int64).reshape(shape)
+
+
+def _stable_region_order(ids: np.ndarray, sizes: np.ndarray, dtype, chunk: int = 1 << 18) -> np.ndarray:
+    """`np.argsort(ids, kind="stable").astype(dtype)`, built chunk by chunk straight into a `dtype` array.
+
+    A counting sort: each chunk is stably sorted (radix sort on uint16 keys when K <= 65536) and scattered
+    after the members of earlier chunks, so peak memory is the output plus O(chunk + K), not an int64 copy.
+    """
+    n = ids.size
+    order = np.empty(n, dtype=dtype)
+    key_dtype = np.uint16 if sizes.size <= 1 << 16 else ids.dtype
+    fill = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)  # next free slot of each region
+    for start in range(0, n, chunk):
+        part = np.asarray(ids[start:start + chunk]).astype(key_dtype, copy=False)
+        local = np.argsort(part, kind="stable")
+        sorted_r = part[local].astype(np.int64)
+        counts = np.bincount(sorted_r, minlength=sizes.size)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        dest = fill[sorted_r] + (np.arange(local.size) - first[sorted_r])
+        order[dest] = local + start
+        fill += counts
+    return order
 
 
 class AdaptiveRegionSampler(Sampler[int]):
@@ -85,8 +158,9 @@ class AdaptiveRegionSampler(Sampler[int]):
         self.num_prompts = int(ids.size)
         self.num_regions = int(ids.max()) + 1
         index_dtype = np.int32 if self.num_prompts < 2**31 else np.int64
-        self.order = np.argsort(ids, kind="stable").astype(index_dtype, copy=False)
-        self.sizes = np.bincount(ids, minlength=self.num_regions).astype(np.int64)
+        self.sizes = sum((np.bincount(ids[s:s + (1 << 20)], minlength=self.num_regions)  # chunked: no int64 copy
+                          for s in range(0, ids.size, 1 << 20)), np.zeros(self.num_regions, dtype=np.int64))
+        self.order = _stable_region_order(ids, self.sizes, index_dtype)
         if np.any(self.sizes == 0):
             empty = np.flatnonzero(self.sizes == 0)[:8].tolist()
             raise ValueError(f"regions {empty} have no prompts; region ids must be contiguous 0..K-1")

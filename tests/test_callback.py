@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_aria import AdaptiveRegionSampler, ARIACallback, ARIAAllocation, DiscrepancyTracker, make_policy
+from diffusers_aria import (
+    AdaptiveRegionSampler,
+    ARIAAllocation,
+    ARIACallback,
+    DiscrepancyTracker,
+    make_policy,
+)
 
 K = 6
 SIZES = np.array([40, 30, 10, 10, 5, 5])

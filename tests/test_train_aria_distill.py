@@ -53,6 +53,7 @@ def test_two_process_full_student_aria(tiny_teacher, shared_regions, tmp_path):
                             "--validation_inference_steps", "2"]), num_processes=2)
     info = json.load(open(out / "run_info.json"))
     assert info["num_processes"] == 2 and info["global_step"] == 3
+    assert len(info["aria_state_hashes"]) == 2 and len(set(info["aria_state_hashes"])) == 1  # same state on both ranks
     # both ranks drew disjoint halves of one global draw each step
     stream = read_stream(str(tmp_path / "stream.jsonl"))
     assert len(stream) == 3 and all(len(s) == 8 for s in stream)

@@ -341,13 +341,14 @@ def main(args: argparse.Namespace) -> None:
                           num_inference_steps=args.validation_inference_steps,
                           guidance_scale=args.validation_guidance_scale, resolution=args.resolution,
                           name="validation_final.png")
+    state_hashes = run_setup.gather_state_hashes(accelerator, aria.callback)
     if accelerator.is_main_process:
         run_setup.save_student_pipeline(args.output_dir, final_student, teacher_parts, lora=args.student_mode == "lora")
         report_paths = aria.callback.write_report(args.output_dir)
         run_setup.write_card(args, report_paths, grid, settings, init_report)
         run_setup.write_run_info(args.output_dir, num_processes=world, global_step=global_step,
                                  allocation=args.allocation, student_mode=args.student_mode,
-                                 nonfinite_samples=aria.tracker.num_nonfinite)
+                                 nonfinite_samples=aria.tracker.num_nonfinite, aria_state_hashes=state_hashes)
         if args.push_to_hub:
             from diffusers_aria.hub import push_to_hub
 

@@ -1,0 +1,391 @@
+"""Allocation policies: discrepancy estimates -> region probabilities (diffusers_aria/allocation.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from diffusers_aria.allocation import (
+    EXP3,
+    POLICIES,
+    ARIAAllocation,
+    DoReMiEG,
+    PromptUniform,
+    RegionUniform,
+    StaticAfterWarmup,
+    make_policy,
+    project_to_bounds,
+    standardise,
+)
+from diffusers_aria.tracker import DiscrepancyTracker
+
+SIZES = np.array([40, 10, 25, 5, 20])
+K = len(SIZES)
+# small warm-ups so the tests see the adaptive phase quickly
+FAST = {"aria": {"warmup_steps": 5}, "static": {"warmup_steps": 5}, "doremi": {"warmup_steps": 5}, "exp3": {},
+        "rc": {}, "region_uniform": {}}
+
+
+class FakeTracker:
+    """The part of `DiscrepancyTracker` the policies read, with estimates set by hand."""
+
+    def __init__(self, estimates, num_updates=10_000):
+        self._est = np.asarray(estimates, dtype=np.float64)
+        self.num_updates = num_updates
+        self.num_regions = self._est.size
+
+    def estimates(self):
+        return self._est
+
+    def global_mean(self):
+        return float(self._est.mean())
+
+    def last_batch_means(self):
+        return np.full(self.num_regions, 10.0), self._est
+
+
+def _feed(tracker: DiscrepancyTracker, rng, probabilities, scale, n=128):
+    """One step: draw regions by `probabilities`, losses scaled per region with mild noise."""
+    regions = rng.choice(len(scale), size=n, p=probabilities)
+    t = rng.integers(0, 1000, n)
+    losses = (0.2 + t / 1000) * np.asarray(scale)[regions] * rng.uniform(0.8, 1.2, n)
+    tracker.update(regions, losses, t)
+
+
+def _run(policy, steps, scale, seed=0, n=128, half_life=50.0):
+    rng = np.random.default_rng(seed)
+    tracker = DiscrepancyTracker(policy.num_regions, half_life=half_life)
+    history = []
+    for step in range(steps):
+        _feed(tracker, rng, policy.probabilities, scale, n)
+        history.append(policy.step(step, tracker).copy())
+    return np.asarray(history), tracker
+
+
+# ------------------------------------------------------------------------------------------- all policies
+
+
+def test_policy_registry():
+    assert set(POLICIES) == {"aria", "rc", "region_uniform", "static", "doremi", "exp3"}
+    for name, cls in POLICIES.items():
+        assert cls.name == name
+        assert isinstance(make_policy(name, SIZES), cls)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_probabilities_valid_every_step(name):
+    policy = make_policy(name, SIZES, **FAST[name])
+    assert policy.probabilities.dtype == np.float64
+    assert abs(policy.probabilities.sum() - 1.0) <= 1e-12
+    history, _ = _run(policy, 40, scale=[1.0, 1.6, 0.8, 1.2, 1.0])
+    assert history.shape == (40, K)
+    assert np.all(history >= 0)
+    np.testing.assert_allclose(history.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_policies_are_deterministic(name):
+    a = make_policy(name, SIZES, **FAST[name])
+    b = make_policy(name, SIZES, **FAST[name])
+    ta, tb = DiscrepancyTracker(K, half_life=20.0), DiscrepancyTracker(K, half_life=20.0)
+    rng = np.random.default_rng(1)
+    for step in range(30):
+        regions = rng.integers(0, K, 64)
+        t = rng.integers(0, 1000, 64)
+        losses = rng.gamma(2.0, 1.0 + regions / K)
+        ta.update(regions, losses, t)
+        tb.update(regions.copy(), losses.copy(), t.copy())
+        assert np.array_equal(a.step(step, ta), b.step(step, tb))
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_state_dict_round_trip_continues_identically(name, tmp_path):
+    scale = [1.0, 1.5, 0.9, 1.1, 1.0]
+    a = make_policy(name, SIZES, **FAST[name])
+    rng = np.random.default_rng(2)
+    tracker = DiscrepancyTracker(K, half_life=20.0)
+    for step in range(12):
+        _feed(tracker, rng, a.probabilities, scale)
+        a.step(step, tracker)
+    path = tmp_path / "policy.pt"
+    torch.save(a.state_dict(), path)
+    b = make_policy(name, SIZES, **FAST[name])
+    b.load_state_dict(torch.load(path, weights_only=True))
+    assert np.array_equal(a.probabilities, b.probabilities)
+    for step in range(12, 30):
+        _feed(tracker, rng, a.probabilities, scale)
+        assert np.array_equal(a.step(step, tracker), b.step(step, tracker))
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_load_state_with_wrong_number_of_regions_raises(name):
+    state = make_policy(name, SIZES).state_dict()
+    with pytest.raises(ValueError, match=r"allocation state has 5 regions but this policy has 3"):
+        make_policy(name, [1, 2, 3]).load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------- priors
+
+
+def test_prompt_uniform_and_region_uniform():
+    np.testing.assert_allclose(PromptUniform(SIZES).probabilities, SIZES / SIZES.sum(), rtol=1e-15)
+    assert np.array_equal(RegionUniform(SIZES).probabilities, np.full(K, 1.0 / K))
+    # they never move
+    tracker = FakeTracker([1.0, 5.0, 1.0, 1.0, 1.0])
+    assert np.array_equal(PromptUniform(SIZES).step(0, tracker), SIZES / SIZES.sum())
+    assert np.array_equal(RegionUniform(SIZES).step(0, tracker), np.full(K, 1.0 / K))
+
+
+def test_aria_alpha_zero_is_region_uniform():
+    aria = ARIAAllocation(SIZES, alpha=0.0)
+    assert np.array_equal(aria.probabilities, RegionUniform(SIZES).probabilities)
+    assert np.array_equal(aria.step(0, FakeTracker(np.ones(K), num_updates=0)), np.full(K, 1.0 / K))
+
+
+def test_aria_alpha_interpolates_between_priors():
+    half = ARIAAllocation(SIZES, alpha=0.5).probabilities
+    np.testing.assert_allclose(half, np.sqrt(SIZES) / np.sqrt(SIZES).sum(), rtol=1e-14)
+
+
+def test_aria_alpha_one_equal_estimates_is_exactly_prompt_uniform():
+    rc = PromptUniform(SIZES)
+    aria = ARIAAllocation(SIZES, alpha=1.0, damping=0.3, warmup_steps=3)
+    assert np.array_equal(aria.probabilities, rc.probabilities)
+    tracker = DiscrepancyTracker(K, half_life=10.0)
+    rng = np.random.default_rng(3)
+    for step in range(20):
+        # every region receives the same samples: the estimates are equal
+        t = rng.integers(0, 1000, 8)
+        losses = (0.2 + t / 1000) * rng.uniform(0.5, 1.5, 8)
+        tracker.update(np.repeat(np.arange(K), 8), np.tile(losses, K), np.tile(t, K))
+        p = aria.step(step, tracker)
+        assert np.array_equal(p, rc.step(step, tracker)), step
+    assert tracker.num_updates > aria.warmup_steps
+    # also with equal estimates given directly, and for the target itself
+    assert np.array_equal(aria.step(99, FakeTracker(np.full(K, 1.7))), rc.probabilities)
+    assert np.array_equal(aria.target(np.full(K, 0.3)), rc.probabilities)
+    ratio = ARIAAllocation(SIZES, form="ratio", warmup_steps=0)
+    assert np.array_equal(ratio.step(0, FakeTracker(np.full(K, 2.0))), rc.probabilities)
+
+
+def test_aria_is_prior_during_warmup_then_moves_toward_harder_region():
+    scale = [1.0, 1.05, 1.0, 1.0, 1.0]  # region 1 is consistently 5% harder
+    policy = ARIAAllocation(SIZES, warmup_steps=30, damping=0.1)
+    history, tracker = _run(policy, 150, scale, n=256, half_life=100.0)
+    prior = SIZES / SIZES.sum()
+    for p in history[:29]:
+        assert np.array_equal(p, prior)
+    assert history[-1][1] > 1.5 * prior[1]
+    ratio = history[-1] / prior
+    assert int(np.argmax(ratio)) == 1
+    # the shift builds up gradually (damping) after the warm-up
+    assert history[30][1] < history[60][1] < history[-1][1]
+    assert int(np.argmax(tracker.estimates())) == 1
+
+
+def test_aria_damping_one_jumps_to_target():
+    policy = ARIAAllocation(SIZES, damping=1.0, warmup_steps=0)
+    est = np.array([1.0, 1.3, 0.9, 1.0, 1.1])
+    assert np.array_equal(policy.step(0, FakeTracker(est)), policy.target(est))
+    damped = ARIAAllocation(SIZES, damping=0.25, warmup_steps=0)
+    p = damped.step(0, FakeTracker(est))
+    expected = damped.prior + 0.25 * (damped.target(est) - damped.prior)
+    np.testing.assert_allclose(p, expected, rtol=1e-14)
+
+
+def test_aria_lower_temperature_tilts_more():
+    est = np.array([1.0, 1.3, 0.9, 1.0, 1.1])
+    hot = ARIAAllocation(SIZES, tau=4.0, floor=0.0).target(est)
+    cold = ARIAAllocation(SIZES, tau=0.5, floor=0.0).target(est)
+    assert cold[1] > hot[1] > (SIZES / SIZES.sum())[1]
+
+
+def test_aria_floor_keeps_every_region_alive():
+    policy = ARIAAllocation(SIZES, floor=0.5, tau=0.01, z_clip=None, warmup_steps=0, damping=1.0)
+    p = policy.step(0, FakeTracker([0.0, 0.0, 0.0, 0.0, 100.0]))
+    lower = np.minimum(SIZES / SIZES.sum(), 0.5 / K)
+    assert np.all(p >= lower - 1e-15)
+    np.testing.assert_allclose(p[:4], lower[:4], rtol=1e-12)  # the starved regions sit at their floor
+    assert abs(p.sum() - 1.0) <= 1e-12
+
+
+def test_aria_cap_limits_the_hardest_region():
+    policy = ARIAAllocation(SIZES, cap=0.3, tau=0.1, warmup_steps=0, damping=1.0)
+    p = policy.step(0, FakeTracker([5.0, 1.0, 1.0, 10.0, 1.0]))
+    assert p[3] == pytest.approx(0.3, abs=1e-12)
+    assert abs(p.sum() - 1.0) <= 1e-12
+    # a region whose prior is above the cap keeps at most its prior
+    big = ARIAAllocation([80, 10, 10], cap=0.2, warmup_steps=0, damping=1.0)
+    q = big.step(0, FakeTracker([3.0, 1.0, 1.0]))
+    assert q[0] <= 0.8 + 1e-15
+
+
+@st.composite
+def _aria_case(draw):
+    k = draw(st.integers(2, 8))
+    sizes = draw(hnp.arrays(np.int64, k, elements=st.integers(1, 1000)))
+    estimates = draw(hnp.arrays(np.float64, k, elements=st.one_of(
+        st.floats(0.0, 10.0), st.floats(1e3, 1e12), st.sampled_from([0.0, 1e-12, 1.0]))))
+    kwargs = dict(
+        alpha=draw(st.floats(0.0, 2.0)),
+        tau=draw(st.floats(0.01, 5.0)),
+        form=draw(st.sampled_from(["exp", "ratio"])),
+        beta=draw(st.floats(0.1, 4.0)),
+        floor=draw(st.floats(0.0, 1.0)),
+        cap=draw(st.one_of(st.none(), st.floats(0.01, 1.0))),
+        damping=draw(st.floats(0.01, 1.0)),
+        z_clip=draw(st.one_of(st.none(), st.floats(0.5, 5.0))),
+    )
+    return sizes, estimates, kwargs
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(_aria_case(), st.integers(1, 4))
+def test_property_aria_floor_and_cap_respected(case, steps):
+    sizes, estimates, kwargs = case
+    policy = ARIAAllocation(sizes, warmup_steps=0, **kwargs)
+    prior = policy.prior
+    k = len(sizes)
+    lower = np.minimum(prior, kwargs["floor"] / k)
+    upper = np.ones(k) if kwargs["cap"] is None else np.maximum(prior, kwargs["cap"])
+    tracker = FakeTracker(estimates)
+    for step in range(steps):
+        p = policy.step(step, tracker)
+        assert np.all(np.isfinite(p))
+        assert abs(p.sum() - 1.0) <= 1e-12
+        assert np.all(p >= lower - 1e-15), (p, lower)
+        assert np.all(p <= upper + 1e-15), (p, upper)
+    t = policy.target(estimates)
+    assert abs(t.sum() - 1.0) <= 1e-12
+    assert np.all(t >= lower - 1e-15) and np.all(t <= upper + 1e-15)
+
+
+# ------------------------------------------------------------------------------------------- other policies
+
+
+def test_static_after_warmup_freezes():
+    policy = StaticAfterWarmup(SIZES, warmup_steps=3, tau=0.5)
+    assert policy.damping == 1.0
+    prior = SIZES / SIZES.sum()
+    for step in range(3):
+        assert np.array_equal(policy.step(step, FakeTracker(np.ones(K), num_updates=step)), prior)
+    first = policy.step(3, FakeTracker([1.0, 2.0, 1.0, 1.0, 1.0], num_updates=3)).copy()
+    assert policy.frozen
+    assert first[1] > prior[1]
+    assert np.array_equal(first, policy.target(np.array([1.0, 2.0, 1.0, 1.0, 1.0])))
+    later = policy.step(4, FakeTracker([3.0, 1.0, 1.0, 1.0, 1.0], num_updates=50))
+    assert np.array_equal(later, first)
+    # the frozen flag survives a checkpoint
+    restored = StaticAfterWarmup(SIZES, warmup_steps=3, tau=0.5)
+    restored.load_state_dict(policy.state_dict())
+    assert restored.frozen
+    assert np.array_equal(restored.step(5, FakeTracker([3.0, 1.0, 1.0, 1.0, 1.0])), first)
+
+
+def test_make_policy_static_accepts_aria_kwargs_but_no_damping():
+    policy = make_policy("static", SIZES, tau=0.25, floor=0.1, damping=0.5, warmup_steps=7)
+    assert isinstance(policy, StaticAfterWarmup)
+    assert (policy.tau, policy.floor, policy.damping, policy.warmup_steps) == (0.25, 0.1, 1.0, 7)
+
+
+def test_doremi_increases_weight_of_hardest_region():
+    policy = DoReMiEG(SIZES, lr=0.5, warmup_steps=5)
+    scale = [1.0, 1.0, 1.0, 1.6, 1.0]
+    history, _ = _run(policy, 80, scale)
+    prior = SIZES / SIZES.sum()
+    for p in history[:4]:
+        assert np.array_equal(p, prior)
+    assert history[-1][3] > 2 * prior[3]
+    assert int(np.argmax(history[-1] / prior)) == 3
+    assert np.all(history[-1] >= policy.smoothing / K - 1e-15)
+
+
+def test_exp3_increases_weight_of_hardest_region():
+    policy = EXP3(SIZES, gamma=0.1)
+    scale = [1.0, 1.0, 1.8, 1.0, 1.0]
+    start = policy.probabilities.copy()
+    np.testing.assert_allclose(start, np.full(K, 1.0 / K), rtol=1e-14)  # uniform to start with
+    history, _ = _run(policy, 300, scale)
+    assert int(np.argmax(history[-1])) == 2
+    assert history[-1][2] > 2 * start[2]
+    assert np.all(history[-1] >= policy.gamma / K - 1e-15)
+
+
+def test_exp3_warmup_holds_weights():
+    policy = EXP3(SIZES, gamma=0.1, warmup_steps=10)
+    history, _ = _run(policy, 10, [1.0, 1.0, 3.0, 1.0, 1.0])
+    assert np.all(history == history[0])
+    assert np.all(policy.log_weights == 0)
+
+
+# ------------------------------------------------------------------------------------------- errors, helpers
+
+
+def test_make_policy_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown allocation 'nope'") as err:
+        make_policy("nope", SIZES)
+    for name in POLICIES:
+        assert name in str(err.value)
+
+
+def test_make_policy_ignores_foreign_and_none_kwargs():
+    policy = make_policy("exp3", SIZES, tau=3.0, gamma=0.2, eta=None, warmup_steps=2)
+    assert isinstance(policy, EXP3)
+    assert policy.gamma == 0.2 and policy.warmup_steps == 2
+    assert policy.eta == pytest.approx(0.2 / K)
+    assert make_policy("aria", SIZES, tau=0.5, gamma=0.3).tau == 0.5
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, message",
+    [
+        (ARIAAllocation, {"tau": 0.0}, r"tau=0.0 must be > 0"),
+        (ARIAAllocation, {"tau": -1.0}, r"tau=-1.0 must be > 0"),
+        (ARIAAllocation, {"floor": 1.5}, r"floor=1.5 must lie in \[0, 1\]"),
+        (ARIAAllocation, {"floor": -0.1}, r"floor=-0.1 must lie in \[0, 1\]"),
+        (ARIAAllocation, {"cap": 0.0}, r"cap=0.0 must lie in \(0, 1\]"),
+        (ARIAAllocation, {"cap": 1.5}, r"cap=1.5 must lie in \(0, 1\]"),
+        (ARIAAllocation, {"damping": 0.0}, r"damping=0.0 must lie in \(0, 1\]"),
+        (ARIAAllocation, {"damping": 1.2}, r"damping=1.2 must lie in \(0, 1\]"),
+        (ARIAAllocation, {"warmup_steps": -1}, r"warmup_steps=-1 must be >= 0"),
+        (ARIAAllocation, {"form": "linear"}, r"form='linear' is not valid"),
+        (DoReMiEG, {"smoothing": 1.5}, r"smoothing=1.5 must lie in \[0, 1\]"),
+        (EXP3, {"gamma": 0.0}, r"gamma=0.0 must lie in \(0, 1\]"),
+        (EXP3, {"gamma": 2.0}, r"gamma=2.0 must lie in \(0, 1\]"),
+    ],
+)
+def test_bad_hyperparameters_raise(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(SIZES, **kwargs)
+
+
+@pytest.mark.parametrize("sizes", [[], [3, 0, 2], [3, -1], [1.0, float("nan")], [1.0, float("inf")]])
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_bad_sizes_raise(name, sizes):
+    with pytest.raises(ValueError, match=r"region sizes must be positive and finite"):
+        make_policy(name, sizes)
+
+
+def test_config_reports_constructor_arguments():
+    cfg = ARIAAllocation(SIZES, tau=0.7, cap=0.4).config()
+    assert cfg["tau"] == 0.7 and cfg["cap"] == 0.4 and cfg["form"] == "exp"
+    assert "sizes" not in cfg
+
+
+def test_standardise():
+    z = standardise(np.array([1.0, 2.0, 3.0]), clip=None)
+    np.testing.assert_allclose(z, [-np.sqrt(1.5), 0.0, np.sqrt(1.5)], rtol=1e-12)
+    assert np.array_equal(standardise(np.full(4, 2.5)), np.zeros(4))
+    assert np.abs(standardise(np.array([0.0] * 20 + [1.0]), clip=2.0)).max() == 2.0
+
+
+def test_project_to_bounds():
+    inside = np.array([0.2, 0.3, 0.5])
+    assert np.array_equal(project_to_bounds(inside, np.zeros(3), np.ones(3)), inside)
+    p = project_to_bounds(np.array([0.9, 0.05, 0.05]), np.full(3, 0.1), np.full(3, 0.6))
+    np.testing.assert_allclose(p, [0.6, 0.2, 0.2], rtol=1e-12)
+    assert abs(p.sum() - 1.0) <= 1e-12
