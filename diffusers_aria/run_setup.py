@@ -79,7 +79,9 @@ def make_student(teacher_unet, architecture: str, width_scale: float = 1.0, pret
                 f"student {pretrained!r} has cross_attention_dim {unet.config.cross_attention_dim} but the teacher has "
                 f"{teacher_unet.config.cross_attention_dim}; the student must share the teacher's text encoder")
         return unet.to(torch.float32), f"loaded pretrained student {pretrained}"
-    student, report = build_student(teacher_unet.to(torch.float32), architecture, width_scale)
+    if teacher_unet.dtype != torch.float32:
+        teacher_unet = teacher_unet.to(torch.float32)
+    student, report = build_student(teacher_unet, architecture, width_scale)
     return student, report
 
 
@@ -94,6 +96,25 @@ def feature_mapping(teacher, student, architecture: str) -> dict[str, str]:
     names_t = dict(teacher.named_modules())
     names_s = dict(student.named_modules())
     return {t: s for t, s in mapping.items() if t in names_t and s in names_s}
+
+
+def feature_projections(teacher, student, mapping: dict[str, str], device=None):
+    """1x1 projections for the feature pairs whose widths differ (e.g. --student_width_scale < 1), else None."""
+    from .distillation import FeatureProjections, infer_feature_channels
+
+    if not mapping:
+        return None
+    cfg = teacher.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    x = torch.zeros(1, cfg.in_channels, size, size, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    h = torch.zeros(1, 4, cfg.cross_attention_dim, device=device)
+    t_dtype = next(teacher.parameters()).dtype
+    ch_t = infer_feature_channels(teacher, list(mapping), x.to(t_dtype), t, h.to(t_dtype))
+    ch_s = infer_feature_channels(student, list(mapping.values()), x, t, h)
+    if all(ch_t[a] == ch_s[b] for a, b in mapping.items()):
+        return None
+    return FeatureProjections(mapping, ch_t, ch_s).to(device)
 
 
 # ------------------------------------------------------------------------------------------ EMA

@@ -180,6 +180,8 @@ def test_non_empty_output_dir_is_refused_and_left_intact(tiny_teacher, shared_re
     with pytest.raises(OutputDirError, match=r"--output_dir .*busy.* is not empty \(it holds precious.txt\)"):
         _script().main(_inproc_args(tiny_teacher, shared_regions, out))
     assert _snapshot(out) == before
+    _script().main(_inproc_args(tiny_teacher, shared_regions, out, "--overwrite_output_dir", "--max_train_steps", "1"))
+    assert (out / "precious.txt").read_text() == "keep me" and (out / "run_info.json").exists()
 
 
 def test_regions_from_another_pool_are_refused_and_left_intact(tiny_teacher, shared_regions, tmp_path):

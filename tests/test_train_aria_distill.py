@@ -73,7 +73,7 @@ def test_two_process_full_student_aria(tiny_teacher, shared_regions, tmp_path):
 def test_lora_student_exp3(tiny_teacher, shared_regions, tmp_path):
     out = tmp_path / "lora"
     launch(base_args(tiny_teacher, str(out), shared_regions,
-                     extra=["--student_mode", "lora", "--rank", "2", "--lora_alpha", "4", "--lora_target_modules",
+                     extra=["--student_mode", "lora", "--student_architecture", "bk_tiny", "--rank", "2", "--lora_alpha", "4", "--lora_target_modules",
                             "to_q", "to_v", "--allocation", "exp3", "--exp3_gamma", "0.2"]))
     assert (out / "pytorch_lora_weights.safetensors").exists()
     from diffusers import StableDiffusionPipeline

@@ -228,9 +228,12 @@ def main(args: argparse.Namespace) -> None:
 
     # --- optimisation -----------------------------------------------------------------------------------
     loss_fn = DistillationLoss(args.lambda_kd_output, args.lambda_kd_feat, args.lambda_sd)
-    kd = KDStep(teacher, student, noise_scheduler, loss_fn,
-                feature_mapping=run_setup.feature_mapping(teacher, student, args.student_architecture))
+    mapping = run_setup.feature_mapping(teacher, student, args.student_architecture) if args.lambda_kd_feat else {}
+    projections = run_setup.feature_projections(teacher, student, mapping, accelerator.device)
+    kd = KDStep(teacher, student, noise_scheduler, loss_fn, feature_mapping=mapping, projections=projections)
     params = [p for p in student.parameters() if p.requires_grad]
+    if projections is not None:
+        params += list(projections.parameters())
     lr = args.learning_rate * (args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
                                if args.scale_lr else 1)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
@@ -238,7 +241,11 @@ def main(args: argparse.Namespace) -> None:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
-    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    if projections is not None:
+        student, projections, optimizer, lr_scheduler = accelerator.prepare(student, projections, optimizer, lr_scheduler)
+        kd.projections = projections
+    else:
+        student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     if ema is not None:
         run_setup.register_ema_hooks(accelerator, ema)
 
