@@ -108,8 +108,8 @@ def _print_teacher_report(report) -> None:
         print(f"  t={t:>4}: before {report.sensitivity_before[t]:.3f}  after {report.sensitivity_after[t]:.3f}")
 
 
-def demo_command(output_dir: str, teacher_dir: str, max_train_steps: int, num_processes: int, extra: list[str]
-                 ) -> list[str]:
+def demo_command(output_dir: str, teacher_dir: str, max_train_steps: int, num_processes: int, extra: list[str],
+                 pool_size: int = 4000) -> list[str]:
     """The `accelerate launch` command line of the embedded default run."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--num_processes", str(num_processes)]
@@ -117,7 +117,7 @@ def demo_command(output_dir: str, teacher_dir: str, max_train_steps: int, num_pr
     return launch + [
         str(TRAIN_SCRIPT), "--pretrained_model_name_or_path", teacher_dir, "--output_dir", output_dir,
         "--image_free", "--num_teacher_latents", "512", "--teacher_inference_steps", "20",
-        "--prompt_pool", "builtin", "--builtin_pool_size", "4000", "--num_regions", "16",
+        "--prompt_pool", "builtin", "--builtin_pool_size", str(pool_size), "--num_regions", "16",
         "--resolution", "32", "--train_batch_size", str(max(16 // num_processes, 1)),
         "--max_train_steps", str(max_train_steps), "--learning_rate", "3e-4", "--lr_warmup_steps", "10",
         "--rc_schedule", "constant", "--rc_constant", "0.5", "--allocation", "aria",
@@ -132,9 +132,12 @@ def _cmd_demo(a: argparse.Namespace, extra: list[str]) -> int:
     from .tiny_teacher import make_tiny_teacher
 
     teacher_dir = a.teacher_dir or os.path.join(os.path.dirname(os.path.abspath(a.output_dir)), "tiny-teacher")
-    report = make_tiny_teacher(teacher_dir, train_steps=a.teacher_train_steps)
+    from .builtin_pool import builtin_prompt_pool
+
+    report = make_tiny_teacher(teacher_dir, prompts=list(builtin_prompt_pool(a.builtin_pool_size)["prompt"]),
+                               train_steps=a.teacher_train_steps)
     _print_teacher_report(report)
-    cmd = demo_command(a.output_dir, teacher_dir, a.max_train_steps, a.num_processes, extra)
+    cmd = demo_command(a.output_dir, teacher_dir, a.max_train_steps, a.num_processes, extra, a.builtin_pool_size)
     if os.path.isdir(a.output_dir) and os.listdir(a.output_dir) and "--resume_from_checkpoint" not in extra:
         cmd += ["--overwrite_output_dir"]
     env = dict(os.environ, ACCELERATE_USE_CPU="true") if a.num_processes > 1 else None
@@ -199,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher_train_steps", type=int, default=None)
     d.add_argument("--max_train_steps", type=int, default=300)
     d.add_argument("--num_processes", type=int, default=1)
+    d.add_argument("--builtin_pool_size", type=int, default=4000, help="prompts of the built-in pool (teacher and run)")
     return p
 
 

@@ -73,7 +73,7 @@ DEFAULT_TRAIN_STEPS = 600
 DEFAULT_SENSITIVITY_TIMESTEPS: tuple[int, ...] = (100, 400, 700, 900)
 
 # Bump when the recipe changes so old cached teachers are rebuilt.
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
 _BATCH_SIZE = 8
 _LEARNING_RATE = 2e-3
 _WARMUP_STEPS = 20
@@ -166,6 +166,10 @@ def tiny_unet_config(resolution: int = 32) -> dict[str, Any]:
         "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "cross_attention_dim": CROSS_ATTENTION_DIM,
+        # Attention-pooled prompt embedding added to the time embedding: a global text pathway into
+        # every ResNet block, which makes the prompt dependence learnable in a few hundred steps.
+        "addition_embed_type": "text",
+        "addition_embed_type_num_heads": 4,
         # diffusers' legacy name: this is the number of attention heads.
         "attention_head_dim": 4,
         "norm_num_groups": 32,
@@ -611,11 +615,14 @@ def _build(
 
     eval_prompts = unique_prompts
     timesteps = DEFAULT_SENSITIVITY_TIMESTEPS
-    before = text_sensitivity(unet, text_encoder, tokenizer, scheduler, eval_prompts, timesteps, seed=seed)
+    # x_t is noised from the first prompt's own clean latent: the inputs the teacher is trained on
+    before = text_sensitivity(unet, text_encoder, tokenizer, scheduler, eval_prompts, timesteps, seed=seed,
+                              clean_latents=latents)
     final_loss = float("nan")
     if train_steps > 0:
         final_loss = _train_unet(unet, scheduler, latents, embeds, uncond, train_steps, gen, progress)
-    after = text_sensitivity(unet, text_encoder, tokenizer, scheduler, eval_prompts, timesteps, seed=seed)
+    after = text_sensitivity(unet, text_encoder, tokenizer, scheduler, eval_prompts, timesteps, seed=seed,
+                             clean_latents=latents)
 
     pipe = StableDiffusionPipeline(
         vae=vae,

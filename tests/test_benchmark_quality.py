@@ -31,7 +31,7 @@ def test_quality_benchmark_smoke(tmp_path, monkeypatch):
         import quality
     finally:
         sys.path.remove(os.path.join(REPO, "benchmarks"))
-    argv = ["--parti_path", PARTI, "--max_prompts", "160", "--num_regions", "4", "--num_unseen", "1",
+    argv = ["--parti_path", PARTI, "--max_prompts", "120", "--num_regions", "4", "--num_unseen", "1",
             "--num_rare", "1", "--experiments", "clusters", "--policies", "rc", "aria:warmup_steps=1",
             "--seeds", "0", "--steps", "4", "--batch", "8", "--eval_every", "2", "--share_window", "2",
             "--teacher_steps", "6", "--eval_t", "100", "700", "--ari_seeds", "2", "--cache_dir",
@@ -40,7 +40,7 @@ def test_quality_benchmark_smoke(tmp_path, monkeypatch):
     path = tmp_path / "quality_smoke.json"
     assert path.is_file()
     data = json.loads(path.read_text())
-    assert data["num_prompts"] == res["num_prompts"] == 160
+    assert data["num_prompts"] == res["num_prompts"] == 120
     for key in ("command", "args", "teacher", "region_stability", "experiments", "elapsed_seconds"):
         assert key in data
     assert all(_finite(v) for v in data["teacher"]["text_sensitivity"].values())
@@ -62,5 +62,8 @@ def test_quality_benchmark_smoke(tmp_path, monkeypatch):
     assert _finite(summ["aria:warmup_steps=1"]["overall"]["ratio_to_rc"])
     assert "steps_to_rc_final_unseen" in summ["rc"]
     # cached teacher and text states are reused on a second call
-    res2 = quality.main(argv[:-1] + ["--no_plots"])
+    i = argv.index("--policies")
+    argv2 = argv[:i + 1] + ["rc"] + argv[i + 3:]
+    res2 = quality.main(argv2 + ["--steps", "1", "--experiments", "control"])
     assert res2["teacher"]["cached"] is True
+    assert res2["experiments"]["control"]["design"]["heldout_per_kind"]["unseen"] == 0
