@@ -33,8 +33,8 @@ offline_env()
 
 import torch  # noqa: E402
 
-from diffusers_aria.callback import ARIACallback  # noqa: E402
 from diffusers_aria.allocation import make_policy  # noqa: E402
+from diffusers_aria.callback import ARIACallback  # noqa: E402
 from diffusers_aria.sampler import AdaptiveRegionSampler  # noqa: E402
 from diffusers_aria.tracker import DiscrepancyTracker  # noqa: E402
 from diffusers_aria.training import AriaSettings  # noqa: E402
@@ -138,7 +138,12 @@ def distillation(pairs: int, block: int, warmup: int, num_regions: int, pool_siz
     from diffusers_aria.distillation import DistillationLoss, build_student
     from diffusers_aria.regions import ConditionRegions
     from diffusers_aria.run_setup import feature_mapping
-    from diffusers_aria.tiny_teacher import CROSS_ATTENTION_DIM, TOKEN_LENGTH, tiny_scheduler, tiny_unet_config
+    from diffusers_aria.tiny_teacher import (
+        CROSS_ATTENTION_DIM,
+        TOKEN_LENGTH,
+        tiny_scheduler,
+        tiny_unet_config,
+    )
     from diffusers_aria.tiny_teacher import encode_prompts as tiny_encode
     from diffusers_aria.training import KDStep, build_aria, sample_noise_and_timesteps
 

@@ -102,8 +102,9 @@ def _mixture(n: int, d: int, seed: int, components: int = 512) -> np.ndarray:
 
 
 def cluster_child(method: str, n: int, k: int, seed: int) -> dict:
-    from _common import maxrss_bytes, rss_bytes
     from diffusers_aria.regions import spherical_kmeans
+
+    from _common import maxrss_bytes, rss_bytes
 
     x = _mixture(n, 384, seed)
     if method == "sklearn":  # imports first, so their memory is not counted as clustering's

@@ -45,11 +45,12 @@ def child(n: int, k: int, seed: int, builds: int, draw_sizes: list[int], draw_re
 
     import torch
 
-    from _common import maxrss_bytes, rss_bytes
     from diffusers_aria.allocation import make_policy
     from diffusers_aria.sampler import AdaptiveRegionSampler
     from diffusers_aria.tracker import DiscrepancyTracker
     from diffusers_aria.training import AriaSettings
+
+    from _common import maxrss_bytes, rss_bytes
 
     torch.set_num_threads(1)
     ids = _region_ids(n, k, seed)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         **{f"draw_{s}": bool(v["indices_per_s_median"] >= 1e6) for s, v in r["draw"].items()},
     }
     print(f"\nsampler at N={args.n:,}, K={args.k} (load {loadavg()})")
-    rows = [["index build (median of %d)" % r["build_s"]["n"], f"{r['build_s']['median']:.3f} s", "<= 5 s"],
+    rows = [[f"index build (median of {r['build_s']['n']})", f"{r['build_s']['median']:.3f} s", "<= 5 s"],
             ["held arrays (nbytes)", f"{r['held_bytes_per_prompt']:.3f} B/prompt", "<= 8 B/prompt"],
             ["tracemalloc after build", f"{r['tracemalloc_current_bytes_per_prompt']:.3f} B/prompt", ""],
             ["tracemalloc peak during build", f"{r['tracemalloc_peak_bytes_per_prompt']:.3f} B/prompt", ""],
@@ -179,9 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
     for s, v in r["draw"].items():
         rows.append([f"draw {s} (median of {v['reps']})", f"{v['indices_per_s_median']:,.0f} idx/s "
                      f"({v['ms']['median']:.3f} ms)", ">= 1,000,000/s"])
-    rows.append(["tracker update, K=%d" % args.k, f"{r['tracker_update_ms']['median']:.3f} ms "
+    rows.append([f"tracker update, K={args.k}", f"{r['tracker_update_ms']['median']:.3f} ms "
                  f"(p90 {r['tracker_update_ms']['p90']:.3f})", ""])
-    rows.append(["ARIA policy step, K=%d" % args.k, f"{r['policy_step_ms']['median']:.3f} ms "
+    rows.append([f"ARIA policy step, K={args.k}", f"{r['policy_step_ms']['median']:.3f} ms "
                  f"(p90 {r['policy_step_ms']['p90']:.3f})", ""])
     print(table(rows, ["measure", "value", "target"]))
     path = write_json("scale_quick" if args.quick else "scale", res, args.out_dir)
