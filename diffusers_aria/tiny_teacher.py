@@ -73,14 +73,13 @@ DEFAULT_TRAIN_STEPS = 600
 DEFAULT_SENSITIVITY_TIMESTEPS: tuple[int, ...] = (100, 400, 700, 900)
 
 # Bump when the recipe changes so old cached teachers are rebuilt.
-_RECIPE_VERSION = 2
+_RECIPE_VERSION = 3
 _BATCH_SIZE = 8
 _LEARNING_RATE = 2e-3
 _WARMUP_STEPS = 20
 _NUM_ANCHORS = 16
 _ANCHOR_TEMPERATURE = 0.05
 _TARGET_NOISE = 0.05
-_PATTERN_GRID = 4
 _UNCOND_PROB = 0.1
 _SENSITIVITY_PAIRS = 64
 
@@ -258,17 +257,12 @@ def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str], batch_size: 
         Tensor of shape ``(len(prompts), tokenizer.model_max_length, hidden_size)`` on the text
         encoder's device and dtype.
     """
+    from .training import encode_prompts as _encode
+
     prompts = _check_prompts(prompts, minimum=1)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = text_encoder.device
-    use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = _tokenize(tokenizer, prompts[start : start + batch_size])
-        mask = tokens.attention_mask.to(device) if use_mask else None
-        chunks.append(text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0])
-    return torch.cat(chunks).to(dtype=text_encoder.dtype)
+    return _encode(text_encoder, tokenizer, prompts, batch_size=batch_size).to(dtype=text_encoder.dtype)
 
 
 @torch.no_grad()
@@ -408,10 +402,14 @@ def text_sensitivity(
 # --------------------------------------------------------------------------------------------------
 
 
-def _smooth_patterns(num: int, channels: int, size: int, gen: torch.Generator) -> torch.Tensor:
-    """Random smooth unit-variance patterns: a coarse random grid, bilinearly upsampled to ``size``."""
-    coarse = torch.randn((num, channels, _PATTERN_GRID, _PATTERN_GRID), generator=gen)
-    patterns = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+def _anchor_patterns(num: int, channels: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Random white unit-variance patterns, one per anchor.
+
+    White, not smooth: a smooth pattern can be told apart from the diffusion noise without the prompt, and
+    a UNet trained on such latents learns to ignore its text. A white pattern can only be recovered at
+    small t by knowing which prompt (anchor) it belongs to.
+    """
+    patterns = torch.randn((num, channels, size, size), generator=gen)
     return patterns / patterns.flatten(1).std(1).view(-1, 1, 1, 1)
 
 
@@ -424,7 +422,7 @@ def _synthetic_latents(
     anchor_idx = torch.randperm(n, generator=gen)[:num_anchors]
     anchors = sentence_emb[anchor_idx]
     weights = torch.softmax(sentence_emb @ anchors.T / _ANCHOR_TEMPERATURE, dim=-1)
-    patterns = _smooth_patterns(num_anchors, channels, size, gen)
+    patterns = _anchor_patterns(num_anchors, channels, size, gen)
     latents = torch.einsum("nk,kchw->nchw", weights, patterns)
     return latents / latents.flatten(1).std(1).clamp_min(1e-6).view(-1, 1, 1, 1)
 

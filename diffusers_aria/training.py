@@ -93,12 +93,24 @@ def build_aria(settings: AriaSettings, regions, pool, accelerator=None, seed: in
 
 
 @torch.no_grad()
-def encode_prompts(text_encoder, tokenizer, prompts: list[str], device=None) -> torch.Tensor:
-    """Encoder hidden states [B, L, D] for `prompts`, padded to the tokenizer's max length as pipelines do."""
-    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")
+def encode_prompts(text_encoder, tokenizer, prompts: list[str], device=None, batch_size: int | None = None
+                   ) -> torch.Tensor:
+    """Encoder hidden states [B, L, D] for `prompts`, as `StableDiffusionPipeline.encode_prompt` makes them.
+
+    Prompts are padded/truncated to `tokenizer.model_max_length`; the attention mask is passed only when
+    `text_encoder.config.use_attention_mask` is true (as the pipeline does). `batch_size` bounds memory.
+    """
     device = device or text_encoder.device
-    return text_encoder(tokens.input_ids.to(device))[0]
+    use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+    prompts = list(prompts)
+    step = batch_size or max(len(prompts), 1)
+    chunks = []
+    for start in range(0, len(prompts), step):
+        tokens = tokenizer(prompts[start:start + step], padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(device) if use_mask else None
+        chunks.append(text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0])
+    return torch.cat(chunks)
 
 
 def sample_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, seed: int, step: int, rank: int

@@ -1,0 +1,78 @@
+"""training.py: prompt encoding as the pipeline does it, step noise, the KD step, ARIA assembly."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_aria.training import (
+    AriaSettings,
+    KDStep,
+    build_aria,
+    encode_prompts,
+    region_names_from_groups,
+    sample_noise_and_timesteps,
+)
+
+
+def test_encode_prompts_matches_the_pipeline(tiny_teacher):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher)
+    prompts = ["a red fox", "a bowl of ramen with chopsticks and an egg"]
+    ours = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)
+    theirs, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, batch_size=1), ours)
+
+
+def test_noise_and_timesteps_are_a_function_of_the_step():
+    x = torch.zeros(3, 4, 2, 2)
+    n1, t1 = sample_noise_and_timesteps(x, 1000, seed=0, step=5, rank=0)
+    n2, t2 = sample_noise_and_timesteps(x, 1000, seed=0, step=5, rank=0)
+    assert torch.equal(n1, n2) and torch.equal(t1, t2)
+    n3, _ = sample_noise_and_timesteps(x, 1000, seed=0, step=5, rank=1)
+    assert not torch.equal(n1, n3) and int(t1.max()) < 1000
+
+
+def test_kd_step_gives_per_sample_losses_zero_for_a_copy(tiny_teacher):
+    import copy
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from diffusers_aria.distillation import DistillationLoss
+
+    teacher = UNet2DConditionModel.from_pretrained(tiny_teacher, subfolder="unet")
+    sched = DDPMScheduler.from_pretrained(tiny_teacher, subfolder="scheduler")
+    student = copy.deepcopy(teacher)
+    mapping = {"down_blocks.0": "down_blocks.0", "up_blocks.1": "up_blocks.1"}
+    kd = KDStep(teacher, student, sched, DistillationLoss(1.0, 1.0, 0.0), feature_mapping=mapping)
+    x = torch.randn(3, 4, 16, 16)
+    h = torch.randn(3, 8, 384)
+    terms = kd(student, x, torch.randn_like(x), torch.tensor([10, 500, 900]), h)
+    assert terms.total.shape == (3,) and torch.allclose(terms.total, torch.zeros(3), atol=1e-10)
+    with torch.no_grad():
+        next(student.parameters()).add_(0.1)
+    terms = kd(student, x, torch.randn_like(x), torch.tensor([10, 500, 900]), h)
+    assert (terms.output > 0).all() and (terms.feature > 0).all() and terms.total.requires_grad
+
+
+def test_build_aria_wires_settings_into_components():
+    from diffusers_aria.regions import ConditionRegions
+
+    regions = ConditionRegions(np.array([0, 0, 1, 2, 2, 2], dtype=np.int32), np.eye(3, dtype=np.float32))
+    pool = [f"p{i}" for i in range(6)]
+    s = AriaSettings(allocation="exp3", exp3_gamma=0.3, half_life=7, num_timestep_bins=3, rc_schedule="sigmoid",
+                     null_prompt_prob=0.2, prior_strength=1.5)
+    c = build_aria(s, regions, pool, num_train_timesteps=500)
+    assert c.policy.name == "exp3" and c.policy.gamma == 0.3
+    assert c.tracker.half_life == 7 and c.tracker.num_timestep_bins == 3 and c.tracker.prior_strength == 1.5
+    assert c.conditioning.schedule.kind == "sigmoid" and c.conditioning.null_prompt_prob == 0.2
+    assert c.conditioning.schedule.num_train_timesteps == 500
+    with pytest.raises(ValueError, match="--allocation 'x' is not valid"):
+        AriaSettings(allocation="x")
+
+
+def test_region_names_from_groups():
+    names = region_names_from_groups(np.array([0, 0, 1]), ["cats", "cats", "food"])
+    assert names == ["cats (100%)", "food (100%)"]
+    assert region_names_from_groups(np.array([0]), None) is None
