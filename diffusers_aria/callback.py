@@ -39,6 +39,11 @@ def entropy(p: np.ndarray) -> float:
     return float(-(q * np.log(q)).sum())
 
 
+def effective_regions(p: np.ndarray) -> float:
+    """exp(entropy): K for a uniform allocation, 1 when all draws go to one region."""
+    return math.exp(entropy(p))
+
+
 def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
     m = p > 0
     return float((p[m] * np.log(p[m] / q[m])).sum())
@@ -148,7 +153,7 @@ class ARIACallback:
         h = entropy(p)
         out: dict[str, float] = {
             "aria/entropy": h,
-            "aria/effective_regions": math.exp(h),
+            "aria/effective_regions": effective_regions(p),
             "aria/kl_to_prior": kl_divergence(p, self.policy.prompt_prior),
             "aria/max_prob_ratio": float((p / self.policy.prompt_prior).max()),
             "aria/nonfinite_total": float(self.tracker.num_nonfinite),

@@ -116,7 +116,7 @@ def demo_command(output_dir: str, teacher_dir: str, max_train_steps: int, num_pr
     launch += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
     return launch + [
         str(TRAIN_SCRIPT), "--pretrained_model_name_or_path", teacher_dir, "--output_dir", output_dir,
-        "--image_free", "--num_teacher_latents", "512", "--teacher_inference_steps", "20",
+        "--image_free", "--num_teacher_latents", "256", "--teacher_inference_steps", "15",
         "--prompt_pool", "builtin", "--builtin_pool_size", str(pool_size), "--num_regions", "16",
         "--resolution", "32", "--train_batch_size", str(max(16 // num_processes, 1)),
         "--max_train_steps", str(max_train_steps), "--learning_rate", "3e-4", "--lr_warmup_steps", "10",

@@ -160,6 +160,7 @@ def main(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from diffusers_aria import checkpointing as ckpt
+    from diffusers_aria.callback import effective_regions
     from diffusers_aria import run_setup
     from diffusers_aria.data import StepBatchSampler, collate
     from diffusers_aria.distillation import DistillationLoss, add_lora, cast_trainable_to_fp32
@@ -326,7 +327,7 @@ def main(args: argparse.Namespace) -> None:
         logs = {"loss": float(loss.detach()), "loss/output_kd": float(terms.output.detach().mean()),
                 "loss/feature_kd": float(terms.feature.detach().mean()), "loss/task": float(terms.task.detach().mean()),
                 "lr": lr_scheduler.get_last_lr()[0], "swap_fraction": float(cond.swapped.float().mean())}
-        progress.set_postfix(loss=f"{logs['loss']:.4f}", neff=f"{aria.callback.metrics()['aria/effective_regions']:.1f}")
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", neff=f"{effective_regions(aria.sampler.probabilities):.1f}")
         accelerator.log(logs, step=global_step)
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
             ckpt.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
