@@ -39,6 +39,7 @@ class AriaSettings:
     num_timestep_bins: int = 10
     timestep_norm: bool = True
     prior_strength: float = 8.0
+    noise_aware: bool = True
     feed: str = "swapped"
     doremi_lr: float = 0.5
     doremi_smoothing: float = 0.05
@@ -81,7 +82,7 @@ def build_aria(settings: AriaSettings, regions, pool, accelerator=None, seed: in
                                  normalize_timesteps=settings.timestep_norm, prior_strength=settings.prior_strength)
     policy = make_policy(settings.allocation, sampler.sizes, alpha=settings.alpha, tau=settings.tau, form=settings.form,
                          beta=settings.beta, floor=settings.floor, cap=settings.cap, damping=settings.damping,
-                         warmup_steps=settings.warmup_steps, lr=settings.doremi_lr,
+                         warmup_steps=settings.warmup_steps, noise_aware=settings.noise_aware, lr=settings.doremi_lr,
                          smoothing=settings.doremi_smoothing, gamma=settings.exp3_gamma)
     callback = ARIACallback(accelerator, sampler, tracker, policy, log_every=settings.log_every,
                             region_names=region_names)

@@ -33,13 +33,17 @@ FAST = {"aria": {"warmup_steps": 5}, "static": {"warmup_steps": 5}, "doremi": {"
 class FakeTracker:
     """The part of `DiscrepancyTracker` the policies read, with estimates set by hand."""
 
-    def __init__(self, estimates, num_updates=10_000):
+    def __init__(self, estimates, num_updates=10_000, uncertainty=None):
         self._est = np.asarray(estimates, dtype=np.float64)
         self.num_updates = num_updates
         self.num_regions = self._est.size
+        self._se = np.zeros(self.num_regions) if uncertainty is None else np.asarray(uncertainty, dtype=np.float64)
 
     def estimates(self):
         return self._est
+
+    def uncertainty(self):
+        return self._se
 
     def global_mean(self):
         return float(self._est.mean())
@@ -389,3 +393,27 @@ def test_project_to_bounds():
     p = project_to_bounds(np.array([0.9, 0.05, 0.05]), np.full(3, 0.1), np.full(3, 0.6))
     np.testing.assert_allclose(p, [0.6, 0.2, 0.2], rtol=1e-12)
     assert abs(p.sum() - 1.0) <= 1e-12
+
+
+def test_noise_aware_score_ignores_differences_within_the_noise():
+    sizes = np.array([10.0, 20.0, 30.0, 40.0])
+    est = np.array([1.01, 0.99, 1.02, 0.98])
+    noisy = FakeTracker(est, uncertainty=np.full(4, 0.05))  # spread far below the standard errors
+    p = ARIAAllocation(sizes, warmup_steps=0, damping=1.0)
+    assert np.array_equal(p.step(0, noisy), p.prompt_prior)
+    plain = ARIAAllocation(sizes, warmup_steps=0, damping=1.0, noise_aware=False)
+    assert not np.allclose(plain.step(0, noisy), plain.prompt_prior)  # the plain z-score chases the noise
+    sure = FakeTracker(est, uncertainty=np.full(4, 1e-4))  # the same small differences, measured precisely
+    q = ARIAAllocation(sizes, warmup_steps=0, damping=1.0).step(0, sure)
+    assert q[2] > p.prompt_prior[2] * 1.5 and q[3] < p.prompt_prior[3]
+
+
+def test_noise_aware_reacts_to_a_small_consistent_difference_in_a_real_tracker():
+    rng = np.random.default_rng(0)
+    scale = np.array([1.0, 1.0, 1.0, 1.05])  # region 3 is 5% harder, with +-20% per-sample noise
+    tracker = DiscrepancyTracker(4, half_life=200)
+    policy = ARIAAllocation(np.full(4, 25.0), warmup_steps=40)
+    for step in range(400):
+        _feed(tracker, rng, policy.probabilities, scale)
+        policy.step(step, tracker)
+    assert policy.probabilities[3] > 0.3
