@@ -72,12 +72,13 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted(tiny_teach
     out, stream = tmp_path / "out", tmp_path / "s.jsonl"
     proc = subprocess.Popen(launch_cmd(run_args(tiny_teacher, shared_regions, out, stream)), env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # a random point after the checkpoint of step 3: once k of the 6 steps have drawn their prompts
+    k = random.Random(os.getpid()).randint(3, 5)
     deadline = time.time() + 300
-    while not (out / "checkpoint-3").is_dir():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
+    while not ((out / "checkpoint-3").is_dir() and stream.exists() and len(stream.read_text().splitlines()) >= k):
+        assert proc.poll() is None, "the run ended before the kill point"
         assert time.time() < deadline
-        time.sleep(0.05)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))  # a random point after the checkpoint
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "run_info.json").exists()
