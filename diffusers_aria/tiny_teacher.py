@@ -427,6 +427,17 @@ def _synthetic_latents(
     return latents / latents.flatten(1).std(1).clamp_min(1e-6).view(-1, 1, 1, 1)
 
 
+def teacher_latents(text_encoder, tokenizer, prompts: Sequence[str], channels: int, size: int,
+                    gen: torch.Generator | int) -> torch.Tensor:
+    """The synthetic clean latents the teacher is trained on (and its sensitivity is measured with).
+
+    `gen` is the build's generator (or a seed: the same latents as a build with that seed).
+    """
+    if isinstance(gen, int):
+        gen = torch.Generator().manual_seed(gen)
+    return _synthetic_latents(_sentence_embeddings(text_encoder, tokenizer, list(prompts)), channels, size, gen)
+
+
 def _train_step(unet, optimizer, scheduler, latents, embeds, gen: torch.Generator) -> float:
     """One epsilon-prediction step on a batch of clean latents and encoder hidden states."""
     batch = latents.shape[0]
@@ -607,9 +618,8 @@ def _build(
     unique_prompts = list(dict.fromkeys(prompts))
     embeds = encode_prompts(text_encoder, tokenizer, unique_prompts).float()
     uncond = encode_prompts(text_encoder, tokenizer, [""])[0].float()
-    sentence_emb = _sentence_embeddings(text_encoder, tokenizer, unique_prompts)
-    size = int(unet.config.sample_size)
-    latents = _synthetic_latents(sentence_emb, int(unet.config.in_channels), size, gen)
+    latents = teacher_latents(text_encoder, tokenizer, unique_prompts, int(unet.config.in_channels),
+                              int(unet.config.sample_size), gen)
 
     eval_prompts = unique_prompts
     timesteps = DEFAULT_SENSITIVITY_TIMESTEPS
