@@ -72,22 +72,39 @@ def _cycle_walk_int(x: int, n: int, half: int, mask: int, round_keys: list[int])
             return x
 
 
-def keyed_permutation(j: np.ndarray, n: np.ndarray, key: np.ndarray, rounds: int = 4) -> np.ndarray:
+_ROUND_CONSTANTS = [np.uint64((r + 1) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF) for r in range(8)]
+
+
+def feistel_params(n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(half width, half mask) of the balanced Feistel network covering range(n), element-wise."""
+    n = np.asarray(n)
+    bits = np.maximum(np.ceil(np.log2(np.maximum(n.astype(np.float64), 2.0))).astype(np.int64), 2)
+    half = ((bits + 1) // 2).astype(np.uint64)
+    return half, (np.uint64(1) << half) - np.uint64(1)
+
+
+def keyed_permutation(j: np.ndarray, n: np.ndarray, key: np.ndarray, rounds: int = 4,
+                      params: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Image of positions `j` under a keyed pseudo-random permutation of `range(n)` (element-wise n, key).
 
     A balanced Feistel network on the smallest even bit width covering n, with cycle walking for the
-    values that fall outside [0, n). Bijective for every (n, key); O(1) memory.
+    values that fall outside [0, n). Bijective for every (n, key); O(1) memory. `params` may pass
+    `feistel_params(n)` precomputed (the sampler keeps them per region).
     """
     shape = np.broadcast_shapes(np.shape(j), np.shape(n), np.shape(key))
     # broadcast to one flat shape: cycle walking indexes n and key element-wise (scalars included)
     j, n, key = (np.broadcast_to(np.asarray(a, dtype=np.uint64), shape).reshape(-1) for a in (j, n, key))
-    bits = np.maximum(np.ceil(np.log2(np.maximum(n.astype(np.float64), 2.0))).astype(np.int64), 2)
-    half = ((bits + 1) // 2).astype(np.uint64)
-    mask = (np.uint64(1) << half) - np.uint64(1)
+    if params is None:
+        half, mask = feistel_params(n)
+    else:
+        half, mask = (np.broadcast_to(np.asarray(a, dtype=np.uint64), shape).reshape(-1) for a in params)
+    if rounds > len(_ROUND_CONSTANTS):
+        raise ValueError(f"rounds={rounds} must be at most {len(_ROUND_CONSTANTS)}")
 
     with np.errstate(over="ignore"):
-        # round r's key is mix64(key + (r+1) * golden): computed once, not once per cycle-walking pass
-        round_keys = [_mix64_array(key + np.uint64(r + 1) * _GOLDEN) for r in range(rounds)]
+        # one mix of the key; round r xors a distinct constant in (the round function mixes again)
+        mixed = _mix64_array(key)
+        round_keys = [mixed ^ _ROUND_CONSTANTS[r] for r in range(rounds)]
         out = _feistel(j, half, mask, round_keys)
         todo = np.flatnonzero(out >= n)
         if todo.size:
@@ -165,6 +182,7 @@ class AdaptiveRegionSampler(Sampler[int]):
             empty = np.flatnonzero(self.sizes == 0)[:8].tolist()
             raise ValueError(f"regions {empty} have no prompts; region ids must be contiguous 0..K-1")
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self._half, self._mask = feistel_params(self.sizes)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.num_replicas, self.rank = int(num_replicas), int(rank)
@@ -214,9 +232,9 @@ class AdaptiveRegionSampler(Sampler[int]):
         size = self.sizes[regions]
         cycle = pos // size
         with np.errstate(over="ignore"):
-            key = _mix64(np.uint64(self.seed) ^ _mix64(regions.astype(np.uint64) * np.uint64(0x100000001B3)
-                                                     + cycle.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
-        within = keyed_permutation(pos % size, size, key)
+            key = _mix64_array(regions.astype(np.uint64) * np.uint64(0x100000001B3)
+                               + cycle.astype(np.uint64) * _GOLDEN) ^ np.uint64(self.seed)
+        within = keyed_permutation(pos % size, size, key, params=(self._half[regions], self._mask[regions]))
         return self.order[self.offsets[regions] + within].astype(np.int64), regions
 
     def draw(self, step: int, n: int, num_replicas: int | None = None, rank: int | None = None
