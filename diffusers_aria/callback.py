@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import atomic_write, atomic_write_json, atomic_write_text
 from .allocation import AllocationPolicy
 from .sampler import AdaptiveRegionSampler
 from .tracker import DiscrepancyTracker
@@ -48,6 +47,12 @@ def effective_regions(p: np.ndarray) -> float:
 def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
     m = p > 0
     return float((p[m] * np.log(p[m] / q[m])).sum())
+
+
+def _atomic_write_bytes(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
 
 
 class ARIACallback:
@@ -223,7 +228,7 @@ class ARIACallback:
         ax2.set_xlabel("region")
         ax2.set_ylabel("discrepancy estimate (1 = average)")
         fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+        _atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
         plt.close(fig)
         return path
 
@@ -236,10 +241,10 @@ class ARIACallback:
         summary = self.summary()
         summary["history"] = {"steps": self.history_steps,
                                "probabilities": [np.round(p, 6).tolist() for p in self.history_probs]}
-        atomic_write_json(paths["json"], summary)
+        _atomic_write_bytes(paths["json"], lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
         md = f"# ARIA report\n\nPolicy `{summary['policy']}` at step {summary['step']}.\n\n"
         md += "\n".join(f"- {k}: {v:.4g}" for k, v in summary["metrics"].items()) + "\n\n" + self.markdown_table() + "\n"
-        atomic_write_text(paths["markdown"], md)
+        _atomic_write_bytes(paths["markdown"], lambda tmp: open(tmp, "w").write(md))
         if plot:
             paths["plot"] = self.plot(os.path.join(output_dir, ALLOCATION_PLOT))
         return paths
@@ -275,10 +280,10 @@ class ARIACallback:
 
         os.makedirs(directory, exist_ok=True)
         tensors, plain = _flatten(self.state_dict())
-        atomic_write(os.path.join(directory, STATE_TENSORS),
+        _atomic_write_bytes(os.path.join(directory, STATE_TENSORS),
                             lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
         payload = {"state": plain, "summary": self.summary()}
-        atomic_write_json(os.path.join(directory, STATE_JSON), payload)
+        _atomic_write_bytes(os.path.join(directory, STATE_JSON), lambda tmp: open(tmp, "w").write(json.dumps(payload, indent=1)))
         if plot:
             self.plot(os.path.join(directory, ALLOCATION_PLOT))
 

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._io import atomic_write, atomic_write_json
-from .sampler import _mix64_array, keyed_permutation
+from .sampler import _mix64, keyed_permutation
 
 
 def step_generator(seed: int, step: int, rank: int, salt: int = 0) -> torch.Generator:
@@ -49,7 +48,7 @@ class StepBatchSampler:
         pos = step * g + self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
         epoch, within = pos // self.num_rows, pos % self.num_rows
         with np.errstate(over="ignore"):
-            key = _mix64_array(np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15) + epoch.astype(np.uint64))
+            key = _mix64(np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15) + epoch.astype(np.uint64))
         return keyed_permutation(within, np.full(pos.shape, self.num_rows), key)
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -193,7 +192,10 @@ def load_or_generate_teacher_latents(cache_dir: str, pipeline, prompts: list[str
             return load_file(path)["latents"]
     latents = generate_teacher_latents(pipeline, prompts, **gen_kwargs)
     os.makedirs(cache_dir, exist_ok=True)
-    tensors = {"latents": latents.contiguous(), "pool_indices": torch.from_numpy(np.asarray(prompt_indices, np.int64))}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
-    atomic_write_json(meta_path, {"meta": meta}, indent=None)
+    save_file({"latents": latents.contiguous(), "pool_indices": torch.from_numpy(np.asarray(prompt_indices, np.int64))},
+              path + ".tmp")
+    os.replace(path + ".tmp", path)
+    with open(meta_path + ".tmp", "w") as fh:
+        json.dump({"meta": meta}, fh)
+    os.replace(meta_path + ".tmp", meta_path)
     return latents

@@ -31,8 +31,6 @@ from urllib.parse import quote
 from huggingface_hub import create_repo, get_token, upload_folder
 from huggingface_hub.utils import validate_repo_id
 
-from ._io import atomic_write_text as _atomic_write_text
-
 logger = logging.getLogger(__name__)
 
 PAPER_ARXIV = "2606.23898"
@@ -140,6 +138,20 @@ def _filter(paths: list[str], patterns: list[str]) -> list[str]:
     if _filter_repo_objects is not None:
         return list(_filter_repo_objects(paths, ignore_patterns=patterns))
     return _fallback_filter(paths, patterns)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to a temporary file next to `path`, then rename it over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _atomic_copy(src: str, dst: str) -> None:

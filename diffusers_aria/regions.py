@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write_json
 from .pool import (
     PROMPT_COLUMN,
     PromptPoolError,
@@ -137,7 +136,9 @@ def embed_pool(
     out.flush()
     del out
     os.replace(tmp_path, path)
-    atomic_write_json(meta_path, {"fingerprint": fp, "embedder": name, "dim": dim, "complete": True}, indent=None)
+    with open(meta_path + ".tmp", "w") as fh:
+        json.dump({"fingerprint": fp, "embedder": name, "dim": dim, "complete": True}, fh)
+    os.replace(meta_path + ".tmp", meta_path)
     emb = np.load(path, mmap_mode="r", allow_pickle=False)
     if own_tmp:  # the mapping outlives the unlinked file
         shutil.rmtree(cache_dir, ignore_errors=True)

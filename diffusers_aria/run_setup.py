@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import atomic_write_json
 from .pool import load_prompt_pool, pool_fingerprint
 from .regions import load_or_build_regions
 
@@ -273,7 +272,10 @@ def gather_state_hashes(accelerator, callback) -> list[str]:
 
 def write_run_info(output_dir: str, **info) -> None:
     """`run_info.json`: how the run went (processes, steps, ...), for people and tests."""
-    atomic_write_json(os.path.join(output_dir, "run_info.json"), info)
+    path = os.path.join(output_dir, "run_info.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(info, fh, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def write_card(args, report_paths: dict, validation_image: str | None, settings, init_report) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _MUL1, _MUL2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -32,6 +33,14 @@ def _mix64_array(x: np.ndarray) -> np.ndarray:
     x *= _MUL2
     x ^= x >> _S31
     return x
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser, vectorised over uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def _feistel(x: np.ndarray, half: np.ndarray, mask: np.ndarray, round_keys: list[np.ndarray]) -> np.ndarray:

@@ -11,8 +11,6 @@ import os
 import numpy as np
 import torch
 
-from ._io import atomic_write
-
 
 def make_grid(rows: list[list], pad: int = 2):
     """Paste a list of rows of equally sized PIL images into one image."""
@@ -81,6 +79,7 @@ def run_validation(accelerator, components: dict, teacher_unet, student_unet, pr
     if accelerator.is_main_process:
         path = os.path.join(output_dir, name) if name else os.path.join(output_dir, "validation", f"step-{step}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+        grid.save(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
         log_validation(accelerator, grid, step, prompts)
     return path
