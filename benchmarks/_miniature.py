@@ -85,6 +85,23 @@ def encode_prompts(prompts: list[str], cache_dir: str, batch_size: int = 64) -> 
     return tok, emb
 
 
+class TextStates:
+    """A prompt's conditioning: MiniLM token states for cross-attention and, optionally, its pooled sentence
+    embedding for the UNet's pooled-text projection (`class_embed_type="projection"`, added to the time
+    embedding, as SDXL-style pooled text is). `text(unet, x, t, idx)` runs the UNet on prompts `idx`."""
+
+    def __init__(self, tokens: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
+        self.tokens, self.pooled = tokens, pooled
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __call__(self, unet, x: torch.Tensor, t: torch.Tensor, idx) -> torch.Tensor:
+        idx = torch.as_tensor(idx)
+        labels = None if self.pooled is None else self.pooled[idx]
+        return unet(x, t, self.tokens[idx], class_labels=labels).sample
+
+
 # ------------------------------------------------------------------------------------------- latents
 def synthetic_latents(emb: np.ndarray, num_anchors: int = 64, temperature: float = 0.05, size: int = 8,
                       seed: int = 1234) -> torch.Tensor:
@@ -105,8 +122,9 @@ def synthetic_latents(emb: np.ndarray, num_anchors: int = 64, temperature: float
 
 
 # ------------------------------------------------------------------------------------------- models
-def unet_config(width: int = 16, size: int = 8) -> dict:
-    return {
+def unet_config(width: int = 16, size: int = 8, pooled: bool = False) -> dict:
+    extra = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": HIDDEN} if pooled else {}
+    return {**extra,
         "sample_size": size, "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
         "layers_per_block": 1, "block_out_channels": (width, 2 * width),
         "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -137,16 +155,16 @@ class TeacherInfo:
     sensitivity: dict
 
 
-def train_or_load_teacher(cache_dir: str, tokens: torch.Tensor, latents: torch.Tensor, prompt_key: str,
+def train_or_load_teacher(cache_dir: str, text: TextStates, latents: torch.Tensor, prompt_key: str,
                           steps: int = 2000, width: int = 16, batch: int = 32, lr: float = 2e-3,
                           target_noise: float = 0.05, seed: int = 0, log=print, only_if_cached: bool = False):
     """Train (or load from cache) the teacher on the synthetic latents of ALL prompts."""
     from diffusers import UNet2DConditionModel
 
-    cfg = unet_config(width, latents.shape[-1])
+    cfg = unet_config(width, latents.shape[-1], pooled=text.pooled is not None)
     settings = {"cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, "steps": steps,
                 "batch": batch, "lr": lr, "noise": target_noise, "seed": seed, "prompts": prompt_key,
-                "latents": float(latents.sum()), "recipe": 1}
+                "latents": round(float(latents.double().sum()), 2), "recipe": 1}  # thread-count stable
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"teacher-{key}")
     info_path = os.path.join(path, "teacher_info.json")
@@ -173,7 +191,7 @@ def train_or_load_teacher(cache_dir: str, tokens: torch.Tensor, latents: torch.T
         x0 = latents[idx] + target_noise * torch.randn(latents[idx].shape, generator=g)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
-        pred = unet(add_noise(ac, x0, noise, t), t, tokens[idx]).sample
+        pred = text(unet, add_noise(ac, x0, noise, t), t, idx)
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -197,11 +215,11 @@ def train_or_load_teacher(cache_dir: str, tokens: torch.Tensor, latents: torch.T
 
 
 @torch.no_grad()
-def text_sensitivity(unet, tokens: torch.Tensor, latents: torch.Tensor, timesteps, num_pairs: int = 128,
+def text_sensitivity(unet, text: TextStates, latents: torch.Tensor, timesteps, num_pairs: int = 128,
                      seed: int = 0) -> dict[int, float]:
     """E||eps(x_t,t,c1) - eps(x_t,t,c2)||^2 / E||eps(x_t,t,c1)||^2 with x_t from c1's latent."""
     g = torch.Generator().manual_seed(seed)
-    n = tokens.shape[0]
+    n = len(text)
     a = torch.randint(0, n, (num_pairs,), generator=g)
     b = (a + torch.randint(1, n, (num_pairs,), generator=g)) % n
     ac = scheduler().alphas_cumprod.float()
@@ -210,42 +228,54 @@ def text_sensitivity(unet, tokens: torch.Tensor, latents: torch.Tensor, timestep
         noise = torch.randn((num_pairs,) + tuple(latents.shape[1:]), generator=g)
         tt = torch.full((num_pairs,), int(t), dtype=torch.long)
         x = add_noise(ac, latents[a], noise, tt)
-        e1 = unet(x, tt, tokens[a]).sample
-        e2 = unet(x, tt, tokens[b]).sample
+        e1 = text(unet, x, tt, a)
+        e2 = text(unet, x, tt, b)
         out[int(t)] = float(((e1 - e2) ** 2).sum() / (e1 ** 2).sum().clamp_min(1e-12))
     return out
 
 
-def make_student(teacher, seed: int, mode: str = "reset"):
+def make_student(teacher, seed: int | None, mode: str = "reset", rank: int = 4):
     """Copy of the teacher whose cross-attention (attn2 to_q/to_k/to_v/to_out) is re-initialised.
 
     mode "reset": default PyTorch init of all four projections; "zero_out": the same, but the output
     projection starts at zero, so the student starts as the teacher with its text path cut off (its error
-    is then the teacher's text dependence, not a random perturbation of every prediction).
+    is then the teacher's text dependence, not a random perturbation of every prediction); "text_kv": only
+    the text-facing key and value projections are re-initialised (the image-side query and output
+    projections stay the teacher's), so the student's error is its text pathway alone.
 
-    This UNet has no pooled-text / added-condition projection (`addition_embed_type=None`,
-    `encoder_hid_proj=None`), so the cross-attention is its only text path.
+    A pooled-text projection (`class_embedding`, when the UNet has one) is re-initialised in every mode:
+    it is a nonlinear (MLP) text path, which a student does not extrapolate to regions it never sees.
     """
     import copy
 
     student = copy.deepcopy(teacher).train().requires_grad_(True)
-    torch.manual_seed(10_000 + seed)
+    torch.manual_seed(10_000 + (seed or 0))  # None: one fixed student checkpoint for every run
     n = 0
+    modes = ("reset", "zero_out", "text_kv", "lowrank_kv", "pooled")
+    if mode not in modes:
+        raise ValueError(f"student init {mode!r}: use one of {', '.join(modes)}")
     for name, mod in student.named_modules():
-        if name.endswith("attn2"):
-            for lin in (mod.to_q, mod.to_k, mod.to_v, mod.to_out[0]):
+        if not name.endswith("attn2") or mode == "pooled":
+            continue
+        if mode == "lowrank_kv":
+            for attr in ("to_k", "to_v"):
+                lin = getattr(mod, attr)
+                setattr(mod, attr, torch.nn.Sequential(torch.nn.Linear(lin.in_features, rank, bias=False),
+                                                       torch.nn.Linear(rank, lin.out_features, bias=lin.bias is not None)))
+                n += 1
+        else:
+            for lin in ((mod.to_k, mod.to_v) if mode == "text_kv" else (mod.to_q, mod.to_k, mod.to_v, mod.to_out[0])):
                 lin.reset_parameters()
                 n += 1
             if mode == "zero_out":
                 torch.nn.init.zeros_(mod.to_out[0].weight)
                 torch.nn.init.zeros_(mod.to_out[0].bias)
-            elif mode != "reset":
-                raise ValueError(f"student init {mode!r}: use 'reset' or 'zero_out'")
-    for attr in ("encoder_hid_proj", "add_embedding"):
+    for attr in ("encoder_hid_proj", "add_embedding", "class_embedding"):
         m = getattr(student, attr, None)
         if m is not None:
             for p in m.modules():
                 if hasattr(p, "reset_parameters"):
                     p.reset_parameters()
-    assert n > 0, "no cross-attention found"
+                    n += 1
+    assert n > 0, f"student init {mode!r} re-initialised nothing"
     return student

@@ -48,6 +48,7 @@ from diffusers_aria.sampler import AdaptiveRegionSampler  # noqa: E402
 from diffusers_aria.tracker import DiscrepancyTracker  # noqa: E402
 
 from _miniature import (  # noqa: E402
+    TextStates,
     encode_prompts,
     fingerprint,
     load_parti,
@@ -115,6 +116,8 @@ def make_design(experiment: str, groups: np.ndarray, group_names: list[str], arg
     if experiment != "control":
         # unseen/rare groups: a seeded choice among groups large enough to keep >= 2 held-out prompts
         eligible = [g for g in rng.permutation(n_groups) if sizes[g] >= max(10, args.rare_size + 4)]
+        if getattr(args, "unseen_choice", "random") == "smallest":  # underrepresented: the smallest groups
+            eligible = sorted(eligible, key=lambda g: sizes[g])
         for g in eligible[:args.num_unseen]:
             kinds[g] = "unseen"
         for g in eligible[args.num_unseen:args.num_unseen + args.num_rare]:
@@ -122,7 +125,10 @@ def make_design(experiment: str, groups: np.ndarray, group_names: list[str], arg
     heldout, pool = [], []
     for g in range(n_groups):
         members = rng.permutation(np.flatnonzero(groups == g))
-        n_h = max(1, int(round(args.heldout_frac * len(members))))
+        frac = args.heldout_frac
+        if kinds[g] == "unseen" and getattr(args, "unseen_heldout_frac", None) is not None:
+            frac = args.unseen_heldout_frac
+        n_h = max(1, int(round(frac * len(members))))
         heldout.extend(members[:n_h].tolist())
         rest = members[n_h:]
         if kinds[g] == "rare":
@@ -174,7 +180,7 @@ class Evaluator:
         out = []
         for s in range(0, len(idx), self.batch):
             b = idx[s:s + self.batch]
-            out.append(unet(self.x[b], self.t[b], self.tokens[torch.as_tensor(self.prompt[b])]).sample)
+            out.append(self.tokens(unet, self.x[b], self.t[b], self.prompt[b]))
         return torch.cat(out)
 
     def num(self, student, idx) -> np.ndarray:
@@ -228,7 +234,8 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
     sampler = AdaptiveRegionSampler(reg, seed=seed)
     cb = ARIACallback(None, sampler, tracker, policy, log_every=0, register_hooks=False)
     swap = SwapSchedule(kind="constant", value=args.swap_p)
-    student = make_student(teacher, seed, args.student_init)
+    init_seed = seed if getattr(args, "student_init_per_seed", 0) else None
+    student = make_student(teacher, init_seed, args.student_init, getattr(args, "student_rank", 4))
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     ac = scheduler().alphas_cumprod.float()
     B = args.batch
@@ -249,8 +256,8 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
         drawn, _ = sampler.draw(step, B)  # only this differs between policies
         cond = torch.where(coins, pool_t[torch.as_tensor(drawn)], pi)
         with torch.no_grad():
-            e_t = teacher(x, t, tokens[cond]).sample
-        e_s = student(x, t, tokens[cond]).sample
+            e_t = tokens(teacher, x, t, cond)
+        e_s = tokens(student, x, t, cond)
         per = ((e_s - e_t) ** 2).flatten(1).mean(1)
         loss = per.mean()
         opt.zero_grad(set_to_none=True)
@@ -431,7 +438,8 @@ def report(paths: list[str]) -> str:
     if res is not None:
         out.append("")
         tb = res["teacher"]
-        out.append(f"{res['num_prompts']} prompts. Teacher text sensitivity E||eps(x,t,c1)-eps(x,t,c2)||^2/E||eps||^2 beside p(t):\n")
+        src = "the built-in pool" if res.get("prompt_source") == "builtin" else "PartiPrompts"
+        out.append(f"{res['num_prompts']} prompts from {src}. Teacher text sensitivity E||eps(x,t,c1)-eps(x,t,c2)||^2/E||eps||^2 beside p(t):\n")
         out.append("| t | " + " | ".join(tb["text_sensitivity"]) + " |")
         out.append("|---|" + "---|" * len(tb["text_sensitivity"]))
         out.append("| sensitivity | " + " | ".join(f"{v:.3f}" for v in tb["text_sensitivity"].values()) + " |")
@@ -529,6 +537,9 @@ def report(paths: list[str]) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parti_path", default=os.path.join(REPO, "..", "shared", "data", "PartiPrompts.tsv"))
+    ap.add_argument("--prompts", default="parti", choices=["parti", "builtin"],
+                    help="PartiPrompts (categories from its file) or the built-in pool (its groups as categories)")
+    ap.add_argument("--builtin_size", type=int, default=1600, help="prompts drawn from the built-in pool")
     ap.add_argument("--quick", action="store_true", help="<= 5 minutes: fewer steps, seeds and policies")
     ap.add_argument("--experiments", nargs="+", default=None, choices=["clusters", "control", "categories"])
     ap.add_argument("--policies", nargs="+", default=None, help="policy specs for the clusters experiment")
@@ -538,16 +549,26 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--student_init", default="reset", choices=["zero_out", "reset"])
+    ap.add_argument("--student_init", default="text_kv", choices=["zero_out", "reset", "text_kv", "lowrank_kv", "pooled"])
+    ap.add_argument("--student_init_per_seed", type=int, default=0,
+                    help="1: re-initialise the student differently for every seed; 0: one fixed student checkpoint "
+                         "(as a pruned-teacher student is), so seeds vary the training streams only")
+    ap.add_argument("--student_rank", type=int, default=4, help="rank of the lowrank_kv student's text projections")
+    ap.add_argument("--pooled_text", type=int, default=1,
+                    help="1: teacher and student also take the pooled sentence embedding (re-initialised in the student)")
     ap.add_argument("--swap_p", type=float, default=0.5)
     ap.add_argument("--target_noise", type=float, default=0.05)
     ap.add_argument("--num_regions", type=int, default=16, help="K of the embedding clusters (groups)")
     ap.add_argument("--cluster_seed", type=int, default=0)
     ap.add_argument("--split_seed", type=int, default=0, help="which groups are unseen/rare; held-out split")
     ap.add_argument("--num_unseen", type=int, default=2)
+    ap.add_argument("--unseen_choice", default="random", choices=["random", "smallest"],
+                    help="which eligible groups become unseen, then rare: a seeded random choice or the smallest")
     ap.add_argument("--num_rare", type=int, default=2)
     ap.add_argument("--rare_size", type=int, default=6)
     ap.add_argument("--heldout_frac", type=float, default=0.2)
+    ap.add_argument("--unseen_heldout_frac", type=float, default=0.5,
+                    help="held-out share of unseen groups (default: --heldout_frac); the rest stays in the pool")
     ap.add_argument("--eval_t", type=int, nargs="+", default=[50, 150, 250, 350, 450, 550, 650, 750, 850, 950])
     ap.add_argument("--eval_every", type=int, default=None)
     ap.add_argument("--share_window", type=int, default=25)
@@ -561,6 +582,8 @@ def parse_args(argv=None):
     ap.add_argument("--out_dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--tag", default=None, help="output name quality_<tag>.json (default: quick or full)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="(experiment, seed) runs in this many single-threaded processes at once (default: 2, quick: 1)")
     ap.add_argument("--no_plots", action="store_true")
     args = ap.parse_args(argv)
     q = args.quick
@@ -582,7 +605,53 @@ def parse_args(argv=None):
         args.teacher_steps = 2000
     if args.tag is None:
         args.tag = "quick" if q else "full"
+    if args.workers is None:
+        args.workers = 1 if q else 2
     return args
+
+
+def _parallel_runs(args, argv_list: list[str]) -> dict:
+    """Run every (experiment, seed) as its own single-threaded subprocess, `args.workers` at a time, and
+    collect their runs by (experiment, seed, policy). The parent has trained/cached the teacher already."""
+    import subprocess
+
+    drop = {"--workers", "--seeds", "--experiments", "--tag", "--out_dir", "--ari_seeds", "--no_plots", "--quick",
+            "--steps", "--teacher_steps", "--eval_every", "--policies", "--control_policies", "--category_policies"}
+    base, skip = [], False
+    for a in argv_list:
+        if a.startswith("--"):
+            skip = a in drop
+        if not skip:
+            base.append(a)
+    parts = os.path.join(args.out_dir, f"quality_{args.tag}_parts")
+    os.makedirs(parts, exist_ok=True)
+    jobs = [(e, s) for s in args.seeds for e in args.experiments]
+    pending, running, out = list(jobs), [], {}
+    fixed = ["--steps", str(args.steps), "--teacher_steps", str(args.teacher_steps), "--eval_every", str(args.eval_every),
+             "--policies", *args.policies, "--control_policies", *args.control_policies,
+             "--category_policies", *args.category_policies]
+    while pending or running:
+        while pending and len(running) < args.workers:
+            e, s = pending.pop(0)
+            tag = f"{e}_s{s}"
+            cmd = [sys.executable, os.path.abspath(__file__), *base, *fixed, "--experiments", e, "--seeds", str(s),
+                   "--tag", tag, "--out_dir", parts, "--ari_seeds", "1", "--no_plots", "--workers", "1"]
+            logf = open(os.path.join(parts, f"{tag}.log"), "w")
+            running.append((e, s, tag, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf))
+        time.sleep(1.0)
+        for item in list(running):
+            e, s, tag, proc, logf = item
+            if proc.poll() is None:
+                continue
+            logf.close()
+            running.remove(item)
+            if proc.returncode != 0:
+                raise SystemExit(f"worker {tag} failed (exit {proc.returncode}); see {logf.name}")
+            with open(os.path.join(parts, f"quality_{tag}.json")) as fh:
+                for r in json.load(fh)["experiments"][e]["runs"]:
+                    out[(e, s, r["policy"])] = r
+            log(f"  worker {tag} done ({len(jobs) - len(pending) - len(running)}/{len(jobs)})")
+    return out
 
 
 def main(argv=None) -> dict:
@@ -604,9 +673,17 @@ def main(argv=None) -> dict:
     if not os.path.exists(gi):
         with open(gi, "w") as fh:
             fh.write("*\n")
-    prompts, cats = load_parti(args.parti_path, args.max_prompts)
-    log(f"{len(prompts)} prompts from {args.parti_path}")
-    tokens, emb = encode_prompts(prompts, args.cache_dir)
+    if args.prompts == "builtin":  # the project's generated pool; its 12 groups play the categories' part
+        from diffusers_aria.builtin_pool import builtin_prompt_records
+
+        recs = builtin_prompt_records(args.builtin_size, seed=0)
+        prompts, cats = [r["prompt"] for r in recs], [r["group"] for r in recs]
+        log(f"{len(prompts)} prompts from the built-in pool generator")
+    else:
+        prompts, cats = load_parti(args.parti_path, args.max_prompts)
+        log(f"{len(prompts)} prompts from {args.parti_path}")
+    tok, emb = encode_prompts(prompts, args.cache_dir)
+    tokens = TextStates(tok, torch.from_numpy(emb) if args.pooled_text else None)
     latents = synthetic_latents(emb, num_anchors=args.num_anchors, temperature=args.anchor_temperature)
     pkey = fingerprint(prompts)
     teacher_steps = args.teacher_steps
@@ -648,7 +725,7 @@ def main(argv=None) -> dict:
     results: dict[str, Any] = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": {k: v for k, v in vars(args).items() if k not in ("cache_dir", "out_dir", "parti_path")},
-        "num_prompts": len(prompts), "teacher": teacher_block,
+        "num_prompts": len(prompts), "prompt_source": args.prompts, "teacher": teacher_block,
         "region_stability": {"ari_vs_seed0": aris, "ari_mean": float(np.mean(aris)) if aris else None,
                              "ari_clusters_vs_categories": ari_cat},
         "experiments": {},
@@ -662,6 +739,7 @@ def main(argv=None) -> dict:
             json.dump(results, fh, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
         os.replace(tmp, out_json)
 
+    parallel = _parallel_runs(args, argv_list) if args.workers > 1 else None
     for exp in args.experiments:
         if exp == "categories":
             groups, names, pols = cat_ids, cat_names, args.category_policies
@@ -686,7 +764,7 @@ def main(argv=None) -> dict:
             f"{[n for n, k in kinds_of.items() if k == 'unseen']}, rare {[n for n, k in kinds_of.items() if k == 'rare']}")
         for seed in args.seeds:
             for p in pols:
-                r = run_one(p, seed, ctx, args)
+                r = parallel[(exp, seed, p)] if parallel is not None else run_one(p, seed, ctx, args)
                 block["runs"].append(r)
                 f = r["final"]
                 log(f"  [{exp}] seed {seed} {p:<28} overall {f['overall']:.4f} seen {f['seen']:.4f} unseen "
