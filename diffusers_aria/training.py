@@ -39,7 +39,7 @@ class AriaSettings:
     num_timestep_bins: int = 10
     timestep_norm: bool = True
     prior_strength: float = 8.0
-    noise_aware: bool = True
+    noise_aware: bool = False
     feed: str = "swapped"
     doremi_lr: float = 0.5
     doremi_smoothing: float = 0.05

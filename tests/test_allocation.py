@@ -399,12 +399,12 @@ def test_noise_aware_score_ignores_differences_within_the_noise():
     sizes = np.array([10.0, 20.0, 30.0, 40.0])
     est = np.array([1.01, 0.99, 1.02, 0.98])
     noisy = FakeTracker(est, uncertainty=np.full(4, 0.05))  # spread far below the standard errors
-    p = ARIAAllocation(sizes, warmup_steps=0, damping=1.0)
+    p = ARIAAllocation(sizes, warmup_steps=0, damping=1.0, noise_aware=True)
     assert np.array_equal(p.step(0, noisy), p.prompt_prior)
-    plain = ARIAAllocation(sizes, warmup_steps=0, damping=1.0, noise_aware=False)
+    plain = ARIAAllocation(sizes, warmup_steps=0, damping=1.0)  # the default: plain z-score
     assert not np.allclose(plain.step(0, noisy), plain.prompt_prior)  # the plain z-score chases the noise
     sure = FakeTracker(est, uncertainty=np.full(4, 1e-4))  # the same small differences, measured precisely
-    q = ARIAAllocation(sizes, warmup_steps=0, damping=1.0).step(0, sure)
+    q = ARIAAllocation(sizes, warmup_steps=0, damping=1.0, noise_aware=True).step(0, sure)
     assert q[2] > p.prompt_prior[2] * 1.5 and q[3] < p.prompt_prior[3]
 
 
@@ -412,7 +412,7 @@ def test_noise_aware_reacts_to_a_small_consistent_difference_in_a_real_tracker()
     rng = np.random.default_rng(0)
     scale = np.array([1.0, 1.0, 1.0, 1.05])  # region 3 is 5% harder, with +-20% per-sample noise
     tracker = DiscrepancyTracker(4, half_life=200)
-    policy = ARIAAllocation(np.full(4, 25.0), warmup_steps=40)
+    policy = ARIAAllocation(np.full(4, 25.0), warmup_steps=40, noise_aware=True)
     for step in range(400):
         _feed(tracker, rng, policy.probabilities, scale)
         policy.step(step, tracker)

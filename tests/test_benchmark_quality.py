@@ -23,14 +23,20 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_quality_benchmark_smoke(tmp_path, monkeypatch):
+@pytest.fixture
+def quality(monkeypatch):
+    """benchmarks/quality.py as a module, with the hub kept offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     try:
-        import quality
+        import quality as module
     finally:
         sys.path.remove(os.path.join(REPO, "benchmarks"))
+    return module
+
+
+def test_quality_benchmark_smoke(tmp_path, quality):
     argv = ["--parti_path", PARTI, "--max_prompts", "120", "--num_regions", "4", "--num_unseen", "1",
             "--num_rare", "1", "--experiments", "clusters", "--policies", "rc", "aria:warmup_steps=1",
             "--seeds", "0", "1", "--workers", "2", "--steps", "4", "--batch", "8", "--eval_every", "2", "--share_window", "2",
@@ -71,14 +77,7 @@ def test_quality_benchmark_smoke(tmp_path, monkeypatch):
     assert res2["experiments"]["control"]["design"]["heldout_per_kind"]["unseen"] == 0
 
 
-def test_quality_benchmark_builtin_pool_categories(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import quality
-    finally:
-        sys.path.remove(os.path.join(REPO, "benchmarks"))
+def test_quality_benchmark_builtin_pool_categories(tmp_path, quality):
     res = quality.main(["--prompts", "builtin", "--builtin_size", "240", "--num_regions", "4", "--num_unseen", "1",
                         "--num_rare", "1", "--experiments", "categories", "--category_policies", "rc", "oracle",
                         "--seeds", "0", "--workers", "1", "--steps", "2", "--batch", "8", "--eval_every", "2",

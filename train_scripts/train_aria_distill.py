@@ -83,8 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--aria_num_timestep_bins", type=int, default=10)
     g.add_argument("--aria_no_timestep_norm", action="store_true", help="score raw losses, not per-timestep-normalised")
     g.add_argument("--aria_prior_strength", type=float, default=8.0)
-    g.add_argument("--aria_plain_zscore", action="store_true",
-                   help="standardise estimates without their standard errors (chases noise; for ablations)")
+    g.add_argument("--aria_noise_aware", action="store_true",
+                   help="empirical-Bayes score that shrinks differences within the estimation noise (slower to react)")
     g.add_argument("--aria_feed", default="swapped", choices=["swapped", "all"], help="which samples feed the tracker")
     g.add_argument("--aria_log_every", type=int, default=10)
     g.add_argument("--doremi_lr", type=float, default=0.5)
@@ -149,7 +149,7 @@ def aria_settings(args):
         floor=args.aria_floor, cap=args.aria_cap, damping=args.aria_damping, warmup_steps=args.aria_warmup_steps,
         half_life=args.aria_half_life, num_timestep_bins=args.aria_num_timestep_bins,
         timestep_norm=not args.aria_no_timestep_norm, prior_strength=args.aria_prior_strength, feed=args.aria_feed,
-        noise_aware=not args.aria_plain_zscore,
+        noise_aware=args.aria_noise_aware,
         doremi_lr=args.doremi_lr, doremi_smoothing=args.doremi_smoothing, exp3_gamma=args.exp3_gamma,
         log_every=args.aria_log_every, rc_schedule=args.rc_schedule, rc_lambda=args.rc_lambda,
         rc_constant=args.rc_constant, null_prompt_prob=args.null_prompt_prob)
