@@ -237,6 +237,14 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
     init_seed = seed if getattr(args, "student_init_per_seed", 0) else None
     student = make_student(teacher, init_seed, args.student_init, getattr(args, "student_rank", 4))
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    decay = float(getattr(args, "eval_ema", 0.0))
+    if decay > 0:  # evaluate an EMA of the student's weights: the last iterate's SGD noise averaged out
+        import copy
+
+        scored = copy.deepcopy(student).requires_grad_(False)
+        params, ema_params = list(student.parameters()), list(scored.parameters())
+    else:
+        scored = student
     ac = scheduler().alphas_cumprod.float()
     B = args.batch
     pool_t = torch.as_tensor(pool)
@@ -263,6 +271,9 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if decay > 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         c = cond.numpy()
         sw = coins.numpy()
         for k in KINDS:
@@ -271,9 +282,9 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
         cb.on_step_end(step, torch.as_tensor(region_of_global[c]), per.detach(), t,
                        mask=coins if run_kw["feed"] == "swapped" else None)
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            curve.append({"step": step + 1, **ev.curve_point(student)})
+            curve.append({"step": step + 1, **ev.curve_point(scored)})
     train_s = time.time() - t0
-    final = ev.full(student)
+    final = ev.full(scored)
     w = args.share_window
     nwin = math.ceil(args.steps / w)
     share_curve = {k: [float(shares[k][i * w:(i + 1) * w].sum() / max(swapped_total[i * w:(i + 1) * w].sum(), 1))
@@ -571,6 +582,8 @@ def parse_args(argv=None):
                     help="held-out share of unseen groups (default: --heldout_frac); the rest stays in the pool")
     ap.add_argument("--eval_t", type=int, nargs="+", default=[50, 150, 250, 350, 450, 550, 650, 750, 850, 950])
     ap.add_argument("--eval_every", type=int, default=None)
+    ap.add_argument("--eval_ema", type=float, default=0.98,
+                    help="score an EMA of the student's weights with this decay (0: the last iterate)")
     ap.add_argument("--share_window", type=int, default=25)
     ap.add_argument("--teacher_steps", type=int, default=None)
     ap.add_argument("--teacher_width", type=int, default=16)
