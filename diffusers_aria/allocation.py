@@ -166,7 +166,7 @@ class ARIAAllocation(AllocationPolicy):
         noise_aware: score regions with the empirical-Bayes z of `standardise` (using the tracker's standard
             errors), so that differences within the estimation noise do not move the allocation. Off by
             default: in the quality benchmark (docs/benchmarks-quality.md) it shrank the real 20-40% excess
-            of unseen regions to z < 1 and captured about a third of the oracle's gain, where the plain
+            of unseen regions to z < 1 and captured about 40% of the oracle's gain, where the plain
             z-score captured all of it. The price of the plain score: on pure noise (the embedded demo,
             estimates within +-2%) it still moves probabilities between 0.3x and 4.8x the prior.
     """
