@@ -14,7 +14,7 @@ differs. The student is scored on held-out prompts (20% of every group) against 
 
 Policy specs: a name (rc, region_uniform, static, doremi, exp3, aria, oracle) optionally followed by
 `:key=value,...`; keys go to the policy (alpha, tau, floor, damping, warmup_steps, form, ...), to the tracker
-(half_life, normalize_timesteps, prior_strength, num_timestep_bins), or to the run (feed=swapped|all,
+(half_life, normalize_timesteps, prior_strength, num_timestep_bins), or to the run (feed=all|swapped, default all as in the library;
 K=<regions of the sampler, by spherical k-means of the pool>).
 
 Writes benchmarks/results/quality[_<tag>].json and PNG plots beside it; prints the tables.
@@ -91,7 +91,7 @@ class FixedGroupOracle(AllocationPolicy):
 
 def parse_spec(spec: str) -> tuple[str, dict, dict, dict]:
     name, _, rest = spec.partition(":")
-    pol, trk, run = {}, {}, {"feed": "swapped", "K": None}
+    pol, trk, run = {}, {}, {"feed": "all", "K": None}  # the library default: every sample feeds the tracker
     for item in filter(None, rest.split(",")):
         k, _, v = item.partition("=")
         try:

@@ -40,7 +40,7 @@ class AriaSettings:
     timestep_norm: bool = True
     prior_strength: float = 8.0
     noise_aware: bool = False
-    feed: str = "swapped"
+    feed: str = "all"
     doremi_lr: float = 0.5
     doremi_smoothing: float = 0.05
     exp3_gamma: float = 0.1

@@ -60,7 +60,7 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path):
         "--allocation", "aria", "--aria_alpha", "0.5", "--aria_tau", "0.7", "--aria_form", "ratio", "--aria_beta", "2",
         "--aria_floor", "0.2", "--aria_cap", "0.6", "--aria_damping", "0.5", "--aria_warmup_steps", "1",
         "--aria_half_life", "10", "--aria_num_timestep_bins", "4", "--aria_no_timestep_norm",
-        "--aria_prior_strength", "2", "--aria_noise_aware", "--aria_feed", "all", "--aria_log_every", "1",
+        "--aria_prior_strength", "2", "--aria_noise_aware", "--aria_feed", "swapped", "--aria_log_every", "1",
         "--rc_schedule", "constant", "--rc_constant", "0.9", "--rc_lambda", "3",
         "--train_batch_size", "2", "--max_train_steps", "2", "--gradient_accumulation_steps", "2",
         "--gradient_checkpointing", "--learning_rate", "1e-4", "--scale_lr", "--lr_scheduler", "cosine",

@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--aria_prior_strength", type=float, default=8.0)
     g.add_argument("--aria_noise_aware", action="store_true",
                    help="empirical-Bayes score that shrinks differences within the estimation noise (slower to react)")
-    g.add_argument("--aria_feed", default="swapped", choices=["swapped", "all"], help="which samples feed the tracker")
+    g.add_argument("--aria_feed", default="all", choices=["swapped", "all"],
+                   help="which samples feed the tracker: all (default) or only those whose prompt was swapped")
     g.add_argument("--aria_log_every", type=int, default=10)
     g.add_argument("--doremi_lr", type=float, default=0.5)
     g.add_argument("--doremi_smoothing", type=float, default=0.05)
