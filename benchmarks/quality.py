@@ -116,7 +116,7 @@ def make_design(experiment: str, groups: np.ndarray, group_names: list[str], arg
     if experiment != "control":
         # unseen/rare groups: a seeded choice among groups large enough to keep >= 2 held-out prompts
         eligible = [g for g in rng.permutation(n_groups) if sizes[g] >= max(10, args.rare_size + 4)]
-        if getattr(args, "unseen_choice", "random") == "smallest":  # underrepresented: the smallest groups
+        if args.unseen_choice == "smallest":  # underrepresented: the smallest groups
             eligible = sorted(eligible, key=lambda g: sizes[g])
         for g in eligible[:args.num_unseen]:
             kinds[g] = "unseen"
@@ -126,7 +126,7 @@ def make_design(experiment: str, groups: np.ndarray, group_names: list[str], arg
     for g in range(n_groups):
         members = rng.permutation(np.flatnonzero(groups == g))
         frac = args.heldout_frac
-        if kinds[g] == "unseen" and getattr(args, "unseen_heldout_frac", None) is not None:
+        if kinds[g] == "unseen" and args.unseen_heldout_frac is not None:
             frac = args.unseen_heldout_frac
         n_h = max(1, int(round(frac * len(members))))
         heldout.extend(members[:n_h].tolist())
@@ -234,10 +234,10 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
     sampler = AdaptiveRegionSampler(reg, seed=seed)
     cb = ARIACallback(None, sampler, tracker, policy, log_every=0, register_hooks=False)
     swap = SwapSchedule(kind="constant", value=args.swap_p)
-    init_seed = seed if getattr(args, "student_init_per_seed", 0) else None
-    student = make_student(teacher, init_seed, args.student_init, getattr(args, "student_rank", 4))
+    init_seed = seed if args.student_init_per_seed else None
+    student = make_student(teacher, init_seed, args.student_init, args.student_rank)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
-    decay = float(getattr(args, "eval_ema", 0.0))
+    decay = float(args.eval_ema)
     if decay > 0:  # evaluate an EMA of the student's weights: the last iterate's SGD noise averaged out
         import copy
 

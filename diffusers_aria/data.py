@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .sampler import _mix64, keyed_permutation
+from .sampler import _mix64_array, keyed_permutation
 
 
 def step_generator(seed: int, step: int, rank: int, salt: int = 0) -> torch.Generator:
@@ -48,7 +48,7 @@ class StepBatchSampler:
         pos = step * g + self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
         epoch, within = pos // self.num_rows, pos % self.num_rows
         with np.errstate(over="ignore"):
-            key = _mix64(np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15) + epoch.astype(np.uint64))
+            key = _mix64_array(np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15) + epoch.astype(np.uint64))
         return keyed_permutation(within, np.full(pos.shape, self.num_rows), key)
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -36,14 +36,6 @@ def _mix64_array(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser, vectorised over uint64 (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
 def _feistel(x: np.ndarray, params: np.ndarray, round_keys: np.ndarray) -> np.ndarray:
     """One pass of the (possibly unbalanced) Feistel network over `x`; `params` as from `feistel_params`.
 
@@ -203,7 +195,7 @@ class AdaptiveRegionSampler(Sampler[int]):
             empty = np.flatnonzero(self.sizes == 0)[:8].tolist()
             raise ValueError(f"regions {empty} have no prompts; region ids must be contiguous 0..K-1")
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
-        self._feistel = feistel_params(self.sizes)
+        self._feistel_params = feistel_params(self.sizes)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.num_replicas, self.rank = int(num_replicas), int(rank)
@@ -255,7 +247,7 @@ class AdaptiveRegionSampler(Sampler[int]):
         with np.errstate(over="ignore"):
             key = _mix64_array(regions.astype(np.uint64) * np.uint64(0x100000001B3)
                                + cycle.astype(np.uint64) * _GOLDEN) ^ np.uint64(self.seed)
-        within = _permute(within.astype(np.uint64), size.astype(np.uint64), key, self._feistel[:, regions])
+        within = _permute(within.astype(np.uint64), size.astype(np.uint64), key, self._feistel_params[:, regions])
         return self.order[self.offsets[regions] + within.astype(np.int64)].astype(np.int64), regions
 
     def draw(self, step: int, n: int, num_replicas: int | None = None, rank: int | None = None
