@@ -294,3 +294,25 @@ def write_card(args, report_paths: dict, validation_image: str | None, settings,
         architecture=args.student_architecture, student_mode=args.student_mode, aria_settings=settings.to_dict(),
         aria_report=report, validation_image=validation_image, allocation_plot=report_paths.get("plot"),
         train_settings={**loggable_config(args), "student_init": str(init_report)}, teacher_report=teacher_report)
+
+
+def end_run(accelerator) -> None:
+    """`accelerator.end_training()` in an order that cannot deadlock gloo at exit.
+
+    Call it after the last reference to the prepared (DDP-wrapped) models is gone from the caller. DDP's C++
+    `Reducer` holds the process group. When the Reducer is the group's last owner, the group is destroyed
+    with the GIL held, and its destructor joins gloo's worker threads, one of which may be waiting for the
+    GIL to free the tensors of a finished collective (pytorch/pytorch#56297): an intermittent hang of
+    a rank at exit, after all of its outputs are written. Here every rank arrives together, the accelerator
+    drops its references to the models, and the last owner of the group is its Python handle, whose
+    destructor releases the GIL.
+    """
+    import gc
+
+    accelerator.wait_for_everyone()
+    group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+    del group
+    gc.collect()

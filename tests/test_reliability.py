@@ -18,6 +18,7 @@ from diffusers_aria.cli import TRAIN_SCRIPT
 
 pytestmark = pytest.mark.slow
 FAULTS = Path(__file__).parent / "fault_injection"
+TIMEOUT = 300  # a launch takes ~15 s; a hang fails the test instead of stalling the suite
 
 
 def launch_cmd(args: list[str]) -> list[str]:
@@ -63,7 +64,7 @@ def assert_same_state(a, b):
 def straight_run(tiny_teacher, shared_regions, tmp_path_factory):
     d = tmp_path_factory.mktemp("straight")
     subprocess.run(launch_cmd(run_args(tiny_teacher, shared_regions, d / "out", d / "s.jsonl")), check=True,
-                   env=env(), capture_output=True)
+                   env=env(), capture_output=True, timeout=TIMEOUT)
     return d
 
 
@@ -84,7 +85,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted(tiny_teach
     assert not (out / "run_info.json").exists()
     subprocess.run(launch_cmd(run_args(tiny_teacher, shared_regions, out, stream) + ["--resume_from_checkpoint",
                                                                                       "latest"]),
-                   check=True, env=env(), capture_output=True)
+                   check=True, env=env(), capture_output=True, timeout=TIMEOUT)
     assert stream_by_step(stream) == stream_by_step(straight_run / "s.jsonl")
     assert_same_state(aria_state(out / "checkpoint-6"), aria_state(straight_run / "out" / "checkpoint-6"))
 
@@ -94,7 +95,7 @@ def test_sigkill_during_a_checkpoint_write_never_uses_the_partial_checkpoint(tin
     out, stream = tmp_path / "out", tmp_path / "s.jsonl"
     res = subprocess.run(launch_cmd(run_args(tiny_teacher, shared_regions, out, stream)), capture_output=True,
                          env=env(PYTHONPATH=f"{FAULTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                                 ARIA_KILL_DURING_SAVE="6"))
+                                 ARIA_KILL_DURING_SAVE="6"), timeout=TIMEOUT)
     assert res.returncode != 0
     assert (out / ".checkpoint-6.tmp").is_dir() and not (out / "checkpoint-6").exists()
     from diffusers_aria.checkpointing import resolve_resume_checkpoint
@@ -102,7 +103,7 @@ def test_sigkill_during_a_checkpoint_write_never_uses_the_partial_checkpoint(tin
     assert resolve_resume_checkpoint(str(out), "latest") == str(out / "checkpoint-3")
     subprocess.run(launch_cmd(run_args(tiny_teacher, shared_regions, out, stream) + ["--resume_from_checkpoint",
                                                                                       "latest"]),
-                   check=True, env=env(), capture_output=True)
+                   check=True, env=env(), capture_output=True, timeout=TIMEOUT)
     assert not (out / ".checkpoint-6.tmp").exists()  # cleaned up on start
     assert stream_by_step(stream) == stream_by_step(straight_run / "s.jsonl")
     assert_same_state(aria_state(out / "checkpoint-6"), aria_state(straight_run / "out" / "checkpoint-6"))
@@ -217,12 +218,12 @@ def test_resume_with_a_different_number_of_processes_works(tiny_teacher, shared_
     """A 1-process checkpoint resumed by 2 processes: ARIA's state is global, so the run goes on."""
     out = tmp_path / "out"
     args = run_args(tiny_teacher, shared_regions, out, tmp_path / "s.jsonl", steps=3)
-    subprocess.run(launch_cmd(args), check=True, env=env(), capture_output=True)
+    subprocess.run(launch_cmd(args), check=True, env=env(), capture_output=True, timeout=TIMEOUT)
     cmd = launch_cmd(run_args(tiny_teacher, shared_regions, out, tmp_path / "s.jsonl", steps=4)
                      + ["--resume_from_checkpoint", "latest"])
     cmd[cmd.index("--num_processes") + 1] = "2"
     cmd[cmd.index("--cpu")] = "--multi_gpu"
-    res = subprocess.run(cmd, env=env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True)
+    res = subprocess.run(cmd, env=env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True, timeout=TIMEOUT)
     assert res.returncode == 0, res.stderr[-4000:]
     info = json.load(open(out / "run_info.json"))
     assert info["num_processes"] == 2 and info["global_step"] == 4 and len(set(info["aria_state_hashes"])) == 1

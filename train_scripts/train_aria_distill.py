@@ -367,7 +367,8 @@ def main(args: argparse.Namespace) -> None:
             push_to_hub(args.output_dir, args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)),
                         token=args.hub_token, private=args.hub_private_repo or None)
         accelerator.print(f"done: student pipeline, ARIA report and model card in {args.output_dir}")
-    accelerator.end_training()
+    del student, projections, kd, final_student
+    run_setup.end_run(accelerator)
 
 
 if __name__ == "__main__":
