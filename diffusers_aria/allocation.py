@@ -173,7 +173,7 @@ class ARIAAllocation(AllocationPolicy):
 
     name = "aria"
 
-    def __init__(self, sizes, alpha: float = 1.0, tau: float = 1.0, form: str = "exp", beta: float = 1.0,
+    def __init__(self, sizes, alpha: float = 1.0, tau: float = 0.5, form: str = "exp", beta: float = 1.0,
                  floor: float = 0.05, cap: float | None = None, damping: float = 0.1, warmup_steps: int = 40,
                  z_clip: float | None = 3.0, noise_aware: bool = False) -> None:
         if form not in ("exp", "ratio"):

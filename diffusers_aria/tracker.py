@@ -79,7 +79,7 @@ class DiscrepancyTracker:
     def __init__(
         self,
         num_regions: int,
-        half_life: float | None = 100.0,
+        half_life: float | None = 50.0,
         num_timestep_bins: int = 10,
         num_train_timesteps: int = 1000,
         normalize_timesteps: bool = True,

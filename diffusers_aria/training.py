@@ -28,14 +28,14 @@ class AriaSettings:
 
     allocation: str = "aria"
     alpha: float = 1.0
-    tau: float = 1.0
+    tau: float = 0.5
     form: str = "exp"
     beta: float = 1.0
     floor: float = 0.05
     cap: float | None = None
     damping: float = 0.1
     warmup_steps: int = 40
-    half_life: float = 100.0
+    half_life: float = 50.0
     num_timestep_bins: int = 10
     timestep_norm: bool = True
     prior_strength: float = 8.0

@@ -194,7 +194,7 @@ def test_aria_is_prior_during_warmup_then_moves_toward_harder_region():
 def test_aria_damping_one_jumps_to_target():
     policy = ARIAAllocation(SIZES, damping=1.0, warmup_steps=0)
     est = np.array([1.0, 1.3, 0.9, 1.0, 1.1])
-    assert np.array_equal(policy.step(0, FakeTracker(est)), policy.target(est))
+    np.testing.assert_allclose(policy.step(0, FakeTracker(est)), policy.target(est), rtol=0, atol=1e-12)
     damped = ARIAAllocation(SIZES, damping=0.25, warmup_steps=0)
     p = damped.step(0, FakeTracker(est))
     expected = damped.prior + 0.25 * (damped.target(est) - damped.prior)
