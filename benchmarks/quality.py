@@ -230,7 +230,7 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
         policy = FixedGroupOracle(sizes, region_kind)
     else:
         policy = make_policy(name, sizes, **pol_kw)
-    tracker = DiscrepancyTracker(K, **{"half_life": 100.0, **trk_kw})
+    tracker = DiscrepancyTracker(K, **trk_kw)  # the library defaults unless the spec says otherwise
     sampler = AdaptiveRegionSampler(reg, seed=seed)
     cb = ARIACallback(None, sampler, tracker, policy, log_every=0, register_hooks=False)
     swap = SwapSchedule(kind="constant", value=args.swap_p)
@@ -578,8 +578,8 @@ def parse_args(argv=None):
     ap.add_argument("--num_rare", type=int, default=2)
     ap.add_argument("--rare_size", type=int, default=6)
     ap.add_argument("--heldout_frac", type=float, default=0.2)
-    ap.add_argument("--unseen_heldout_frac", type=float, default=0.5,
-                    help="held-out share of unseen groups (default: --heldout_frac); the rest stays in the pool")
+    ap.add_argument("--unseen_heldout_frac", type=float, default=0.7,
+                    help="held-out share of each unseen group; the rest stays in the pool (design v2: 0.5)")
     ap.add_argument("--eval_t", type=int, nargs="+", default=[50, 150, 250, 350, 450, 550, 650, 750, 850, 950])
     ap.add_argument("--eval_every", type=int, default=None)
     ap.add_argument("--eval_ema", type=float, default=0.98,
