@@ -100,3 +100,8 @@ os.makedirs(output_dir, exist_ok=True)
 with open(os.path.join(output_dir, f"rank{accelerator.process_index}.json"), "w") as fh:
     json.dump({"world": accelerator.num_processes, "regions_seen": seen, "probs": aria.sampler.probabilities.tolist(),
                "updates": aria.tracker.num_updates}, fh)
+# the prepared model goes before the process group, or a gloo rank can hang at exit (docs/reliability.md)
+from diffusers_aria.run_setup import end_run  # noqa: E402
+
+del unet, optimizer, train_dataloader
+end_run(accelerator)
