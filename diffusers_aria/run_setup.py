@@ -315,4 +315,3 @@ def end_run(accelerator) -> None:
     gc.collect()
     accelerator.end_training()
     del group
-    gc.collect()

@@ -69,32 +69,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--embedder", default="sentence-transformers/all-MiniLM-L6-v2")
     g.add_argument("--clustering", default="auto", choices=["auto", "faiss", "sklearn"])
 
+    from diffusers_aria.training import AriaSettings
+
+    d = AriaSettings()  # the library's defaults, in one place
     g = p.add_argument_group("ARIA allocation and Random Conditioning")
-    g.add_argument("--allocation", default="aria", choices=["aria", "rc", "region_uniform", "static", "doremi", "exp3"])
-    g.add_argument("--aria_alpha", type=float, default=1.0, help="size exponent of the prior (1 = RC, 0 = region-uniform)")
-    g.add_argument("--aria_tau", type=float, default=0.5, help="temperature of exp(z / tau)")
-    g.add_argument("--aria_form", default="exp", choices=["exp", "ratio"])
-    g.add_argument("--aria_beta", type=float, default=1.0, help="exponent of the ratio form")
-    g.add_argument("--aria_floor", type=float, default=0.05)
-    g.add_argument("--aria_cap", type=float, default=None)
-    g.add_argument("--aria_damping", type=float, default=0.1)
-    g.add_argument("--aria_warmup_steps", type=int, default=40)
-    g.add_argument("--aria_half_life", type=float, default=50.0)
-    g.add_argument("--aria_num_timestep_bins", type=int, default=10)
+    g.add_argument("--allocation", default=d.allocation, choices=["aria", "rc", "region_uniform", "static", "doremi", "exp3"])
+    g.add_argument("--aria_alpha", type=float, default=d.alpha, help="size exponent of the prior (1 = RC, 0 = region-uniform)")
+    g.add_argument("--aria_tau", type=float, default=d.tau, help="temperature of exp(z / tau)")
+    g.add_argument("--aria_form", default=d.form, choices=["exp", "ratio"])
+    g.add_argument("--aria_beta", type=float, default=d.beta, help="exponent of the ratio form")
+    g.add_argument("--aria_floor", type=float, default=d.floor)
+    g.add_argument("--aria_cap", type=float, default=d.cap)
+    g.add_argument("--aria_damping", type=float, default=d.damping)
+    g.add_argument("--aria_warmup_steps", type=int, default=d.warmup_steps)
+    g.add_argument("--aria_half_life", type=float, default=d.half_life)
+    g.add_argument("--aria_num_timestep_bins", type=int, default=d.num_timestep_bins)
     g.add_argument("--aria_no_timestep_norm", action="store_true", help="score raw losses, not per-timestep-normalised")
-    g.add_argument("--aria_prior_strength", type=float, default=8.0)
+    g.add_argument("--aria_prior_strength", type=float, default=d.prior_strength)
     g.add_argument("--aria_noise_aware", action="store_true",
                    help="empirical-Bayes score that shrinks differences within the estimation noise (slower to react)")
-    g.add_argument("--aria_feed", default="all", choices=["swapped", "all"],
-                   help="which samples feed the tracker: all (default) or only those whose prompt was swapped")
-    g.add_argument("--aria_log_every", type=int, default=10)
-    g.add_argument("--doremi_lr", type=float, default=0.5)
-    g.add_argument("--doremi_smoothing", type=float, default=0.05)
-    g.add_argument("--exp3_gamma", type=float, default=0.1)
-    g.add_argument("--rc_schedule", default="exponential", choices=["exponential", "sigmoid", "constant"])
-    g.add_argument("--rc_lambda", type=float, default=5.0)
-    g.add_argument("--rc_constant", type=float, default=0.5, help="p(t) of the constant schedule")
-    g.add_argument("--null_prompt_prob", type=float, default=0.0)
+    g.add_argument("--aria_feed", default=d.feed, choices=["swapped", "all"],
+                   help="which samples feed the tracker: all, or only those whose prompt was swapped")
+    g.add_argument("--aria_log_every", type=int, default=d.log_every)
+    g.add_argument("--doremi_lr", type=float, default=d.doremi_lr)
+    g.add_argument("--doremi_smoothing", type=float, default=d.doremi_smoothing)
+    g.add_argument("--exp3_gamma", type=float, default=d.exp3_gamma)
+    g.add_argument("--rc_schedule", default=d.rc_schedule, choices=["exponential", "sigmoid", "constant"])
+    g.add_argument("--rc_lambda", type=float, default=d.rc_lambda)
+    g.add_argument("--rc_constant", type=float, default=d.rc_constant, help="p(t) of the constant schedule")
+    g.add_argument("--null_prompt_prob", type=float, default=d.null_prompt_prob)
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=8, help="per device")
@@ -367,7 +370,7 @@ def main(args: argparse.Namespace) -> None:
             push_to_hub(args.output_dir, args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)),
                         token=args.hub_token, private=args.hub_private_repo or None)
         accelerator.print(f"done: student pipeline, ARIA report and model card in {args.output_dir}")
-    del student, projections, kd, final_student
+    del student, projections, kd  # the prepared (DDP) models, before the process group
     run_setup.end_run(accelerator)
 
 
