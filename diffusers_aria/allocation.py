@@ -120,8 +120,8 @@ class RegionUniform(AllocationPolicy):
         return np.full(self.num_regions, 1.0 / self.num_regions)
 
 
-def standardise(estimates: np.ndarray, clip: float | None = 3.0, uncertainty: np.ndarray | None = None
-                ) -> np.ndarray:
+def standardise(estimates: np.ndarray, clip: float | None = 3.0, uncertainty: np.ndarray | None = None,
+                min_sd: float = 0.0) -> np.ndarray:
     r"""z-scores across regions (zeros when the estimates do not vary), optionally clipped to [-clip, clip].
 
     With `uncertainty` (each estimate's standard error :math:`s_k`), the score is noise-aware (empirical
@@ -134,6 +134,7 @@ def standardise(estimates: np.ndarray, clip: float | None = 3.0, uncertainty: np
     sd = e.std()
     if not np.isfinite(sd) or sd <= 1e-12 * max(abs(e.mean()), 1.0):
         return np.zeros_like(e)
+    sd = max(sd, min_sd)
     se2 = None if uncertainty is None else np.asarray(uncertainty, dtype=np.float64) ** 2
     if se2 is None or not np.any(se2 > 0):  # exact estimates: the plain standardised score
         z = (e - e.mean()) / sd
@@ -176,7 +177,8 @@ class ARIAAllocation(AllocationPolicy):
 
     def __init__(self, sizes, alpha: float = 1.0, tau: float = 0.5, form: str = "exp", beta: float = 1.0,
                  floor: float = 0.05, cap: float | None = None, damping: float = 0.1, warmup_steps: int = 40,
-                 z_clip: float | None = 3.0, noise_aware: bool = False) -> None:
+                 z_clip: float | None = 3.0, noise_aware: bool = False, relative_floor: float = 0.0,
+                 min_spread: float = 0.0, z_lower: float | None = None) -> None:
         if form not in ("exp", "ratio"):
             raise ValueError(f"form={form!r} is not valid; use 'exp' or 'ratio'")
         if not tau > 0:
@@ -192,15 +194,19 @@ class ARIAAllocation(AllocationPolicy):
         self.alpha, self.tau, self.form, self.beta = float(alpha), float(tau), form, float(beta)
         self.floor, self.cap, self.damping = float(floor), cap, float(damping)
         self.warmup_steps, self.z_clip, self.noise_aware = int(warmup_steps), z_clip, bool(noise_aware)
+        self.relative_floor, self.min_spread, self.z_lower = float(relative_floor), float(min_spread), z_lower
         super().__init__(sizes)
         self.prior = _normalise(self.sizes ** self.alpha)
-        self.lower = np.minimum(self.prior, self.floor / self.num_regions)
+        self.lower = np.maximum(np.minimum(self.prior, self.floor / self.num_regions), self.relative_floor * self.prior)
         self.upper = np.ones_like(self.prior) if cap is None else np.maximum(self.prior, float(cap))
         self.probabilities = self.prior.copy()
 
     def tilt(self, estimates: np.ndarray, uncertainty: np.ndarray | None = None) -> np.ndarray:
         if self.form == "exp":
-            return np.exp(standardise(estimates, self.z_clip, uncertainty) / self.tau)
+            z = standardise(estimates, self.z_clip, uncertainty, self.min_spread)
+            if self.z_lower is not None:
+                z = np.maximum(z, float(self.z_lower))
+            return np.exp(z / self.tau)
         e = np.asarray(estimates, dtype=np.float64)
         return np.maximum(e / max(e.mean(), 1e-12), 1e-12) ** self.beta
 
