@@ -27,7 +27,7 @@ class AriaSettings:
     """Every ARIA and Random Conditioning setting of a run (the script's --aria_* and --rc_* flags)."""
 
     allocation: str = "aria"
-    alpha: float = 1.0
+    alpha: float = 0.5
     tau: float = 0.5
     form: str = "exp"
     beta: float = 1.0

@@ -172,7 +172,7 @@ def test_aria_alpha_one_equal_estimates_is_exactly_prompt_uniform():
     # also with equal estimates given directly, and for the target itself
     assert np.array_equal(aria.step(99, FakeTracker(np.full(K, 1.7))), rc.probabilities)
     assert np.array_equal(aria.target(np.full(K, 0.3)), rc.probabilities)
-    ratio = ARIAAllocation(SIZES, form="ratio", warmup_steps=0)
+    ratio = ARIAAllocation(SIZES, alpha=1.0, form="ratio", warmup_steps=0)
     assert np.array_equal(ratio.step(0, FakeTracker(np.full(K, 2.0))), rc.probabilities)
 
 
@@ -180,7 +180,7 @@ def test_aria_is_prior_during_warmup_then_moves_toward_harder_region():
     scale = [1.0, 1.05, 1.0, 1.0, 1.0]  # region 1 is consistently 5% harder
     policy = ARIAAllocation(SIZES, warmup_steps=30, damping=0.1)
     history, tracker = _run(policy, 150, scale, n=256, half_life=100.0)
-    prior = SIZES / SIZES.sum()
+    prior = np.sqrt(SIZES) / np.sqrt(SIZES).sum()  # the default alpha=0.5 tempers the size prior
     for p in history[:29]:
         assert np.array_equal(p, prior)
     assert history[-1][1] > 1.5 * prior[1]
@@ -211,7 +211,7 @@ def test_aria_lower_temperature_tilts_more():
 def test_aria_floor_keeps_every_region_alive():
     policy = ARIAAllocation(SIZES, floor=0.5, tau=0.01, z_clip=None, warmup_steps=0, damping=1.0)
     p = policy.step(0, FakeTracker([0.0, 0.0, 0.0, 0.0, 100.0]))
-    lower = np.minimum(SIZES / SIZES.sum(), 0.5 / K)
+    lower = np.minimum(policy.prior, 0.5 / K)
     assert np.all(p >= lower - 1e-15)
     np.testing.assert_allclose(p[:4], lower[:4], rtol=1e-12)  # the starved regions sit at their floor
     assert abs(p.sum() - 1.0) <= 1e-12
@@ -274,7 +274,7 @@ def test_property_aria_floor_and_cap_respected(case, steps):
 def test_static_after_warmup_freezes():
     policy = StaticAfterWarmup(SIZES, warmup_steps=3, tau=0.5)
     assert policy.damping == 1.0
-    prior = SIZES / SIZES.sum()
+    prior = policy.prior
     for step in range(3):
         assert np.array_equal(policy.step(step, FakeTracker(np.ones(K), num_updates=step)), prior)
     first = policy.step(3, FakeTracker([1.0, 2.0, 1.0, 1.0, 1.0], num_updates=3)).copy()
@@ -400,12 +400,12 @@ def test_noise_aware_score_ignores_differences_within_the_noise():
     est = np.array([1.01, 0.99, 1.02, 0.98])
     noisy = FakeTracker(est, uncertainty=np.full(4, 0.05))  # spread far below the standard errors
     p = ARIAAllocation(sizes, warmup_steps=0, damping=1.0, noise_aware=True)
-    assert np.array_equal(p.step(0, noisy), p.prompt_prior)
+    assert np.array_equal(p.step(0, noisy), p.prior)
     plain = ARIAAllocation(sizes, warmup_steps=0, damping=1.0)  # the default: plain z-score
-    assert not np.allclose(plain.step(0, noisy), plain.prompt_prior)  # the plain z-score chases the noise
+    assert not np.allclose(plain.step(0, noisy), plain.prior)  # the plain z-score chases the noise
     sure = FakeTracker(est, uncertainty=np.full(4, 1e-4))  # the same small differences, measured precisely
     q = ARIAAllocation(sizes, warmup_steps=0, damping=1.0, noise_aware=True).step(0, sure)
-    assert q[2] > p.prompt_prior[2] * 1.5 and q[3] < p.prompt_prior[3]
+    assert q[2] > p.prior[2] * 1.5 and q[3] < p.prior[3]
 
 
 def test_noise_aware_reacts_to_a_small_consistent_difference_in_a_real_tracker():

@@ -90,6 +90,7 @@ def test_two_processes_hold_identical_probabilities(two_process_run):
 def test_two_process_draws_are_disjoint_slices_of_one_global_draw(two_process_run):
     (r0, r1), _ = two_process_run
     ref = AdaptiveRegionSampler(REGION_IDS, seed=3)
+    ref.set_probabilities(_objects().policy.probabilities)  # the callback starts the sampler at the policy's prior
     for a, b in zip(r0["log"], r1["log"]):
         before = ref.counters.copy()
         glob, _ = ref.draw_global(a["step"], 2 * PER_RANK)

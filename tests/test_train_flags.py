@@ -57,7 +57,7 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path):
         "--resolution", "32",
         "--prompt_pool", str(pool_csv), "--prompt_pool_column", "my_prompt", "--prompt_pool_split", "train",
         "--num_regions", "4", "--embedder", resolve_embedder_path("all-MiniLM-L6-v2"), "--clustering", "sklearn",
-        "--allocation", "aria", "--aria_alpha", "0.5", "--aria_tau", "0.7", "--aria_form", "ratio", "--aria_beta", "2",
+        "--allocation", "aria", "--aria_alpha", "0.8", "--aria_tau", "0.7", "--aria_form", "ratio", "--aria_beta", "2",
         "--aria_floor", "0.2", "--aria_cap", "0.6", "--aria_damping", "0.5", "--aria_warmup_steps", "1",
         "--aria_half_life", "10", "--aria_num_timestep_bins", "4", "--aria_no_timestep_norm",
         "--aria_prior_strength", "2", "--aria_noise_aware", "--aria_feed", "swapped", "--aria_log_every", "1",
@@ -76,7 +76,7 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path):
     report = json.load(open(out / "aria_report.json"))
     cfg = report["policy_config"]
     assert (cfg["alpha"], cfg["tau"], cfg["form"], cfg["beta"], cfg["floor"], cfg["cap"], cfg["damping"]) == \
-        (0.5, 0.7, "ratio", 2.0, 0.2, 0.6, 0.5)
+        (0.8, 0.7, "ratio", 2.0, 0.2, 0.6, 0.5)
     assert cfg["noise_aware"] is True
     assert max(r["probability"] for r in report["regions"]) <= 0.6 + 1e-12
     regions = ConditionRegions.load(str(out / "regions"))
