@@ -129,7 +129,7 @@ def standardise(estimates: np.ndarray, clip: float | None = 3.0, uncertainty: np
     Bayes): the spread that is real is :math:`\tau^2 = \max(\operatorname{var}(e) - \overline{s^2}, 0)`, and
     :math:`z_k = (e_k - \bar e)\,\tau / (\tau^2 + s_k^2)` -- the shrunk deviation in units of the real
     spread. Differences that are consistent (small :math:`s_k`) keep their full standardised score however
-    small they are; differences within the noise give z near 0, i.e. Random Conditioning.
+    small they are; differences within the noise give z near 0, i.e. the prior (RC with alpha=1).
     """
     e = np.asarray(estimates, dtype=np.float64)
     sd = e.std()
@@ -173,8 +173,8 @@ class ARIAAllocation(AllocationPolicy):
             default: in the quality benchmark (docs/benchmarks-quality.md) it shrank the real 20-40% excess
             of unseen regions to z < 1 and captured about 40% of the oracle's gain, where the plain
             z-score captured all of it. The price of the plain score: on pure noise (the embedded demo,
-            estimates within +-2%) it still moves probabilities, to between 0.05x and 3.1x the prior at
-            the end of the demo with tau=0.5 and half-life 50.
+            estimates within a few percent) it still moves probabilities, to between 0.02x and 4.5x the
+            prompt-uniform prior at the end of the demo with the defaults.
     """
 
     name = "aria"
