@@ -70,6 +70,8 @@ def isolated(k: int, steps: int, warmup: int, world: int = 8, per_rank: int = 32
     policy = make_policy("aria", samplers[0].sizes, alpha=s.alpha, tau=s.tau, form=s.form, beta=s.beta,
                          floor=s.floor, cap=s.cap, damping=s.damping, warmup_steps=s.warmup_steps)
     cb = ARIACallback(None, samplers[0], tracker, policy, log_every=s.log_every, register_hooks=False)
+    for smp in samplers[1:]:  # the other simulated ranks' callbacks start their samplers at the policy's prior too
+        smp.set_probabilities(policy.probabilities)
     rng = np.random.default_rng(seed + 1)
     hardness = rng.lognormal(0.0, 0.5, size=k)  # per-region difficulty: ARIA's allocation moves away from RC
     t_comp: dict[str, list] = {n: [] for n in ("gather", "tracker_update", "policy_step", "set_probabilities", "record")}
