@@ -69,12 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--embedder", default="sentence-transformers/all-MiniLM-L6-v2")
     g.add_argument("--clustering", default="auto", choices=["auto", "faiss", "sklearn"])
 
+    from diffusers_aria.allocation import POLICIES
     from diffusers_aria.training import AriaSettings
 
     d = AriaSettings()  # the library's defaults, in one place
     g = p.add_argument_group("ARIA allocation and Random Conditioning")
-    g.add_argument("--allocation", default=d.allocation, choices=["aria", "rc", "region_uniform", "static", "doremi", "exp3"])
-    g.add_argument("--aria_alpha", type=float, default=d.alpha, help="size exponent of the prior (1 = RC, 0 = region-uniform, default 0.5)")
+    g.add_argument("--allocation", default=d.allocation, choices=list(POLICIES))
+    g.add_argument("--aria_alpha", type=float, default=d.alpha,
+                   help="size exponent of the prior (1 = RC, 0 = region-uniform; default %(default)s)")
     g.add_argument("--aria_tau", type=float, default=d.tau, help="temperature of exp(z / tau)")
     g.add_argument("--aria_form", default=d.form, choices=["exp", "ratio"])
     g.add_argument("--aria_beta", type=float, default=d.beta, help="exponent of the ratio form")
