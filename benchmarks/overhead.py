@@ -36,7 +36,6 @@ import torch  # noqa: E402
 from diffusers_aria.allocation import make_policy  # noqa: E402
 from diffusers_aria.callback import ARIACallback  # noqa: E402
 from diffusers_aria.sampler import AdaptiveRegionSampler  # noqa: E402
-from diffusers_aria.tracker import DiscrepancyTracker  # noqa: E402
 from diffusers_aria.training import AriaSettings  # noqa: E402
 
 
@@ -65,10 +64,8 @@ def isolated(k: int, steps: int, warmup: int, world: int = 8, per_rank: int = 32
     s = AriaSettings()
     ids = _region_ids(max(num_prompts, 4 * k), k, seed)
     samplers = [AdaptiveRegionSampler(ids, seed=seed) for _ in range(world)]
-    tracker = DiscrepancyTracker(k, half_life=s.half_life, num_timestep_bins=s.num_timestep_bins,
-                                 normalize_timesteps=s.timestep_norm, prior_strength=s.prior_strength)
-    policy = make_policy("aria", samplers[0].sizes, alpha=s.alpha, tau=s.tau, form=s.form, beta=s.beta,
-                         floor=s.floor, cap=s.cap, damping=s.damping, warmup_steps=s.warmup_steps)
+    tracker = s.make_tracker(k)
+    policy = s.make_policy(samplers[0].sizes)
     cb = ARIACallback(None, samplers[0], tracker, policy, log_every=s.log_every, register_hooks=False)
     for smp in samplers[1:]:  # the other simulated ranks' callbacks start their samplers at the policy's prior too
         smp.set_probabilities(policy.probabilities)

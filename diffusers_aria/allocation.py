@@ -6,11 +6,13 @@ to checkpoint it. Probabilities are float64, sum to one, and are a deterministic
 history, so every rank computes bit-identical values.
 
 Policies:
-    * `ARIAAllocation` (default): :math:`p_k \propto s_k^\alpha \exp(z_k/\tau)`, with :math:`s_k` the region
-      size and :math:`z_k` the region's discrepancy estimate standardised across regions, kept within
-      per-region bounds (floor and cap), damped toward the target, and equal to the prior until a warm-up
-      is over. With equal estimates and alpha=1 it is exactly `PromptUniform` (Random Conditioning); the
-      default alpha=0.5 tempers the size prior toward small regions (the quality benchmark's evidence).
+    * `ARIAAllocation` (default): :math:`p_k \propto s_k^\alpha \exp(\hat\theta_k/\tau)`, with :math:`s_k` the
+      region size and :math:`\hat\theta_k` the region's *credible* relative excess discrepancy (posterior
+      mean under an empirical-Bayes model of the tracker's means and standard errors, `credible_excess`),
+      kept within per-region bounds (floor, and a cap on p/prior), damped toward the target, and equal to
+      the prior until a warm-up is over. With no real differences it stays at the prior at any K; with
+      equal estimates and alpha=1 it is exactly `PromptUniform` (Random Conditioning); the default
+      alpha=0.5 tempers the size prior toward small regions (the quality benchmark's evidence).
     * `PromptUniform`: every prompt equally likely (RC); `RegionUniform`: every region equally likely.
     * `StaticAfterWarmup`: ARIA's target computed once at the end of the warm-up, then frozen.
     * `DoReMiEG`: exponentiated-gradient ascent on the excess discrepancy with uniform smoothing.
@@ -121,112 +123,172 @@ class RegionUniform(AllocationPolicy):
         return np.full(self.num_regions, 1.0 / self.num_regions)
 
 
-def standardise(estimates: np.ndarray, clip: float | None = 3.0, uncertainty: np.ndarray | None = None
-                ) -> np.ndarray:
-    r"""z-scores across regions (zeros when the estimates do not vary), optionally clipped to [-clip, clip].
+def standardise(estimates: np.ndarray, clip: float | None = 3.0) -> np.ndarray:
+    """z-scores across regions (zeros when the estimates do not vary), optionally clipped to [-clip, clip].
 
-    With `uncertainty` (each estimate's standard error :math:`s_k`), the score is noise-aware (empirical
-    Bayes): the spread that is real is :math:`\tau^2 = \max(\operatorname{var}(e) - \overline{s^2}, 0)`, and
-    :math:`z_k = (e_k - \bar e)\,\tau / (\tau^2 + s_k^2)` -- the shrunk deviation in units of the real
-    spread. Differences that are consistent (small :math:`s_k`) keep their full standardised score however
-    small they are; differences within the noise give z near 0, i.e. the prior (RC with alpha=1).
+    This is the score of `ARIAAllocation(score="zscore")`, the rule before the credible-excess default: it
+    turns any spread of the estimates, noise included, into unit spread.
     """
     e = np.asarray(estimates, dtype=np.float64)
     sd = e.std()
     if not np.isfinite(sd) or sd <= 1e-12 * max(abs(e.mean()), 1.0):
         return np.zeros_like(e)
-    se2 = None if uncertainty is None else np.asarray(uncertainty, dtype=np.float64) ** 2
-    if se2 is None or not np.any(se2 > 0):  # exact estimates: the plain standardised score
-        z = (e - e.mean()) / sd
-    else:
-        finite = np.isfinite(se2)
-        if not finite.any():
-            return np.zeros_like(e)
-        real = sd * sd - se2[finite].mean()
-        if real <= 1e-12 * sd * sd:
-            return np.zeros_like(e)
-        tau = np.sqrt(real)
-        z = np.where(finite, (e - e.mean()) * tau / (real + np.where(finite, se2, 0.0)), 0.0)
+    z = (e - e.mean()) / sd
     return np.clip(z, -clip, clip) if clip is not None else z
 
 
+def credible_excess(means, standard_errors, threshold: float = 1.0) -> tuple[np.ndarray, float]:
+    r"""Posterior-mean relative excess of each region over the average, and the real between-region variance.
+
+    With :math:`x_k = \bar y_k / \bar y - 1` (the region's relative excess) measured with standard error
+    :math:`s_k`, the model is :math:`x_k \sim N(\theta_k, s_k^2)` with true excesses
+    :math:`\theta_k \sim N(m, A)` across regions. The real spread :math:`A` is estimated by the
+    DerSimonian-Laird method of moments from Cochran's :math:`Q = \sum_k w_k (x_k - \bar x_w)^2`
+    (:math:`w_k = 1/s_k^2`), which has expectation :math:`K-1` when all regions are equal: only the part of
+    :math:`Q` above :math:`K - 1 + c\sqrt{2(K-1)}` (`threshold` = c, in null standard deviations of Q)
+    counts as real, so pure noise gives :math:`A = 0` most of the time and a small :math:`A` otherwise. The
+    score is the posterior mean of the excess,
+
+    .. math:: \hat\theta_k - m = \frac{A}{A + s_k^2}\,(x_k - \bar x_w),
+
+    which is sized by how much harder the region is *and* how sure the tracker is of it: a region measured
+    with :math:`s_k^2 \gg A` keeps almost nothing of its observed excess.
+
+    Args:
+        means: per-region raw mean (NaN or inf standard error: unobserved, score 0).
+        standard_errors: per-region standard error of `means`; all zero means exact estimates (score = excess).
+        threshold: c above.
+
+    Returns:
+        (score [K], A).
+    """
+    mu = np.asarray(means, dtype=np.float64)
+    se = np.asarray(standard_errors, dtype=np.float64)
+    seen = np.isfinite(mu) & np.isfinite(se)
+    score = np.zeros_like(mu)
+    if seen.sum() < 2:
+        return score, 0.0
+    scale = np.average(mu[seen])
+    if not np.isfinite(scale) or scale <= 0:
+        scale = 1.0
+    x = mu[seen] / scale - 1.0
+    s2 = (se[seen] / scale) ** 2
+    if not np.any(s2 > 0):  # exact estimates: the excess itself
+        score[seen] = x - x.mean()
+        return score, float(x.var())
+    s2 = np.maximum(s2, 1e-12 * s2.max())
+    w = 1.0 / s2
+    xw = float((w * x).sum() / w.sum())
+    q = float((w * (x - xw) ** 2).sum())
+    df = seen.sum() - 1
+    denom = float(w.sum() - (w * w).sum() / w.sum())
+    a = max(q - df - threshold * np.sqrt(2.0 * df), 0.0) / denom if denom > 0 else 0.0
+    if a > 0:
+        score[seen] = a / (a + s2) * (x - xw)
+    return score, float(a)
+
+
 class ARIAAllocation(AllocationPolicy):
-    r"""ARIA: tempered size prior times a function of the standardised discrepancy, bounded and damped.
+    r"""ARIA: a tempered size prior tilted by each region's credible excess discrepancy, bounded and damped.
+
+    .. math:: p_k \propto s_k^\alpha \exp(\hat\theta_k / \tau)
+
+    with :math:`s_k` the region size and :math:`\hat\theta_k` the posterior-mean relative excess of
+    `credible_excess` (derived there and in docs/architecture.md): a region credibly 10% harder than the
+    average gets :math:`e^{0.1/\tau}` times its prior share before normalisation; differences within the
+    estimation noise give :math:`\hat\theta \approx 0`, i.e. the prior. The target is kept within a floor
+    and a cap on :math:`p_k/\text{prior}_k`, the probabilities move toward it by `damping` per update, and
+    they are the prior until `warmup_steps` updates have been seen. With equal estimates and alpha=1 it is
+    exactly `PromptUniform` (Random Conditioning).
 
     Args:
         sizes: prompts per region.
-        alpha: size exponent of the prior (1 = prompt-uniform/RC, 0 = region-uniform). The default 0.5 gave
-            small regions, whose few prompts the student fits before it generalises over the region, more
-            draws than RC does; in the quality benchmark it captured more of the oracle's gain on unseen and
-            rare prompts than alpha=1 on both prompt pools, and stayed within noise of RC where every
-            region is seen (docs/benchmarks-quality.md).
-        tau: temperature of the discrepancy tilt `exp(z / tau)` (form="exp").
-        form: "exp" (standardised score with temperature, default) or "ratio" (`(estimate/mean) ** beta`).
-        beta: exponent of the "ratio" form.
+        alpha: size exponent of the prior (1 = prompt-uniform/RC, 0 = region-uniform). The default 0.5 gives
+            small regions more draws than their prompt share (the quality benchmark's evidence,
+            docs/benchmarks-quality.md).
+        tau: temperature, in units of relative excess for score="credible" (a credible excess of tau
+            multiplies the weight by e), in standard deviations for score="zscore".
+        score: "credible" (default) or "zscore", the earlier rule `exp(z / tau)` with z standardised across
+            regions, kept for comparison: it moves on pure noise (docs/benchmarks-calibration.md).
+        threshold: heterogeneity threshold c of `credible_excess` (score="credible").
         floor: each region keeps at least `min(prior_k, floor / K)`; a tilt never starves a region.
-        cap: no region gets more than `max(prior_k, cap)` (None: no cap).
+        max_ratio: no region gets more than `max_ratio` times its prior share (None: no bound). It bounds the
+            concentration of swaps on a few regions, which costs prompt diversity.
+        cap: no region gets more than `max(prior_k, cap)` of the probability (None: no cap).
         damping: step size toward the target each update (1 = jump to the target).
         warmup_steps: the prior is used until this many updates have been seen.
-        z_clip: clip z-scores to [-z_clip, z_clip].
-        noise_aware: score regions with the empirical-Bayes z of `standardise` (using the tracker's standard
-            errors), so that differences within the estimation noise do not move the allocation. Off by
-            default: in the quality benchmark (docs/benchmarks-quality.md) it shrank the real 20-40% excess
-            of unseen regions to z < 1 and captured about 40% of the oracle's gain, where the plain
-            z-score captured all of it. The price of the plain score: on pure noise (the embedded demo,
-            estimates within a few percent) it still moves probabilities, to between 0.02x and 4.5x the
-            prompt-uniform prior at the end of the demo with the defaults.
+        z_clip: clip z-scores to [-z_clip, z_clip] (score="zscore").
     """
 
     name = "aria"
 
-    def __init__(self, sizes, alpha: float = 0.5, tau: float = 0.5, form: str = "exp", beta: float = 1.0,
-                 floor: float = 0.05, cap: float | None = None, damping: float = 0.1, warmup_steps: int = 40,
-                 z_clip: float | None = 3.0, noise_aware: bool = False) -> None:
-        if form not in ("exp", "ratio"):
-            raise ValueError(f"form={form!r} is not valid; use 'exp' or 'ratio'")
+    def __init__(self, sizes, alpha: float = 0.5, tau: float = 0.1, score: str = "credible",
+                 threshold: float = 1.0, floor: float = 0.05, max_ratio: float | None = 4.0,
+                 cap: float | None = None, damping: float = 0.1, warmup_steps: int = 40,
+                 z_clip: float | None = 3.0) -> None:
+        if score not in SCORES:
+            raise ValueError(f"score={score!r} is not valid; use one of {', '.join(SCORES)}")
         if not tau > 0:
             raise ValueError(f"tau={tau!r} must be > 0")
+        if not threshold >= 0:
+            raise ValueError(f"threshold={threshold!r} must be >= 0")
         if not 0 <= floor <= 1:
             raise ValueError(f"floor={floor!r} must lie in [0, 1]")
+        if max_ratio is not None and not max_ratio >= 1:
+            raise ValueError(f"max_ratio={max_ratio!r} must be >= 1 (or None for no bound)")
         if cap is not None and not 0 < cap <= 1:
             raise ValueError(f"cap={cap!r} must lie in (0, 1] or be None")
         if not 0 < damping <= 1:
             raise ValueError(f"damping={damping!r} must lie in (0, 1]")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps!r} must be >= 0")
-        self.alpha, self.tau, self.form, self.beta = float(alpha), float(tau), form, float(beta)
-        self.floor, self.cap, self.damping = float(floor), cap, float(damping)
-        self.warmup_steps, self.z_clip, self.noise_aware = int(warmup_steps), z_clip, bool(noise_aware)
+        self.alpha, self.tau, self.score, self.threshold = float(alpha), float(tau), score, float(threshold)
+        self.floor, self.max_ratio, self.cap, self.damping = float(floor), max_ratio, cap, float(damping)
+        self.warmup_steps, self.z_clip = int(warmup_steps), z_clip
         super().__init__(sizes)
         self.prior = _normalise(self.sizes ** self.alpha)
         self.lower = np.minimum(self.prior, self.floor / self.num_regions)
         self.upper = np.ones_like(self.prior) if cap is None else np.maximum(self.prior, float(cap))
+        if max_ratio is not None:
+            self.upper = np.minimum(self.upper, float(max_ratio) * self.prior)
         self.probabilities = self.prior.copy()
+        self.between_variance = 0.0  # A of the latest credible score (logged as aria/real_spread)
 
-    def tilt(self, estimates: np.ndarray, uncertainty: np.ndarray | None = None) -> np.ndarray:
-        if self.form == "exp":
-            return np.exp(standardise(estimates, self.z_clip, uncertainty) / self.tau)
+    def tilt(self, estimates: np.ndarray, standard_errors: np.ndarray | None = None) -> np.ndarray:
+        """Unnormalised weights exp(score / tau) per region."""
         e = np.asarray(estimates, dtype=np.float64)
-        return np.maximum(e / max(e.mean(), 1e-12), 1e-12) ** self.beta
+        if self.score == "zscore":
+            return np.exp(standardise(e, self.z_clip) / self.tau)
+        se = np.zeros_like(e) if standard_errors is None else standard_errors
+        score, self.between_variance = credible_excess(e, se, self.threshold)
+        return np.exp(score / self.tau)
 
-    def target(self, estimates: np.ndarray, uncertainty: np.ndarray | None = None) -> np.ndarray:
-        """The undamped allocation for given estimates (and standard errors), within the floor and cap."""
-        w = self.tilt(estimates, uncertainty)
+    def target(self, estimates: np.ndarray, standard_errors: np.ndarray | None = None) -> np.ndarray:
+        """The undamped allocation for given per-region means (and their standard errors; None: exact)."""
+        w = self.tilt(estimates, standard_errors)
         if np.all(w == w[0]):
             return self.prior.copy()
         return project_to_bounds(_normalise(self.prior * w), self.lower, self.upper)
 
-    def _uncertainty(self, tracker) -> np.ndarray | None:
-        return tracker.uncertainty() if self.noise_aware else None
+    def target_from(self, tracker) -> np.ndarray:
+        """The undamped allocation for the tracker's current evidence."""
+        if self.score == "zscore":
+            return self.target(tracker.estimates())
+        # The pooled variance: weights estimated from the same samples as the means bias Cochran's Q low
+        # (measured under the null at K=1024: Q/df = 0.88 with per-region variances, 1.00 pooled).
+        return self.target(tracker.raw_means(), tracker.standard_errors(pooled=True))
 
     def step(self, step: int, tracker) -> np.ndarray:
         if tracker.num_updates < self.warmup_steps:
             self.probabilities = self.prior.copy()
             return self.probabilities
-        target = self.target(tracker.estimates(), self._uncertainty(tracker))
+        target = self.target_from(tracker)
         p = self.probabilities + self.damping * (target - self.probabilities)
         self.probabilities = p / p.sum() if abs(p.sum() - 1.0) > 1e-12 else p
         return self.probabilities
+
+
+SCORES = ("credible", "zscore")
 
 
 class StaticAfterWarmup(ARIAAllocation):
@@ -245,7 +307,7 @@ class StaticAfterWarmup(ARIAAllocation):
         if tracker.num_updates < self.warmup_steps:
             self.probabilities = self.prior.copy()
             return self.probabilities
-        self.probabilities = self.target(tracker.estimates(), self._uncertainty(tracker))
+        self.probabilities = self.target_from(tracker)
         self.frozen = True
         return self.probabilities
 
@@ -343,15 +405,22 @@ POLICIES: dict[str, type[AllocationPolicy]] = {
 }
 
 
-def make_policy(name: str, sizes, **kwargs) -> AllocationPolicy:
-    """Build a policy by name; keyword arguments the policy does not take are ignored.
-
-    Names: aria, rc, region_uniform, static, doremi, exp3.
-    """
-    if name not in POLICIES:
-        raise ValueError(f"unknown allocation {name!r}; valid choices: {', '.join(POLICIES)}")
+def policy_arguments(name: str) -> set[str]:
+    """The keyword arguments policy `name` takes (besides `sizes`)."""
     cls = POLICIES[name]
     accepted = set(inspect.signature(cls.__init__).parameters)
     if cls is StaticAfterWarmup:
         accepted |= set(inspect.signature(ARIAAllocation.__init__).parameters) - {"damping"}
-    return cls(sizes, **{k: v for k, v in kwargs.items() if k in accepted and v is not None})
+    return accepted - {"self", "sizes", "aria_kwargs"}
+
+
+def make_policy(name: str, sizes, **kwargs) -> AllocationPolicy:
+    """Build a policy by name; keyword arguments the policy does not take are ignored (see `policy_arguments`).
+
+    Names: aria, rc, region_uniform, static, doremi, exp3. A `None` value is passed on (e.g. `max_ratio=None`
+    removes ARIA's bound).
+    """
+    if name not in POLICIES:
+        raise ValueError(f"unknown allocation {name!r}; valid choices: {', '.join(POLICIES)}")
+    accepted = policy_arguments(name)
+    return POLICIES[name](sizes, **{k: v for k, v in kwargs.items() if k in accepted})

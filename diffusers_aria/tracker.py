@@ -7,7 +7,9 @@ mean *normalised* loss (1.0 = as hard as average), shrunk toward the global mean
 evidence.
 
 All statistics are discounted sums with a half-life `h` in steps (decay :math:`\gamma = 2^{-1/h}` applied once
-per `update`): counts :math:`S^0_{kb}`, sums :math:`S^1_{kb}` and sums of squares :math:`S^2_{kb}`. They are
+per `update`; `samples_per_half_life` lengthens `h` to :math:`m K / b` for an update of `b` samples when that
+is longer, so that one half-life holds about `m` samples per region however many regions share the batch:
+at K = 1024 regions and a global batch of 256, 200 steps rather than 50): counts :math:`S^0_{kb}`, sums :math:`S^1_{kb}` and sums of squares :math:`S^2_{kb}`. They are
 linear in the data, so the update with the concatenation of several ranks' batches equals the update with
 each rank's part combined, and a region that is not observed loses its evidence and drifts back to the prior.
 Non-finite losses are counted and ignored, never absorbed.
@@ -33,6 +35,27 @@ with probability at least :math:`1 - 1/c^2` (Chebyshev),
 which `tracking_error_bound` returns. A longer half-life trades lag (first term, grows like h) for noise
 (second term, shrinks like :math:`1/\sqrt{h}`); the half-life minimising the sum is
 :math:`h^\star \approx \ln 2\,(c\sigma)^{2/3} / (2\delta^2 m)^{1/3}`.
+
+Standard errors of discounted means. A weighted mean :math:`\bar y = \sum_i w_i y_i / \sum_i w_i` of
+independent values with variance :math:`\sigma^2` has variance :math:`\sigma^2 \sum_i w_i^2 / (\sum_i w_i)^2
+= \sigma^2 / n_{\text{Kish}}` with the Kish effective sample size :math:`n_{\text{Kish}} = (\sum w)^2/\sum w^2`,
+not :math:`\sigma^2 / \sum w`: with discounting, :math:`\sum w` (the discounted count) is about half of
+:math:`n_{\text{Kish}}` in steady state (:math:`1/(1-\gamma)` against :math:`(1+\gamma)/(1-\gamma)` samples at
+one per step). So the tracker also keeps :math:`Q_{kb} = \sum w^2`, decayed by :math:`\gamma^2` per update,
+and the weights are whatever the allocation made them: a region drawn less often has fewer and older samples,
+and its :math:`n_{\text{Kish}}` says so. The within-region variance :math:`\sigma_k^2` is the unbiased
+weighted variance :math:`\sum w (y-\bar y)^2 / (\sum w - \sum w^2/\sum w)`, pooled with the variance of
+all regions with `variance_pooling` pseudo-degrees of freedom: a region with a handful of samples gets a
+tiny variance by chance often enough to matter at K = 1024, and pooling removes that. Then
+
+.. math::
+    \operatorname{se}(\bar y_k) = \sigma_k \sqrt{Q_k} / n_k, \qquad
+    \operatorname{se}(\hat e_k) = \sigma_k \sqrt{Q_k} / (n_k + \kappa)
+
+for the raw mean (`standard_errors`) and for the shrunk estimate
+:math:`\hat e_k = (n_k \bar y_k + \kappa \bar\mu)/(n_k + \kappa)` (`uncertainty`), whose noise is the raw
+mean's scaled by :math:`n_k/(n_k+\kappa)` (the global mean is K times better measured and treated as
+exact). `benchmarks/calibration.py` checks both against the spread over repeated runs.
 """
 
 from __future__ import annotations
@@ -74,6 +97,11 @@ class DiscrepancyTracker:
         num_train_timesteps: T of the noise scheduler.
         normalize_timesteps: score samples relative to their timestep bin's baseline (otherwise raw losses).
         prior_strength: kappa, pseudo-count pulling every region toward the global mean.
+        variance_pooling: pseudo-degrees of freedom of the pooled within-region variance in each region's
+            variance (see the module docstring).
+        samples_per_half_life: lengthen the half-life of an update of b samples to
+            `samples_per_half_life * K / b` steps when that is longer than `half_life` (None: `half_life`
+            alone). An update without samples does not decay.
     """
 
     def __init__(
@@ -84,6 +112,8 @@ class DiscrepancyTracker:
         num_train_timesteps: int = 1000,
         normalize_timesteps: bool = True,
         prior_strength: float = 8.0,
+        variance_pooling: float = 30.0,
+        samples_per_half_life: float | None = 50.0,
     ) -> None:
         if int(num_regions) < 1:
             raise ValueError(f"num_regions={num_regions!r} must be >= 1")
@@ -93,17 +123,24 @@ class DiscrepancyTracker:
             raise ValueError(f"num_timestep_bins={num_timestep_bins!r} must be >= 1")
         if prior_strength < 0:
             raise ValueError(f"prior_strength={prior_strength!r} must be >= 0")
+        if samples_per_half_life is not None and not samples_per_half_life > 0:
+            raise ValueError(f"samples_per_half_life={samples_per_half_life!r} must be > 0 (or None)")
+        if not variance_pooling >= 0:
+            raise ValueError(f"variance_pooling={variance_pooling!r} must be >= 0")
         self.num_regions = int(num_regions)
         self.half_life = None if half_life is None or math.isinf(half_life) else float(half_life)
         self.num_timestep_bins = int(num_timestep_bins) if normalize_timesteps else 1
         self.num_train_timesteps = int(num_train_timesteps)
         self.normalize_timesteps = bool(normalize_timesteps)
         self.prior_strength = float(prior_strength)
+        self.variance_pooling = float(variance_pooling)
+        self.samples_per_half_life = None if samples_per_half_life is None else float(samples_per_half_life)
         self.decay = 1.0 if self.half_life is None else 0.5 ** (1.0 / self.half_life)
         shape = (self.num_regions, self.num_timestep_bins)
         self.s0 = np.zeros(shape)
         self.s1 = np.zeros(shape)
         self.s2 = np.zeros(shape)
+        self.q = np.zeros(shape)  # discounted sum of squared weights (Kish effective sample size)
         self.num_updates = 0
         self.num_nonfinite = 0
         self.last_nonfinite = 0
@@ -148,12 +185,14 @@ class DiscrepancyTracker:
     def apply_statistics(self, stats: np.ndarray, nonfinite: int = 0) -> None:
         """Decay the running statistics once, then add a batch's (possibly all-reduced) statistics."""
         stats = np.asarray(stats, dtype=np.float64)
-        d = self.decay
+        d = self.update_decay(float(stats[0].sum()))
         baseline = self.bin_baseline()
         self.s0 *= d
         self.s1 *= d
         self.s2 *= d
+        self.q *= d * d
         self.s0 += stats[0]
+        self.q += stats[0]  # a new sample has weight 1, so weight**2 = 1
         self.s1 += stats[1]
         self.s2 += stats[2]
         self.last_counts = stats[0].sum(axis=1)
@@ -163,6 +202,17 @@ class DiscrepancyTracker:
         self.num_updates += 1
         self.last_nonfinite = int(nonfinite)
         self.num_nonfinite += int(nonfinite)
+
+    def update_decay(self, num_samples: float) -> float:
+        """The decay applied by an update of `num_samples` samples (see `samples_per_half_life`)."""
+        if self.half_life is None:
+            return 1.0
+        if self.samples_per_half_life is None:
+            return self.decay
+        if num_samples <= 0:
+            return 1.0
+        h = max(self.half_life, self.samples_per_half_life * self.num_regions / num_samples)
+        return 0.5 ** (1.0 / h)
 
     def update(self, region_ids, losses, timesteps=None) -> None:
         """Add one step's per-sample losses (any shape [n]; tensors are detached and read in float64)."""
@@ -208,19 +258,61 @@ class DiscrepancyTracker:
         denom = n + k
         return np.divide(m1 + k * mu, denom, out=np.full_like(n, mu), where=denom > 0)
 
-    def uncertainty(self) -> np.ndarray:
-        """Standard error of each estimate, [K]: sqrt(shrunk variance / (n + kappa))."""
+    def effective_sizes(self) -> np.ndarray:
+        """Kish effective number of samples per region, (sum w)^2 / sum w^2, [K] (0 where unobserved)."""
+        n, q = self.s0.sum(axis=1), self.q.sum(axis=1)
+        return np.divide(n * n, q, out=np.zeros_like(n), where=q > 0)
+
+    def variances(self, pooled: bool = False) -> np.ndarray:
+        """Within-region variance of normalised values, pooled with all regions' (module docstring), [K].
+
+        `pooled=True`: every region gets the pooled variance alone.
+        """
         n, m1, m2 = self._normalised_moments()
-        total = n.sum()
-        if total <= 0:
+        q = self.q.sum(axis=1)
+        seen = n > 0
+        # unbiased weighted (reliability-weight) sums of squares and their degrees of freedom
+        ss = np.where(seen, m2 - np.divide(m1 * m1, n, out=np.zeros_like(n), where=seen), 0.0)
+        ss = np.maximum(ss, 0.0)
+        dof = np.where(seen, n - np.divide(q, n, out=np.zeros_like(n), where=seen), 0.0)
+        dof = np.maximum(dof, 0.0)
+        total_dof = dof.sum()
+        if total_dof <= 0:
+            return np.full(self.num_regions, np.nan)
+        pooled_var = ss.sum() / total_dof
+        if pooled:
+            return np.full(self.num_regions, pooled_var)
+        # in units of samples: dof_k (normalised by the mean weight) counts like n_kish - 1
+        n_kish = self.effective_sizes()
+        nu = np.maximum(n_kish - 1.0, 0.0)
+        own = np.divide(ss, dof, out=np.full_like(n, pooled_var), where=dof > 0)
+        nu0 = self.variance_pooling
+        if nu0 <= 0:
+            return np.where(nu > 0, own, pooled_var)
+        return (nu * own + nu0 * pooled_var) / (nu + nu0)
+
+    def standard_errors(self, pooled: bool = False) -> np.ndarray:
+        """Standard error of each region's raw (unshrunk) mean, `raw_means()`, [K] (inf where unobserved).
+
+        `pooled=True` uses the pooled within-region variance for every region (`variances(pooled=True)`).
+        """
+        n = self.s0.sum(axis=1)
+        q = self.q.sum(axis=1)
+        var = self.variances(pooled)
+        return np.divide(np.sqrt(var * q), n, out=np.full_like(n, np.inf), where=(n > 0) & np.isfinite(var))
+
+    def uncertainty(self) -> np.ndarray:
+        """Standard error of each shrunk estimate, `estimates()`, [K]: sigma_k sqrt(sum w^2) / (n_k + kappa).
+
+        Infinite everywhere before any evidence; 0 for a region never observed once others are (its estimate
+        is then the global mean itself).
+        """
+        n = self.s0.sum(axis=1)
+        if n.sum() <= 0:
             return np.full(self.num_regions, np.inf)
-        mu = m1.sum() / total
-        glob_var = max(m2.sum() / total - mu * mu, 0.0)
-        mean = np.divide(m1, n, out=np.zeros_like(n), where=n > 0)
-        var = np.maximum(np.divide(m2, n, out=np.zeros_like(n), where=n > 0) - mean * mean, 0.0)
-        k = self.prior_strength
-        shrunk_var = (n * var + k * glob_var) / np.maximum(n + k, 1e-12)
-        return np.sqrt(shrunk_var / np.maximum(n + k, 1e-12))
+        q = self.q.sum(axis=1)
+        var = np.nan_to_num(self.variances(), nan=0.0)
+        return np.sqrt(var * q) / np.maximum(n + self.prior_strength, 1e-12)
 
     def last_batch_means(self) -> tuple[np.ndarray, np.ndarray]:
         """(counts, mean normalised loss) of the latest update per region (mean NaN where unobserved)."""
@@ -234,6 +326,7 @@ class DiscrepancyTracker:
             "s0": torch.from_numpy(self.s0.copy()),
             "s1": torch.from_numpy(self.s1.copy()),
             "s2": torch.from_numpy(self.s2.copy()),
+            "q": torch.from_numpy(self.q.copy()),
             "last_counts": torch.from_numpy(self.last_counts.copy()),
             "last_sums": torch.from_numpy(self.last_sums.copy()),
             "num_updates": int(self.num_updates),
@@ -251,6 +344,8 @@ class DiscrepancyTracker:
         self.s0 = s0.copy()
         self.s1 = np.asarray(state["s1"], dtype=np.float64).copy()
         self.s2 = np.asarray(state["s2"], dtype=np.float64).copy()
+        # checkpoints written before the squared weights were kept: sum w^2 <= sum w, the conservative bound
+        self.q = np.asarray(state["q"], dtype=np.float64).copy() if "q" in state else self.s0.copy()
         self.last_counts = np.asarray(state["last_counts"], dtype=np.float64).copy()
         self.last_sums = np.asarray(state["last_sums"], dtype=np.float64).copy()
         self.num_updates = int(state["num_updates"])

@@ -7,13 +7,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 
-from .allocation import POLICIES, make_policy
+from .allocation import POLICIES, AllocationPolicy, make_policy, policy_arguments
 from .callback import ARIACallback
 from .conditioning import RandomConditioning, SwapSchedule
 from .data import step_generator
@@ -28,18 +28,19 @@ class AriaSettings:
 
     allocation: str = "aria"
     alpha: float = 0.5
-    tau: float = 0.5
-    form: str = "exp"
-    beta: float = 1.0
+    tau: float = 0.1
+    score: str = "credible"
+    threshold: float = 1.0
     floor: float = 0.05
+    max_ratio: float | None = 4.0
     cap: float | None = None
     damping: float = 0.1
     warmup_steps: int = 40
     half_life: float = 50.0
+    samples_per_half_life: float | None = 50.0
     num_timestep_bins: int = 10
     timestep_norm: bool = True
     prior_strength: float = 8.0
-    noise_aware: bool = False
     feed: str = "all"
     doremi_lr: float = 0.5
     doremi_smoothing: float = 0.05
@@ -49,7 +50,6 @@ class AriaSettings:
     rc_lambda: float = 5.0
     rc_constant: float = 0.5
     null_prompt_prob: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.allocation not in POLICIES:
@@ -58,9 +58,35 @@ class AriaSettings:
             raise ValueError(f"--aria_feed {self.feed!r} is not valid; choose 'swapped' or 'all'")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
+
+    def make_tracker(self, num_regions: int, num_train_timesteps: int = 1000) -> DiscrepancyTracker:
+        """The run's `DiscrepancyTracker`."""
+        return DiscrepancyTracker(num_regions, half_life=self.half_life, num_timestep_bins=self.num_timestep_bins,
+                                  num_train_timesteps=num_train_timesteps, normalize_timesteps=self.timestep_norm,
+                                  prior_strength=self.prior_strength, samples_per_half_life=self.samples_per_half_life)
+
+    def make_policy(self, sizes) -> AllocationPolicy:
+        """The run's allocation policy; a setting the chosen policy does not use is rejected by name."""
+        values = {"alpha": self.alpha, "tau": self.tau, "score": self.score, "threshold": self.threshold,
+                  "floor": self.floor, "max_ratio": self.max_ratio, "cap": self.cap, "damping": self.damping,
+                  "warmup_steps": self.warmup_steps, "lr": self.doremi_lr, "smoothing": self.doremi_smoothing,
+                  "gamma": self.exp3_gamma}
+        defaults = {f.name: f.default for f in fields(self)}
+        flags = {"lr": "doremi_lr", "smoothing": "doremi_smoothing", "gamma": "exp3_gamma"}
+        accepted = policy_arguments(self.allocation)
+        ignored = [flags.get(k, k) for k in values if k not in accepted
+                   and values[k] != defaults[flags.get(k, k)]]
+        if ignored:
+            raise ValueError(f"--allocation {self.allocation} does not use "
+                             f"{', '.join('--' + _flag_name(k) for k in ignored)}; it takes "
+                             f"{', '.join(sorted(accepted)) or 'no settings'}")
+        return make_policy(self.allocation, sizes, **{k: v for k, v in values.items() if k in accepted})
+
+
+def _flag_name(setting: str) -> str:
+    """The training script's flag for an `AriaSettings` field."""
+    return setting if setting.startswith(("doremi_", "exp3_")) else "aria_" + setting
 
 
 @dataclass
@@ -76,14 +102,8 @@ def build_aria(settings: AriaSettings, regions, pool, accelerator=None, seed: in
                num_train_timesteps: int = 1000, region_names: list[str] | None = None) -> AriaComponents:
     """Sampler, tracker, policy, callback and RC helper for `regions` of `pool`, from `settings`."""
     sampler = AdaptiveRegionSampler(regions.region_ids, seed=seed)
-    tracker = DiscrepancyTracker(regions.num_regions, half_life=settings.half_life,
-                                 num_timestep_bins=settings.num_timestep_bins,
-                                 num_train_timesteps=num_train_timesteps,
-                                 normalize_timesteps=settings.timestep_norm, prior_strength=settings.prior_strength)
-    policy = make_policy(settings.allocation, sampler.sizes, alpha=settings.alpha, tau=settings.tau, form=settings.form,
-                         beta=settings.beta, floor=settings.floor, cap=settings.cap, damping=settings.damping,
-                         warmup_steps=settings.warmup_steps, noise_aware=settings.noise_aware, lr=settings.doremi_lr,
-                         smoothing=settings.doremi_smoothing, gamma=settings.exp3_gamma)
+    tracker = settings.make_tracker(regions.num_regions, num_train_timesteps)
+    policy = settings.make_policy(sampler.sizes)
     callback = ARIACallback(accelerator, sampler, tracker, policy, log_every=settings.log_every,
                             region_names=region_names)
     schedule = SwapSchedule(kind=settings.rc_schedule, lam=settings.rc_lambda, value=settings.rc_constant,

@@ -17,10 +17,13 @@ from diffusers_aria.allocation import (
     PromptUniform,
     RegionUniform,
     StaticAfterWarmup,
+    credible_excess,
     make_policy,
+    policy_arguments,
     project_to_bounds,
     standardise,
 )
+from diffusers_aria.sampler import AdaptiveRegionSampler
 from diffusers_aria.tracker import DiscrepancyTracker
 
 SIZES = np.array([40, 10, 25, 5, 20])
@@ -41,6 +44,12 @@ class FakeTracker:
 
     def estimates(self):
         return self._est
+
+    def raw_means(self):
+        return self._est
+
+    def standard_errors(self, pooled=False):
+        return self._se
 
     def uncertainty(self):
         return self._se
@@ -172,12 +181,12 @@ def test_aria_alpha_one_equal_estimates_is_exactly_prompt_uniform():
     # also with equal estimates given directly, and for the target itself
     assert np.array_equal(aria.step(99, FakeTracker(np.full(K, 1.7))), rc.probabilities)
     assert np.array_equal(aria.target(np.full(K, 0.3)), rc.probabilities)
-    ratio = ARIAAllocation(SIZES, alpha=1.0, form="ratio", warmup_steps=0)
-    assert np.array_equal(ratio.step(0, FakeTracker(np.full(K, 2.0))), rc.probabilities)
+    zscore = ARIAAllocation(SIZES, alpha=1.0, score="zscore", warmup_steps=0)
+    assert np.array_equal(zscore.step(0, FakeTracker(np.full(K, 2.0))), rc.probabilities)
 
 
 def test_aria_is_prior_during_warmup_then_moves_toward_harder_region():
-    scale = [1.0, 1.05, 1.0, 1.0, 1.0]  # region 1 is consistently 5% harder
+    scale = [1.0, 1.1, 1.0, 1.0, 1.0]  # region 1 is consistently 10% harder (per-sample noise +-20%)
     policy = ARIAAllocation(SIZES, warmup_steps=30, damping=0.1)
     history, tracker = _run(policy, 150, scale, n=256, half_life=100.0)
     prior = np.sqrt(SIZES) / np.sqrt(SIZES).sum()  # the default alpha=0.5 tempers the size prior
@@ -201,15 +210,16 @@ def test_aria_damping_one_jumps_to_target():
     np.testing.assert_allclose(p, expected, rtol=1e-14)
 
 
-def test_aria_lower_temperature_tilts_more():
+@pytest.mark.parametrize("score, hot_tau, cold_tau", [("credible", 1.0, 0.2), ("zscore", 4.0, 0.5)])
+def test_aria_lower_temperature_tilts_more(score, hot_tau, cold_tau):
     est = np.array([1.0, 1.3, 0.9, 1.0, 1.1])
-    hot = ARIAAllocation(SIZES, tau=4.0, floor=0.0).target(est)
-    cold = ARIAAllocation(SIZES, tau=0.5, floor=0.0).target(est)
-    assert cold[1] > hot[1] > (SIZES / SIZES.sum())[1]
+    hot = ARIAAllocation(SIZES, score=score, tau=hot_tau, floor=0.0, max_ratio=None).target(est)
+    cold = ARIAAllocation(SIZES, score=score, tau=cold_tau, floor=0.0, max_ratio=None).target(est)
+    assert cold[1] > hot[1] > ARIAAllocation(SIZES).prior[1]
 
 
 def test_aria_floor_keeps_every_region_alive():
-    policy = ARIAAllocation(SIZES, floor=0.5, tau=0.01, z_clip=None, warmup_steps=0, damping=1.0)
+    policy = ARIAAllocation(SIZES, floor=0.5, tau=0.01, max_ratio=None, warmup_steps=0, damping=1.0)
     p = policy.step(0, FakeTracker([0.0, 0.0, 0.0, 0.0, 100.0]))
     lower = np.minimum(policy.prior, 0.5 / K)
     assert np.all(p >= lower - 1e-15)
@@ -218,14 +228,25 @@ def test_aria_floor_keeps_every_region_alive():
 
 
 def test_aria_cap_limits_the_hardest_region():
-    policy = ARIAAllocation(SIZES, cap=0.3, tau=0.1, warmup_steps=0, damping=1.0)
+    policy = ARIAAllocation(SIZES, cap=0.3, max_ratio=None, tau=0.1, warmup_steps=0, damping=1.0)
     p = policy.step(0, FakeTracker([5.0, 1.0, 1.0, 10.0, 1.0]))
     assert p[3] == pytest.approx(0.3, abs=1e-12)
     assert abs(p.sum() - 1.0) <= 1e-12
     # a region whose prior is above the cap keeps at most its prior
-    big = ARIAAllocation([80, 10, 10], cap=0.2, warmup_steps=0, damping=1.0)
+    big = ARIAAllocation([80, 10, 10], cap=0.2, max_ratio=None, warmup_steps=0, damping=1.0)
     q = big.step(0, FakeTracker([3.0, 1.0, 1.0]))
     assert q[0] <= 0.8 + 1e-15
+
+
+def test_aria_max_ratio_bounds_the_boost_relative_to_the_prior():
+    est = [1.0, 1.0, 1.0, 3.0, 1.0]  # region 3 three times harder, measured exactly
+    bounded = ARIAAllocation(SIZES, warmup_steps=0, damping=1.0)  # default max_ratio=4
+    p = bounded.step(0, FakeTracker(est))
+    assert p[3] == pytest.approx(4.0 * bounded.prior[3], rel=1e-12)
+    free = ARIAAllocation(SIZES, max_ratio=None, warmup_steps=0, damping=1.0).step(0, FakeTracker(est))
+    assert free[3] > 4.5 * bounded.prior[3]
+    assert np.all(ARIAAllocation(SIZES, max_ratio=1.0, warmup_steps=0).step(0, FakeTracker(est))
+                  <= bounded.prior + 1e-15)  # max_ratio=1: nothing above the prior, so the prior itself
 
 
 @st.composite
@@ -237,9 +258,10 @@ def _aria_case(draw):
     kwargs = dict(
         alpha=draw(st.floats(0.0, 2.0)),
         tau=draw(st.floats(0.01, 5.0)),
-        form=draw(st.sampled_from(["exp", "ratio"])),
-        beta=draw(st.floats(0.1, 4.0)),
+        score=draw(st.sampled_from(["credible", "zscore"])),
+        threshold=draw(st.floats(0.0, 3.0)),
         floor=draw(st.floats(0.0, 1.0)),
+        max_ratio=draw(st.one_of(st.none(), st.floats(1.0, 10.0))),
         cap=draw(st.one_of(st.none(), st.floats(0.01, 1.0))),
         damping=draw(st.floats(0.01, 1.0)),
         z_clip=draw(st.one_of(st.none(), st.floats(0.5, 5.0))),
@@ -256,7 +278,9 @@ def test_property_aria_floor_and_cap_respected(case, steps):
     k = len(sizes)
     lower = np.minimum(prior, kwargs["floor"] / k)
     upper = np.ones(k) if kwargs["cap"] is None else np.maximum(prior, kwargs["cap"])
-    tracker = FakeTracker(estimates)
+    if kwargs["max_ratio"] is not None:
+        upper = np.minimum(upper, kwargs["max_ratio"] * prior)
+    tracker = FakeTracker(estimates, uncertainty=np.abs(estimates) * 0.1)
     for step in range(steps):
         p = policy.step(step, tracker)
         assert np.all(np.isfinite(p))
@@ -336,12 +360,15 @@ def test_make_policy_unknown_name_lists_valid_names():
         assert name in str(err.value)
 
 
-def test_make_policy_ignores_foreign_and_none_kwargs():
+def test_make_policy_ignores_foreign_kwargs_and_passes_none_on():
     policy = make_policy("exp3", SIZES, tau=3.0, gamma=0.2, eta=None, warmup_steps=2)
     assert isinstance(policy, EXP3)
     assert policy.gamma == 0.2 and policy.warmup_steps == 2
     assert policy.eta == pytest.approx(0.2 / K)
     assert make_policy("aria", SIZES, tau=0.5, gamma=0.3).tau == 0.5
+    assert make_policy("aria", SIZES).max_ratio == 4.0
+    assert make_policy("aria", SIZES, max_ratio=None).max_ratio is None
+    assert "damping" not in policy_arguments("static") and "tau" in policy_arguments("static")
 
 
 @pytest.mark.parametrize(
@@ -356,7 +383,9 @@ def test_make_policy_ignores_foreign_and_none_kwargs():
         (ARIAAllocation, {"damping": 0.0}, r"damping=0.0 must lie in \(0, 1\]"),
         (ARIAAllocation, {"damping": 1.2}, r"damping=1.2 must lie in \(0, 1\]"),
         (ARIAAllocation, {"warmup_steps": -1}, r"warmup_steps=-1 must be >= 0"),
-        (ARIAAllocation, {"form": "linear"}, r"form='linear' is not valid"),
+        (ARIAAllocation, {"score": "linear"}, r"score='linear' is not valid; use one of credible, zscore"),
+        (ARIAAllocation, {"max_ratio": 0.5}, r"max_ratio=0.5 must be >= 1"),
+        (ARIAAllocation, {"threshold": -1.0}, r"threshold=-1.0 must be >= 0"),
         (DoReMiEG, {"smoothing": 1.5}, r"smoothing=1.5 must lie in \[0, 1\]"),
         (EXP3, {"gamma": 0.0}, r"gamma=0.0 must lie in \(0, 1\]"),
         (EXP3, {"gamma": 2.0}, r"gamma=2.0 must lie in \(0, 1\]"),
@@ -376,7 +405,7 @@ def test_bad_sizes_raise(name, sizes):
 
 def test_config_reports_constructor_arguments():
     cfg = ARIAAllocation(SIZES, tau=0.7, cap=0.4).config()
-    assert cfg["tau"] == 0.7 and cfg["cap"] == 0.4 and cfg["form"] == "exp"
+    assert cfg["tau"] == 0.7 and cfg["cap"] == 0.4 and cfg["score"] == "credible" and cfg["max_ratio"] == 4.0
     assert "sizes" not in cfg
 
 
@@ -395,25 +424,72 @@ def test_project_to_bounds():
     assert abs(p.sum() - 1.0) <= 1e-12
 
 
-def test_noise_aware_score_ignores_differences_within_the_noise():
-    sizes = np.array([10.0, 20.0, 30.0, 40.0])
+def test_credible_excess_is_zero_within_the_noise_and_full_when_exact():
     est = np.array([1.01, 0.99, 1.02, 0.98])
-    noisy = FakeTracker(est, uncertainty=np.full(4, 0.05))  # spread far below the standard errors
-    p = ARIAAllocation(sizes, warmup_steps=0, damping=1.0, noise_aware=True)
-    assert np.array_equal(p.step(0, noisy), p.prior)
-    plain = ARIAAllocation(sizes, warmup_steps=0, damping=1.0)  # the default: plain z-score
-    assert not np.allclose(plain.step(0, noisy), plain.prior)  # the plain z-score chases the noise
-    sure = FakeTracker(est, uncertainty=np.full(4, 1e-4))  # the same small differences, measured precisely
-    q = ARIAAllocation(sizes, warmup_steps=0, damping=1.0, noise_aware=True).step(0, sure)
-    assert q[2] > p.prior[2] * 1.5 and q[3] < p.prior[3]
+    score, a = credible_excess(est, np.full(4, 0.05))  # spread far below the standard errors
+    assert a == 0.0 and np.array_equal(score, np.zeros(4))
+    score, a = credible_excess(est, np.full(4, 1e-4))  # the same differences, measured precisely
+    np.testing.assert_allclose(score, est - est.mean(), atol=1e-3)
+    exact, _ = credible_excess(est, np.zeros(4))  # exact estimates: the relative excess itself
+    np.testing.assert_allclose(exact, est / est.mean() - 1 - (est / est.mean() - 1).mean(), rtol=1e-12)
+    # unobserved regions (NaN mean, infinite se) score 0 and do not count
+    score, _ = credible_excess(np.array([1.0, 1.5, np.nan]), np.array([0.01, 0.01, np.inf]))
+    assert score[2] == 0.0 and score[1] > 0 > score[0]
 
 
-def test_noise_aware_reacts_to_a_small_consistent_difference_in_a_real_tracker():
-    rng = np.random.default_rng(0)
-    scale = np.array([1.0, 1.0, 1.0, 1.05])  # region 3 is 5% harder, with +-20% per-sample noise
-    tracker = DiscrepancyTracker(4, half_life=200)
-    policy = ARIAAllocation(np.full(4, 25.0), warmup_steps=40, noise_aware=True)
-    for step in range(400):
-        _feed(tracker, rng, policy.probabilities, scale)
-        policy.step(step, tracker)
-    assert policy.probabilities[3] > 0.3
+def test_credible_score_is_sized_by_excess_and_certainty():
+    """A 2% difference under 10% noise does not move the allocation; a 20% one with 3% se does."""
+    sizes = np.full(16, 10.0)
+    est = np.ones(16)
+    est[:2] = 1.02
+    p = ARIAAllocation(sizes, warmup_steps=0, damping=1.0).step(0, FakeTracker(est, uncertainty=np.full(16, 0.1)))
+    assert np.array_equal(p, np.full(16, 1 / 16))
+    est[:2] = 1.2
+    q = ARIAAllocation(sizes, warmup_steps=0, damping=1.0).step(0, FakeTracker(est, uncertainty=np.full(16, 0.03)))
+    assert np.all(q[:2] > 2.0 / 16) and np.all(q[2:] < 1 / 16)
+    zscore = ARIAAllocation(sizes, score="zscore", tau=0.5, max_ratio=None, warmup_steps=0, damping=1.0)
+    noisy = est.copy()
+    noisy[:2] = 1.02
+    assert zscore.step(0, FakeTracker(noisy, uncertainty=np.full(16, 0.1)))[0] > 4 / 16  # moves on noise
+
+
+def _null_run(policy, k: int, batch: int, steps: int, seed: int, factor=None) -> np.ndarray:
+    """Synthetic losses (timestep baseline x region factor x lognormal noise, CV 1) through the library's
+    tracker and sampler; returns p per step."""
+    rng = np.random.default_rng(seed)
+    sampler = AdaptiveRegionSampler(np.repeat(np.arange(k), 20), seed=seed)
+    sampler.set_probabilities(policy.probabilities)
+    tracker = DiscrepancyTracker(k)
+    f = np.ones(k) if factor is None else factor
+    history = []
+    for step in range(steps):
+        reg = sampler.draw_regions(step, batch)
+        t = rng.integers(0, 1000, batch)
+        losses = (0.05 + (1 - t / 1000) ** 2) * f[reg] * rng.lognormal(-np.log(2) / 2, np.sqrt(np.log(2)), batch)
+        tracker.update(reg, losses, t)
+        sampler.set_probabilities(policy.step(step, tracker))
+        history.append(sampler.probabilities.copy())
+    return np.asarray(history)
+
+
+def test_null_the_default_stays_at_its_prior_and_the_zscore_rule_does_not():
+    """Fast version of benchmarks/calibration.py's null case (K=64, batch 64, CV 1, 600 steps)."""
+    k = 64
+    aria = ARIAAllocation(np.full(k, 20.0))
+    h = _null_run(aria, k, 64, 600, seed=1)[300:]
+    ratio = h.mean(0) * k
+    assert 0.5 * np.abs(h - 1 / k).sum(1).mean() < 0.05
+    assert ratio.min() > 0.5 and ratio.max() < 2.0
+    old = _null_run(ARIAAllocation(np.full(k, 20.0), score="zscore", tau=0.5, max_ratio=None), k, 64, 600, seed=1)
+    assert 0.5 * np.abs(old[300:] - 1 / k).sum(1).mean() > 0.3  # the earlier rule moves on pure noise
+
+
+def test_power_the_default_moves_toward_regions_truly_harder():
+    """Fast version of the power case: 10% of 64 regions 1.2x harder -> >= 1.5x their prior share."""
+    k = 64
+    factor = np.ones(k)
+    hard = np.arange(0, k, 10)
+    factor[hard] = 1.2
+    h = _null_run(ARIAAllocation(np.full(k, 20.0)), k, 64, 600, seed=2, factor=factor)
+    lift = h[300:, hard].sum(1).mean() / (len(hard) / k)
+    assert lift >= 1.5

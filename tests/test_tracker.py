@@ -140,11 +140,51 @@ def test_no_discounting_and_infinite_half_life():
 
 
 def test_discounting_halves_weight_after_half_life():
-    tr = DiscrepancyTracker(1, half_life=10.0)
+    tr = DiscrepancyTracker(1, half_life=10.0, samples_per_half_life=None)
     tr.update([0], [1.0])
     for _ in range(10):
         tr.update(np.zeros(0, dtype=np.int64), np.zeros(0))
     np.testing.assert_allclose(tr.counts(), [0.5], rtol=1e-12)
+    np.testing.assert_allclose(tr.q.sum(), 0.25, rtol=1e-12)  # squared weights decay twice as fast
+
+
+def test_samples_per_half_life_lengthens_the_half_life_for_sparse_regions():
+    # 1024 regions, 256 samples per update, 50 samples per region per half-life: 200 steps
+    tr = DiscrepancyTracker(1024, half_life=50.0, samples_per_half_life=50.0)
+    assert tr.update_decay(256) == pytest.approx(0.5 ** (1 / 200), rel=1e-15)
+    assert tr.update_decay(1024) == pytest.approx(0.5 ** (1 / 50), rel=1e-15)  # half_life is the minimum
+    assert tr.update_decay(4096) == pytest.approx(0.5 ** (1 / 50), rel=1e-15)
+    assert tr.update_decay(0) == 1.0  # no samples, no forgetting
+    tr.update(np.arange(256), np.ones(256))
+    tr.update(np.arange(256), np.ones(256))
+    np.testing.assert_allclose(tr.counts()[:256], 1 + 0.5 ** (1 / 200), rtol=1e-14)
+    with pytest.raises(ValueError, match=r"samples_per_half_life=0 must be > 0"):
+        DiscrepancyTracker(4, samples_per_half_life=0)
+
+
+@pytest.mark.parametrize("half_life, batch_per_region, cv", [(50.0, 2, 0.5), (200.0, 1, 1.0)])
+def test_standard_errors_match_the_spread_over_repeated_runs(half_life, batch_per_region, cv):
+    """Fast version of benchmarks/calibration.py's se part: Kish-based se vs the empirical sd (+-15%)."""
+    k, reps = 8, 120
+    s2 = np.log1p(cv * cv)
+    raw, est, se_raw, se_est = [], [], [], []
+    for rep in range(reps):
+        rng = np.random.default_rng(rep)
+        tr = DiscrepancyTracker(k, half_life=half_life)
+        p = np.linspace(1, 3, k) / np.linspace(1, 3, k).sum()  # skewed: fewer samples in some regions
+        for _ in range(int(4 * half_life)):
+            r = rng.choice(k, size=k * batch_per_region, p=p)
+            t = rng.integers(0, 1000, r.size)
+            tr.update(r, (0.1 + t / 1000) * rng.lognormal(-s2 / 2, np.sqrt(s2), r.size), t)
+        raw.append(tr.raw_means())
+        est.append(tr.estimates())
+        se_raw.append(tr.standard_errors())
+        se_est.append(tr.uncertainty())
+    for values, ses in ((raw, se_raw), (est, se_est)):
+        ratio = np.sqrt((np.asarray(ses) ** 2).mean() / np.asarray(values).var(axis=0, ddof=1).mean())
+        assert 0.85 <= ratio <= 1.15, ratio
+    # the discounted count alone (the earlier formula) would claim a larger se: Kish n is about twice it
+    assert np.median(tr.effective_sizes() / tr.counts()) > 1.6
 
 
 def test_empty_tracker_is_neutral():
@@ -239,6 +279,16 @@ def test_timestep_normalisation_keeps_real_differences():
     est = tr.estimates()
     assert int(np.argmax(est)) == 0
     assert est[0] / est[1:].mean() == pytest.approx(1.5, rel=0.08)
+
+
+def test_checkpoints_without_squared_weights_still_load():
+    tr = DiscrepancyTracker(2)
+    tr.update([0, 1, 1], [1.0, 2.0, 3.0])
+    state = tr.state_dict()
+    del state["q"]  # a checkpoint written before the tracker kept sum w^2
+    other = DiscrepancyTracker(2)
+    other.load_state_dict(state)
+    np.testing.assert_array_equal(other.q, other.s0)  # sum w^2 <= sum w: the conservative bound
 
 
 def test_uncertainty_shrinks_with_evidence():

@@ -57,10 +57,11 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path):
         "--resolution", "32",
         "--prompt_pool", str(pool_csv), "--prompt_pool_column", "my_prompt", "--prompt_pool_split", "train",
         "--num_regions", "4", "--embedder", resolve_embedder_path("all-MiniLM-L6-v2"), "--clustering", "sklearn",
-        "--allocation", "aria", "--aria_alpha", "0.8", "--aria_tau", "0.7", "--aria_form", "ratio", "--aria_beta", "2",
+        "--allocation", "aria", "--aria_alpha", "0.8", "--aria_tau", "0.7", "--aria_score", "credible",
+        "--aria_threshold", "0.5", "--aria_max_ratio", "3", "--aria_samples_per_half_life", "none",
         "--aria_floor", "0.2", "--aria_cap", "0.6", "--aria_damping", "0.5", "--aria_warmup_steps", "1",
         "--aria_half_life", "10", "--aria_num_timestep_bins", "4", "--aria_no_timestep_norm",
-        "--aria_prior_strength", "2", "--aria_noise_aware", "--aria_feed", "swapped", "--aria_log_every", "1",
+        "--aria_prior_strength", "2", "--aria_feed", "swapped", "--aria_log_every", "1",
         "--rc_schedule", "constant", "--rc_constant", "0.9", "--rc_lambda", "3",
         "--train_batch_size", "2", "--max_train_steps", "2", "--gradient_accumulation_steps", "2",
         "--gradient_checkpointing", "--learning_rate", "1e-4", "--scale_lr", "--lr_scheduler", "cosine",
@@ -75,9 +76,9 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path):
     _script().main(args)
     report = json.load(open(out / "aria_report.json"))
     cfg = report["policy_config"]
-    assert (cfg["alpha"], cfg["tau"], cfg["form"], cfg["beta"], cfg["floor"], cfg["cap"], cfg["damping"]) == \
-        (0.8, 0.7, "ratio", 2.0, 0.2, 0.6, 0.5)
-    assert cfg["noise_aware"] is True
+    assert (cfg["alpha"], cfg["tau"], cfg["score"], cfg["threshold"], cfg["max_ratio"], cfg["floor"], cfg["cap"],
+            cfg["damping"]) == (0.8, 0.7, "credible", 0.5, 3.0, 0.2, 0.6, 0.5)
+    assert "| `samples_per_half_life` | None |" in (out / "README.md").read_text()
     assert max(r["probability"] for r in report["regions"]) <= 0.6 + 1e-12
     regions = ConditionRegions.load(str(out / "regions"))
     assert regions.metadata["method"] == "sklearn" and regions.num_regions <= 4
@@ -107,6 +108,11 @@ def test_bad_flag_values_give_clear_errors():
         from diffusers_aria.training import AriaSettings
 
         AriaSettings(feed="x")
+    with pytest.raises(SystemExit):  # neither a number nor 'none'
+        s.parse_args(["--pretrained_model_name_or_path", "x", "--image_free", "--aria_max_ratio", "lots"])
+    parsed = s.parse_args(["--pretrained_model_name_or_path", "x", "--image_free", "--aria_max_ratio", "None",
+                           "--aria_score", "zscore"])
+    assert parsed.aria_max_ratio is None and s.aria_settings(parsed).score == "zscore"
 
 
 def test_variant_weights_are_loaded(tiny_teacher, tmp_path):

@@ -76,3 +76,19 @@ def test_region_names_from_groups():
     names = region_names_from_groups(np.array([0, 0, 1]), ["cats", "cats", "food"])
     assert names == ["cats (100%)", "food (100%)"]
     assert region_names_from_groups(np.array([0]), None) is None
+
+
+def test_settings_build_the_tracker_and_policy_and_reject_settings_the_policy_ignores():
+    from diffusers_aria.allocation import DoReMiEG
+    from diffusers_aria.training import AriaSettings
+
+    s = AriaSettings(tau=0.3, max_ratio=None, samples_per_half_life=None, half_life=20.0)
+    policy = s.make_policy(np.array([5, 10, 20]))
+    assert (policy.tau, policy.max_ratio, policy.score) == (0.3, None, "credible")
+    tracker = s.make_tracker(3, num_train_timesteps=500)
+    assert (tracker.half_life, tracker.samples_per_half_life, tracker.num_train_timesteps) == (20.0, None, 500)
+    assert isinstance(AriaSettings(allocation="doremi", doremi_lr=0.2).make_policy([1, 2]), DoReMiEG)
+    with pytest.raises(ValueError, match=r"--allocation doremi does not use --aria_tau"):
+        AriaSettings(allocation="doremi", tau=0.3).make_policy([1, 2])
+    with pytest.raises(ValueError, match=r"--allocation rc does not use --aria_alpha, --exp3_gamma"):
+        AriaSettings(allocation="rc", alpha=1.0, exp3_gamma=0.5).make_policy([1, 2])

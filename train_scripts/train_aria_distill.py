@@ -24,6 +24,16 @@ import sys
 import torch
 
 
+def _optional_float(value: str) -> float | None:
+    """A float, or 'none' for no value (e.g. --aria_max_ratio none)."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'none'") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("teacher and student")
@@ -69,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--embedder", default="sentence-transformers/all-MiniLM-L6-v2")
     g.add_argument("--clustering", default="auto", choices=["auto", "faiss", "sklearn"])
 
-    from diffusers_aria.allocation import POLICIES
+    from diffusers_aria.allocation import POLICIES, SCORES
     from diffusers_aria.training import AriaSettings
 
     d = AriaSettings()  # the library's defaults, in one place
@@ -77,19 +87,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--allocation", default=d.allocation, choices=list(POLICIES))
     g.add_argument("--aria_alpha", type=float, default=d.alpha,
                    help="size exponent of the prior (1 = RC, 0 = region-uniform; default %(default)s)")
-    g.add_argument("--aria_tau", type=float, default=d.tau, help="temperature of exp(z / tau)")
-    g.add_argument("--aria_form", default=d.form, choices=["exp", "ratio"])
-    g.add_argument("--aria_beta", type=float, default=d.beta, help="exponent of the ratio form")
+    g.add_argument("--aria_tau", type=float, default=d.tau,
+                   help="temperature: a region credibly tau harder than average gets e times its prior share "
+                        "(default %(default)s; in z units with --aria_score zscore)")
+    g.add_argument("--aria_score", default=d.score, choices=list(SCORES),
+                   help="credible: posterior-mean excess (default); zscore: the earlier standardised score")
+    g.add_argument("--aria_threshold", type=float, default=d.threshold,
+                   help="heterogeneity threshold, in null standard deviations of Cochran's Q (default %(default)s)")
     g.add_argument("--aria_floor", type=float, default=d.floor)
-    g.add_argument("--aria_cap", type=float, default=d.cap)
+    g.add_argument("--aria_max_ratio", type=_optional_float, default=d.max_ratio,
+                   help="no region gets more than this times its prior share; 'none' removes the bound "
+                        "(default %(default)s)")
+    g.add_argument("--aria_cap", type=_optional_float, default=d.cap)
     g.add_argument("--aria_damping", type=float, default=d.damping)
     g.add_argument("--aria_warmup_steps", type=int, default=d.warmup_steps)
     g.add_argument("--aria_half_life", type=float, default=d.half_life)
+    g.add_argument("--aria_samples_per_half_life", type=_optional_float, default=d.samples_per_half_life,
+                   help="lengthen the half-life so that it holds this many samples per region ('none': off; "
+                        "default %(default)s)")
     g.add_argument("--aria_num_timestep_bins", type=int, default=d.num_timestep_bins)
     g.add_argument("--aria_no_timestep_norm", action="store_true", help="score raw losses, not per-timestep-normalised")
     g.add_argument("--aria_prior_strength", type=float, default=d.prior_strength)
-    g.add_argument("--aria_noise_aware", action="store_true",
-                   help="empirical-Bayes score that shrinks differences within the estimation noise (slower to react)")
     g.add_argument("--aria_feed", default=d.feed, choices=["swapped", "all"],
                    help="which samples feed the tracker: all, or only those whose prompt was swapped")
     g.add_argument("--aria_log_every", type=int, default=d.log_every)
@@ -151,11 +169,11 @@ def aria_settings(args):
     from diffusers_aria.training import AriaSettings
 
     return AriaSettings(
-        allocation=args.allocation, alpha=args.aria_alpha, tau=args.aria_tau, form=args.aria_form, beta=args.aria_beta,
-        floor=args.aria_floor, cap=args.aria_cap, damping=args.aria_damping, warmup_steps=args.aria_warmup_steps,
-        half_life=args.aria_half_life, num_timestep_bins=args.aria_num_timestep_bins,
+        allocation=args.allocation, alpha=args.aria_alpha, tau=args.aria_tau, score=args.aria_score,
+        threshold=args.aria_threshold, floor=args.aria_floor, max_ratio=args.aria_max_ratio, cap=args.aria_cap,
+        damping=args.aria_damping, warmup_steps=args.aria_warmup_steps, half_life=args.aria_half_life,
+        samples_per_half_life=args.aria_samples_per_half_life, num_timestep_bins=args.aria_num_timestep_bins,
         timestep_norm=not args.aria_no_timestep_norm, prior_strength=args.aria_prior_strength, feed=args.aria_feed,
-        noise_aware=args.aria_noise_aware,
         doremi_lr=args.doremi_lr, doremi_smoothing=args.doremi_smoothing, exp3_gamma=args.exp3_gamma,
         log_every=args.aria_log_every, rc_schedule=args.rc_schedule, rc_lambda=args.rc_lambda,
         rc_constant=args.rc_constant, null_prompt_prob=args.null_prompt_prob)

@@ -1,0 +1,363 @@
+"""Calibration of ARIA's allocation: does it stay put on noise, move on real differences, and follow drift?
+
+Synthetic per-sample losses go through the library's own `DiscrepancyTracker`, allocation policies and
+`AdaptiveRegionSampler` (numpy only: no model). A sample of region k at timestep t has loss
+`baseline(t) * factor_k * noise` with a strongly timestep-dependent baseline (20x from t=0 to t=999, the
+tracker's per-timestep normalisation must remove it) and lognormal noise of mean 1 and coefficient of
+variation CV. Region sizes are imbalanced (lognormal), the regions of every step are drawn by the sampler
+from the policy's own probabilities, so a region drawn less often has fewer samples.
+
+Parts:
+    se      the tracker's standard errors against the spread over repeated runs: K in {16, 256}, half-life
+            {50, 200}, CV {0.5, 1}, allocation uniform, skewed (fixed, lognormal), feedback_zscore (the
+            allocation of the previous z-score rule, which starves regions on noise) and feedback_default (the
+            default rule with 10% of the regions 1.5x harder): ratio reported se / empirical sd of the raw
+            means (`standard_errors`) and of the shrunk estimates (`uncertainty`); target 1 +- 0.15.
+    null    all regions equal: K in {16, 64, 256, 1024}, global batch max(32, K) (256 for K=1024), CV {0.5, 1},
+            2,000 steps. Targets over the second half: mean TV(p, prior) <= 0.05, min p/prior >= 0.5, max
+            p/prior <= 2 (p averaged over the second half; the per-step extremes are reported too).
+    power   10% of the regions `factor` times harder (1.2, 1.5 at K=256 batch 256; 1.2 at K=1024 batch 256),
+            CV 1: their share of p over their prior share, mean over steps 1,000-2,000 (targets 1.5x, 2.5x,
+            1.3x), and the first step at which it is reached.
+    drift   K=256, batch 256, CV 1: 10% of the regions 1.5x harder until step 1,000, another 10% after it.
+            Target: by step 1,300 the new set >= 1.5x its prior share and the old one <= 1.1x.
+
+"prior" is each policy's own starting allocation (`size**alpha` for ARIA, the prompt share for RC, uniform
+for region-uniform). Policies are the library's, by the same `name:key=value` specs as benchmarks/quality.py;
+`aria_zscore` is the previous default (`aria:score=zscore,tau=0.5,max_ratio=null`).
+
+    python benchmarks/calibration.py --seeds 0 1 2            # the reported grid (~8 min on 2 cores)
+    python benchmarks/calibration.py --quick                   # seconds (smoke test)
+Writes benchmarks/results/calibration[_TAG].json and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from diffusers_aria.allocation import make_policy
+from diffusers_aria.sampler import AdaptiveRegionSampler
+from diffusers_aria.tracker import DiscrepancyTracker
+
+from _common import header, loadavg, table, write_json
+
+DEFAULT_POLICIES = ("aria", "aria_zscore", "rc", "region_uniform", "static", "doremi", "exp3")
+ALIASES = {"aria_zscore": "aria:score=zscore,tau=0.5,max_ratio=null"}
+TRACKER_KEYS = {"half_life", "prior_strength", "num_timestep_bins", "variance_pooling", "samples_per_half_life",
+                "normalize_timesteps"}
+STEPS = 2000
+
+
+# ------------------------------------------------------------------------------------------ simulation
+def parse_spec(spec: str) -> tuple[str, dict, dict]:
+    name, _, rest = ALIASES.get(spec, spec).partition(":")
+    pol: dict[str, Any] = {}
+    trk: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        try:
+            val: Any = json.loads(v)
+        except ValueError:
+            val = v
+        (trk if k in TRACKER_KEYS else pol)[k] = val
+    return name, pol, trk
+
+
+def baseline(t: np.ndarray) -> np.ndarray:
+    return 0.05 + 0.95 * (1.0 - t / 1000.0) ** 2
+
+
+def region_ids(k: int, seed: int, per_region: int = 100) -> np.ndarray:
+    """Imbalanced sizes (lognormal, sd 1 in log space), at least 5 prompts per region."""
+    rng = np.random.default_rng([seed, k, 11])
+    sizes = np.maximum(np.round(rng.lognormal(0.0, 1.0, k) / np.exp(0.5) * per_region), 5).astype(np.int64)
+    return rng.permutation(np.repeat(np.arange(k), sizes)).astype(np.int32)
+
+
+class LossModel:
+    """Per-sample losses: baseline(t) * factor[region] * lognormal(mean 1, CV)."""
+
+    def __init__(self, k: int, cv: float, seed: int) -> None:
+        self.factor = np.ones(k)
+        self.s2 = np.log1p(cv * cv)
+        self.rng = np.random.default_rng([seed, 23])
+
+    def sample(self, regions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = regions.size
+        t = self.rng.integers(0, 1000, n)
+        noise = self.rng.lognormal(-self.s2 / 2, np.sqrt(self.s2), n)
+        return baseline(t) * self.factor[regions] * noise, t
+
+
+def hard_set(k: int, seed: int, salt: int, frac: float = 0.1, exclude: np.ndarray | None = None) -> np.ndarray:
+    rng = np.random.default_rng([seed, k, salt])
+    pool = np.arange(k) if exclude is None else np.setdiff1d(np.arange(k), exclude)
+    return np.sort(rng.choice(pool, size=max(1, int(round(frac * k))), replace=False))
+
+
+def simulate(spec: str, k: int, batch: int, cv: float, seed: int, steps: int = STEPS,
+             schedule: list[tuple[int, np.ndarray, float]] = ()) -> dict:
+    """One run; `schedule` = [(from_step, regions, factor)] sets the harder regions. Returns p per step."""
+    name, pol_kw, trk_kw = parse_spec(spec)
+    ids = region_ids(k, seed)
+    sampler = AdaptiveRegionSampler(ids, seed=seed)
+    policy = make_policy(name, sampler.sizes, **pol_kw)
+    tracker = DiscrepancyTracker(k, **trk_kw)
+    sampler.set_probabilities(policy.probabilities)
+    prior = policy.probabilities.copy()
+    model = LossModel(k, cv, seed)
+    probs = np.empty((steps, k))
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for start, regions, factor in schedule:
+            if step == start:
+                model.factor[:] = 1.0
+                model.factor[regions] = factor
+        reg = sampler.draw_regions(step, batch)
+        losses, t = model.sample(reg)
+        tracker.update(reg, losses, t)
+        p = policy.step(step, tracker)
+        sampler.set_probabilities(p)
+        probs[step] = sampler.probabilities
+    return {"probs": probs, "prior": prior, "seconds": time.perf_counter() - t0}
+
+
+def tv(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return 0.5 * np.abs(p - q).sum(axis=-1)
+
+
+# ------------------------------------------------------------------------------------------ parts
+def null_case(spec: str, k: int, batch: int, cv: float, seed: int, steps: int) -> dict:
+    r = simulate(spec, k, batch, cv, seed, steps)
+    half = r["probs"][steps // 2:]
+    ratio_mean = half.mean(0) / r["prior"]
+    ratio_all = half / r["prior"]
+    return {"tv": float(tv(half, r["prior"]).mean()), "min_ratio": float(ratio_mean.min()),
+            "max_ratio": float(ratio_mean.max()), "min_ratio_any_step": float(ratio_all.min()),
+            "max_ratio_any_step": float(ratio_all.max()),
+            "starved_share": float((ratio_mean < 0.5).mean()), "seconds": r["seconds"]}
+
+
+def lift(probs: np.ndarray, prior: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    return probs[:, regions].sum(1) / prior[regions].sum()
+
+
+def power_case(spec: str, k: int, batch: int, cv: float, seed: int, factor: float, target: float, steps: int
+               ) -> dict:
+    hard = hard_set(k, seed, 1)
+    r = simulate(spec, k, batch, cv, seed, steps, schedule=[(0, hard, factor)])
+    lt = lift(r["probs"], r["prior"], hard)
+    reached = np.flatnonzero(lt >= target)
+    return {"lift": float(lt[steps // 2:].mean()), "target": target,
+            "first_step": int(reached[0]) if reached.size else None,
+            "tv": float(tv(r["probs"][steps // 2:], r["prior"]).mean()),
+            "max_ratio": float((r["probs"][steps // 2:].mean(0) / r["prior"]).max()), "seconds": r["seconds"]}
+
+
+def drift_case(spec: str, k: int, batch: int, cv: float, seed: int, factor: float, steps: int) -> dict:
+    old = hard_set(k, seed, 1)
+    new = hard_set(k, seed, 2, exclude=old)
+    switch = steps // 2
+    r = simulate(spec, k, batch, cv, seed, steps, schedule=[(0, old, factor), (switch, new, factor)])
+    l_old, l_new = lift(r["probs"], r["prior"], old), lift(r["probs"], r["prior"], new)
+    at = switch + 300
+    ok = np.flatnonzero((l_new[switch:] >= 1.5) & (l_old[switch:] <= 1.1))
+    return {"old_before": float(l_old[switch - 100:switch].mean()), "new_at_300": float(l_new[at]),
+            "old_at_300": float(l_old[at]), "steps_to_switch": int(ok[0]) if ok.size else None,
+            "seconds": r["seconds"]}
+
+
+def se_case(k: int, half_life: float, cv: float, allocation: str, reps: int, seed: int) -> dict:
+    """Reported standard errors vs the empirical sd over `reps` independent runs (fixed regions/sizes)."""
+    batch = max(32, k)
+    steps = int(6 * half_life)
+    ids = region_ids(k, seed)
+    raw, est, se_raw, se_est = [], [], [], []
+    for rep in range(reps):
+        sampler = AdaptiveRegionSampler(ids, seed=seed * 10_000 + rep)
+        tracker = DiscrepancyTracker(k, half_life=half_life)
+        if allocation == "uniform":
+            sampler.set_probabilities(np.full(k, 1.0 / k))
+            policy = None
+        elif allocation == "skewed":
+            w = np.random.default_rng([seed, k, 5]).lognormal(0.0, 1.0, k)
+            sampler.set_probabilities(w / w.sum())
+            policy = None
+        elif allocation == "feedback_zscore":  # the previous z-score rule: moves on noise, starves regions
+            policy = make_policy("aria", sampler.sizes, score="zscore", tau=0.5, max_ratio=None)
+        else:  # feedback_default: the default rule, with 10% of the regions 1.5x harder so that it moves
+            policy = make_policy("aria", sampler.sizes)
+        model = LossModel(k, cv, seed * 10_000 + rep)
+        if allocation == "feedback_default":
+            model.factor[hard_set(k, seed, 1)] = 1.5
+        for step in range(steps):
+            reg = sampler.draw_regions(step, batch)
+            losses, t = model.sample(reg)
+            tracker.update(reg, losses, t)
+            if policy is not None:
+                sampler.set_probabilities(policy.step(step, tracker))
+        raw.append(tracker.raw_means())
+        est.append(tracker.estimates())
+        se_raw.append(tracker.standard_errors())
+        se_est.append(tracker.uncertainty())
+    raw, est, se_raw, se_est = map(np.asarray, (raw, est, se_raw, se_est))
+
+    def ratio(values, ses):
+        ok = np.all(np.isfinite(values), axis=0) & np.all(np.isfinite(ses), axis=0)
+        emp = values[:, ok].var(axis=0, ddof=1)
+        rep_ = (ses[:, ok] ** 2).mean(axis=0)
+        per_region = np.sqrt(rep_ / emp)
+        return float(np.sqrt(rep_.sum() / emp.sum())), np.percentile(per_region, [10, 90]).tolist()
+
+    r_raw, q_raw = ratio(raw, se_raw)
+    r_est, q_est = ratio(est, se_est)
+    return {"ratio_raw": r_raw, "ratio_raw_p10_p90": q_raw, "ratio_estimate": r_est, "ratio_estimate_p10_p90": q_est}
+
+
+# ------------------------------------------------------------------------------------------ grid
+def jobs(args) -> list[tuple[str, dict]]:
+    out: list[tuple[str, dict]] = []
+    steps = args.steps
+    if "se" in args.parts:
+        ks = (16,) if args.quick else (16, 256)
+        hls = (50,) if args.quick else (50, 200)
+        for k in ks:
+            for hl in hls:
+                for cv in (0.5, 1.0):
+                    for alloc in ("uniform", "skewed", "feedback_zscore", "feedback_default"):
+                        out.append(("se", dict(k=k, half_life=hl, cv=cv, allocation=alloc, reps=args.se_reps,
+                                               seed=args.seeds[0])))
+    for spec in args.policies:
+        for seed in args.seeds:
+            if "null" in args.parts:
+                for k in ((16, 256) if args.quick else (16, 64, 256, 1024)):
+                    batch = 256 if k == 1024 else max(32, k)
+                    for cv in (0.5, 1.0):
+                        out.append(("null", dict(spec=spec, k=k, batch=batch, cv=cv, seed=seed, steps=steps)))
+            if "power" in args.parts:
+                for k, factor, target in ((256, 1.2, 1.5), (256, 1.5, 2.5), (1024, 1.2, 1.3)):
+                    out.append(("power", dict(spec=spec, k=k, batch=256, cv=1.0, seed=seed, factor=factor,
+                                              target=target, steps=steps)))
+            if "drift" in args.parts:
+                out.append(("drift", dict(spec=spec, k=256, batch=256, cv=1.0, seed=seed, factor=1.5, steps=steps)))
+    return out
+
+
+def run_job(job: tuple[str, dict]) -> dict:
+    kind, kw = job
+    fn = {"null": null_case, "power": power_case, "drift": drift_case, "se": se_case}[kind]
+    return {"part": kind, **kw, **fn(**kw)}
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if r[key] is not None]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def summarise(results: list[dict], policies: list[str]) -> dict[str, str]:
+    tables: dict[str, str] = {}
+    se = [r for r in results if r["part"] == "se"]
+    if se:
+        rows = [[r["k"], r["half_life"], r["cv"], r["allocation"], r["ratio_raw"],
+                 f"{r['ratio_raw_p10_p90'][0]:.2f}-{r['ratio_raw_p10_p90'][1]:.2f}", r["ratio_estimate"],
+                 f"{r['ratio_estimate_p10_p90'][0]:.2f}-{r['ratio_estimate_p10_p90'][1]:.2f}"] for r in se]
+        tables["se"] = table(rows, ["K", "half-life", "CV", "allocation", "se/sd raw means", "per region p10-p90",
+                                    "se/sd estimates", "per region p10-p90"])
+    null = [r for r in results if r["part"] == "null"]
+    if null:
+        rows = []
+        for spec in policies:
+            for k in sorted({r["k"] for r in null}):
+                for cv in (0.5, 1.0):
+                    rs = [r for r in null if r["spec"] == spec and r["k"] == k and r["cv"] == cv]
+                    if not rs:
+                        continue
+                    ok = (max(r["tv"] for r in rs) <= 0.05 and min(r["min_ratio"] for r in rs) >= 0.5
+                          and max(r["max_ratio"] for r in rs) <= 2.0)
+                    rows.append([spec, k, rs[0]["batch"], cv, _mean(rs, "tv"), min(r["min_ratio"] for r in rs),
+                                 max(r["max_ratio"] for r in rs), min(r["min_ratio_any_step"] for r in rs),
+                                 max(r["max_ratio_any_step"] for r in rs), _mean(rs, "starved_share"),
+                                 "yes" if ok else "**no**"])
+        tables["null"] = table(rows, ["policy", "K", "batch", "CV", "TV(p, prior)", "min p/prior", "max p/prior",
+                                      "min any step", "max any step", "regions < 0.5x", "null met"])
+    power = [r for r in results if r["part"] == "power"]
+    if power:
+        rows = []
+        for spec in policies:
+            for k, factor in ((256, 1.2), (256, 1.5), (1024, 1.2)):
+                rs = [r for r in power if r["spec"] == spec and r["k"] == k and r["factor"] == factor]
+                if not rs:
+                    continue
+                firsts = [r["first_step"] for r in rs]
+                rows.append([spec, k, factor, rs[0]["target"], _mean(rs, "lift"), min(r["lift"] for r in rs),
+                             str(firsts), _mean(rs, "tv"), _mean(rs, "max_ratio"),
+                             "yes" if min(r["lift"] for r in rs) >= rs[0]["target"] else "**no**"])
+        tables["power"] = table(rows, ["policy", "K", "harder by", "target", "lift (mean)", "lift (worst seed)",
+                                       "first step reached", "TV(p, prior)", "max p/prior", "met"])
+    drift = [r for r in results if r["part"] == "drift"]
+    if drift:
+        rows = []
+        for spec in policies:
+            rs = [r for r in drift if r["spec"] == spec]
+            if not rs:
+                continue
+            ok = min(r["new_at_300"] for r in rs) >= 1.5 and max(r["old_at_300"] for r in rs) <= 1.1
+            rows.append([spec, _mean(rs, "old_before"), _mean(rs, "new_at_300"), _mean(rs, "old_at_300"),
+                         str([r["steps_to_switch"] for r in rs]), "yes" if ok else "**no**"])
+        tables["drift"] = table(rows, ["policy", "old set before switch", "new set at +300", "old set at +300",
+                                       "steps to new>=1.5 & old<=1.1", "met"])
+    return tables
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="+", default=["se", "null", "power", "drift"],
+                   choices=["se", "null", "power", "drift"])
+    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES),
+                   help="policy specs, e.g. aria 'aria:tau=0.2' rc (aria_zscore = the previous default)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--se_reps", type=int, default=100)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="a small grid in seconds (smoke test)")
+    p.add_argument("--tag", default="")
+    p.add_argument("--out_dir", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.se_reps, args.seeds = 400, 20, args.seeds[:1]
+        args.policies = [s for s in args.policies if s in ("aria", "aria_zscore", "rc")] or args.policies[:2]
+    return args
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    meta = header(argv, "calibration.py")
+    todo = jobs(args)
+    t0 = time.time()
+    if args.workers > 1:
+        with ProcessPoolExecutor(args.workers) as ex:
+            results = list(ex.map(run_job, todo, chunksize=1))
+    else:
+        results = [run_job(j) for j in todo]
+    tables = summarise(results, args.policies)
+    for name, text in tables.items():
+        print(f"\n### {name}\n\n{text}")
+    payload = {**meta, "seconds": time.time() - t0, "loadavg_end": loadavg(), "args": vars(args),
+               "results": results, "tables": tables}
+    name = "calibration" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    path = write_json(name, payload, args.out_dir)
+    print(f"\n{len(results)} runs in {payload['seconds']:.0f} s; wrote {os.path.relpath(path)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
