@@ -168,7 +168,7 @@ def drift_case(spec: str, k: int, batch: int, cv: float, seed: int, factor: floa
     switch = steps // 2
     r = simulate(spec, k, batch, cv, seed, steps, schedule=[(0, old, factor), (switch, new, factor)])
     l_old, l_new = lift(r["probs"], r["prior"], old), lift(r["probs"], r["prior"], new)
-    at = switch + 300
+    at = min(switch + 300, steps - 1)  # --quick runs are shorter than 1,300 steps
     ok = np.flatnonzero((l_new[switch:] >= 1.5) & (l_old[switch:] <= 1.1))
     return {"old_before": float(l_old[switch - 100:switch].mean()), "new_at_300": float(l_new[at]),
             "old_at_300": float(l_old[at]), "steps_to_switch": int(ok[0]) if ok.size else None,

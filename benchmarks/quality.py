@@ -61,7 +61,8 @@ from _miniature import (  # noqa: E402
 
 KINDS = ("seen", "unseen", "rare")
 ALL_POLICIES = ("rc", "region_uniform", "static", "doremi", "exp3", "aria", "oracle")
-TRACKER_KEYS = {"half_life", "normalize_timesteps", "prior_strength", "num_timestep_bins"}
+TRACKER_KEYS = {"half_life", "normalize_timesteps", "prior_strength", "num_timestep_bins", "samples_per_half_life",
+                "variance_pooling"}
 RUN_KEYS = {"feed", "K"}
 
 

@@ -415,25 +415,28 @@ def _check_seed(seed: int) -> None:
         raise TypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
 
 
-def _sample_prompt(rng: random.Random, vocab: _GroupVocab) -> str:
+def _sample_prompt(rng: random.Random, vocab: _GroupVocab) -> tuple[str, dict[str, str]]:
     template = rng.choice(vocab.templates)
-    text = template.format(
-        subject=rng.choice(vocab.subjects),
-        attribute=rng.choice(vocab.attributes),
-        setting=rng.choice(vocab.settings),
-        style=rng.choice(vocab.styles),
-    )
-    text = _ARTICLE.sub(r"\1n ", text)
-    return text[0].upper() + text[1:]
+    parts = {
+        "subject": rng.choice(vocab.subjects),
+        "attribute": rng.choice(vocab.attributes),
+        "setting": rng.choice(vocab.settings),
+        "style": rng.choice(vocab.styles),
+    }
+    text = _ARTICLE.sub(r"\1n ", template.format(**parts))
+    return text[0].upper() + text[1:], parts
 
 
-def builtin_prompt_records(num_prompts: int = 4000, seed: int = 0) -> list[dict[str, str]]:
+def builtin_prompt_records(num_prompts: int = 4000, seed: int = 0, with_parts: bool = False
+                           ) -> list[dict[str, str]]:
     """Generate the built-in pool as a list of ``{"prompt": str, "group": str}`` dicts.
 
     Args:
         num_prompts: Total number of prompts, between 1 and :func:`max_builtin_pool_size`.
         seed: Seed of the random number generator; the same seed always gives the same pool
             (same prompts, same order).
+        with_parts: also return the words each prompt was built from (``subject``, ``attribute``,
+            ``setting``, ``style``): labels of what a prompt depicts, for benchmarks.
 
     Returns:
         ``num_prompts`` rows in shuffled order with unique, non-empty prompts; the number of rows
@@ -448,11 +451,11 @@ def builtin_prompt_records(num_prompts: int = 4000, seed: int = 0) -> list[dict[
         vocab = _VOCAB[group]
         made = 0
         while made < count:
-            prompt = _sample_prompt(rng, vocab)
+            prompt, parts = _sample_prompt(rng, vocab)
             if prompt in seen:
                 continue
             seen.add(prompt)
-            rows.append({"prompt": prompt, "group": group})
+            rows.append({"prompt": prompt, "group": group, **(parts if with_parts else {})})
             made += 1
     rng.shuffle(rows)
     return rows

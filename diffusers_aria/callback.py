@@ -156,6 +156,10 @@ class ARIACallback:
             "aria/effective_regions": effective_regions(p),
             "aria/kl_to_prior": kl_divergence(p, self.policy.prompt_prior),
             "aria/max_prob_ratio": float((p / self.policy.prompt_prior).max()),
+            # ARIA: the between-region sd of the relative excess that the credible score counts as real
+            # (0: every difference is within the noise, so the allocation stays at its prior)
+            **({"aria/real_spread": float(np.sqrt(self.policy.between_variance))}
+               if hasattr(self.policy, "between_variance") else {}),
             "aria/nonfinite_total": float(self.tracker.num_nonfinite),
             "aria/tracker_updates": float(self.tracker.num_updates),
         }
@@ -222,11 +226,17 @@ class ARIACallback:
         ax1.set_xlabel("step")
         ax1.set_ylabel("probability / prompt-uniform prior")
         ax1.set_title(f"ARIA allocation ({self.policy.name})")
-        est = self.tracker.estimates()
-        ax2.bar(np.arange(len(est)), est, color="tab:orange")
+        est, se = self.tracker.estimates(), self.tracker.uncertainty()
+        err = np.where(np.isfinite(se), 2.0 * se, 0.0)
+        ax2.bar(np.arange(len(est)), est, yerr=err, color="tab:orange", ecolor="k", capsize=2 if len(est) <= 32 else 0)
         ax2.axhline(self.tracker.global_mean(), color="k", lw=0.8, ls="--")
+        lo = float(np.nanmin(est - err)) if len(est) else 0.0
+        ax2.set_ylim(bottom=max(0.0, lo - 0.1 * abs(lo)))
         ax2.set_xlabel("region")
-        ax2.set_ylabel("discrepancy estimate (1 = average)")
+        ax2.set_ylabel("discrepancy estimate (1 = average), +-2 se")
+        if hasattr(self.policy, "between_variance"):
+            ax2.set_title(f"real spread counted by ARIA: {np.sqrt(self.policy.between_variance):.3f} "
+                          "(0 = all within noise)", fontsize=9)
         fig.tight_layout()
         _atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
         plt.close(fig)

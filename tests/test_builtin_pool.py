@@ -136,3 +136,13 @@ def test_groups_are_semantically_separable():
     # Also per group (macro): even rare groups are recognisable.
     per_group = [float((pred[labels == g] == g).mean()) for g in range(len(groups))]
     assert np.mean(per_group) >= 0.8, per_group
+
+
+def test_records_with_parts_name_the_words_each_prompt_was_built_from():
+    plain = builtin_prompt_records(300, seed=1)
+    parts = builtin_prompt_records(300, seed=1, with_parts=True)
+    assert [r["prompt"] for r in plain] == [r["prompt"] for r in parts]  # the same pool either way
+    assert set(plain[0]) == {"prompt", "group"}
+    for r in parts:
+        assert set(r) == {"prompt", "group", "subject", "attribute", "setting", "style"}
+        assert r["subject"] in r["prompt"].lower() and r["setting"] in r["prompt"]

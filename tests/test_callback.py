@@ -163,6 +163,9 @@ def test_logging_summary_report_and_nonfinite(tmp_path):
                 "aria/estimate/region_004", "aria/draw_share/region_004"):
         assert key in values
     assert values["aria/effective_regions"] == pytest.approx(np.exp(values["aria/entropy"]))
+    # region 4 is 40% harder with ~10% noise: the credible score counts a real spread and moves toward it
+    assert values["aria/real_spread"] > 0.05
+    assert cb.sampler.probabilities[4] > cb.policy.prior[4]
     cb.on_step_end(4, np.array([0, 1, 2]), np.array([np.nan, np.inf, 1.0]), np.array([1, 2, 3]))
     assert cb.tracker.num_nonfinite == 2 and acc.logged[-1][1]["aria/nonfinite_total"] == 2
     paths = cb.write_report(str(tmp_path))

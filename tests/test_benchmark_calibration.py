@@ -1,0 +1,42 @@
+"""Smoke test of benchmarks/calibration.py --quick: every part runs, the JSON holds the tables, and the
+default ARIA rule behaves as the full benchmark says (stays put on the null, moves on real excess)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks")
+
+
+def _calibration():
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    return importlib.import_module("calibration")
+
+
+def test_calibration_quick(tmp_path):
+    res = _calibration().main(["--quick", "--workers", "1", "--out_dir", str(tmp_path)])
+    data = json.loads((tmp_path / "calibration_quick.json").read_text())
+    assert data["command"].startswith("python benchmarks/calibration.py --quick")
+    assert set(data["tables"]) == {"se", "null", "power", "drift"}
+    assert data["args"]["policies"] == ["aria", "aria_zscore", "rc"]
+    by = {(r["part"], r.get("spec"), r.get("k")): r for r in res["results"] if r["part"] != "se"}
+    # 400 steps: the default stays within its null bounds, the previous z-score rule does not
+    assert by[("null", "aria", 256)]["tv"] < 0.05 and by[("null", "aria_zscore", 256)]["tv"] > 0.3
+    assert by[("null", "rc", 256)]["tv"] < 1e-12
+    assert by[("power", "aria", 256)]["lift"] > 1.2  # some lift from 1.2x / 1.5x harder regions within 400 steps
+    se = [r for r in res["results"] if r["part"] == "se"]
+    assert {r["allocation"] for r in se} == {"uniform", "skewed", "feedback_zscore", "feedback_default"}
+    assert all(0.5 < r["ratio_raw"] < 2.0 for r in se)
+
+
+def test_spec_parsing_routes_tracker_and_policy_settings():
+    c = _calibration()
+    name, pol, trk = c.parse_spec("aria:tau=0.2,max_ratio=null,half_life=100,samples_per_half_life=null")
+    assert name == "aria" and pol == {"tau": 0.2, "max_ratio": None}
+    assert trk == {"half_life": 100, "samples_per_half_life": None}
+    assert c.parse_spec("aria_zscore")[1] == {"score": "zscore", "tau": 0.5, "max_ratio": None}

