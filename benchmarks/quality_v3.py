@@ -376,18 +376,46 @@ def _minority_share(region_ids, kind_ids, kind) -> float | None:
     return float(np.mean([major[r] == kind for r in region_ids[m]]))
 
 
+def _part_path(args, instance: int, seed: int, control: bool) -> str:
+    return os.path.join(args.parts_dir, f"{'control' if control else 'main'}_i{instance}_s{seed}.json")
+
+
 def _worker(job) -> list[dict]:
+    """All policies of one (instance, seed), written to its part file as each finishes (a rerun with the
+    same tag resumes: finished (policy, instance, seed) runs with the same settings are not run again)."""
     instance, seed, specs, args, control = job
     torch.set_num_threads(1)
+    path = _part_path(args, instance, seed, control)
+    key = _settings_key(args)
+    done = {}
+    if os.path.exists(path):
+        with open(path) as fh:
+            part = json.load(fh)
+        if part.get("settings") == key:
+            done = {r["policy"]: r for r in part["runs"]}
+    out = [done[s] for s in specs if s in done]
+    todo = [s for s in specs if s not in done]
+    if not todo:
+        return out
     ctx = prepare_instance(instance, args, control)
-    out = []
-    for spec in specs:
+    for spec in todo:
         r = run_one(spec, seed, ctx, args)
         r["control"] = control
         out.append(r)
         log(f"  instance {instance} seed {seed} {spec}: {r['seconds']:.0f}s "
             + " ".join(f"{k}={r['evals'][str(max(args.eval_steps))][k]:.4f}" for k in ("seen", "unseen", "rare")))
+        tmp = path + f".tmp-{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump({"settings": key, "runs": out}, fh)
+        os.replace(tmp, path)
     return out
+
+
+def _settings_key(args) -> dict:
+    """Every setting a run's numbers depend on (not which policies, instances or seeds are asked for)."""
+    skip = {"policies", "instances", "seeds", "control_seeds", "control_policies", "workers", "cache_dir", "out_dir",
+            "tag", "parts_dir", "quick"}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
 def _teacher_job(job) -> dict:
@@ -461,6 +489,12 @@ def format_tables(results: dict) -> str:
                            f"{p['distinct_unseen']['mean']:.0f}/{p['distinct_rare']['mean']:.0f}"])
         lines.append(table(rows, ["policy", "unseen", "rare", "seen", "overall (natural)", "overall (eval mix)",
                                   "swap share unseen/rare", "distinct drawn unseen/rare"]))
+        insts = sorted({i for v in summ.values() for i in v["per_instance"]}, key=int)
+        if len(insts) > 1:
+            lines.append(f"\nPer instance (mean over seeds), unseen / rare ratio to RC, {length} steps:\n")
+            rows = [[spec] + [(f"{v['per_instance'][i]['unseen']:.3f} / {v['per_instance'][i]['rare']:.3f}"
+                               if i in v["per_instance"] else "-") for i in insts] for spec, v in summ.items()]
+            lines.append(table(rows, ["policy"] + [f"instance {i}" for i in insts]))
     return "\n".join(lines)
 
 
@@ -520,6 +554,9 @@ def main(argv=None) -> dict:
         return {"report": text}
     args = parse_args(argv)
     os.makedirs(args.cache_dir, exist_ok=True)
+    name = "quality_v3" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    args.parts_dir = os.path.join(args.out_dir or os.path.join(HERE, "results"), name + "_parts")
+    os.makedirs(args.parts_dir, exist_ok=True)
     meta = header(argv, "quality_v3.py")
     t0 = time.time()
     encode_prompts(load_corpus(args.pool_size)["prompts"], args.cache_dir)  # once, before the workers read it
@@ -536,7 +573,7 @@ def main(argv=None) -> dict:
         runs = [r for rs in ex.map(_worker, jobs) for r in rs]
     main_runs = [r for r in runs if not r["control"]]
     ctrl_runs = [r for r in runs if r["control"]]
-    results = {**meta, "args": {k: v for k, v in vars(args).items() if k not in ("cache_dir", "out_dir")},
+    results = {**meta, "args": {k: v for k, v in vars(args).items() if k not in ("cache_dir", "out_dir", "parts_dir")},
                "instances": instances, "runs": runs,
                "summary": {str(L): summarise(main_runs, str(L)) for L in args.eval_steps},
                "control_summary": ({str(L): summarise(ctrl_runs, str(L)) for L in args.eval_steps}
@@ -546,7 +583,6 @@ def main(argv=None) -> dict:
     if ctrl_runs:
         text += "\n\n### all-seen control\n" + format_tables({"summary": results["control_summary"]})
     print(text)
-    name = "quality_v3" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     path = write_json(name, results, args.out_dir)
     log(f"{len(runs)} runs in {results['seconds']:.0f} s; wrote {os.path.relpath(path)}")
     return results

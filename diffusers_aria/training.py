@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -20,6 +21,8 @@ from .data import step_generator
 from .distillation import DistillationLoss, FeatureProjections, FeatureTaps, LossTerms, prediction_target
 from .sampler import AdaptiveRegionSampler
 from .tracker import DiscrepancyTracker
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,7 +70,8 @@ class AriaSettings:
                                   prior_strength=self.prior_strength, samples_per_half_life=self.samples_per_half_life)
 
     def make_policy(self, sizes) -> AllocationPolicy:
-        """The run's allocation policy; a setting the chosen policy does not use is rejected by name."""
+        """The run's allocation policy; a setting changed from its default that the chosen policy does not use
+        is named in a warning (it has no effect)."""
         values = {"alpha": self.alpha, "tau": self.tau, "score": self.score, "threshold": self.threshold,
                   "floor": self.floor, "max_ratio": self.max_ratio, "cap": self.cap, "damping": self.damping,
                   "warmup_steps": self.warmup_steps, "lr": self.doremi_lr, "smoothing": self.doremi_smoothing,
@@ -78,9 +82,9 @@ class AriaSettings:
         ignored = [flags.get(k, k) for k in values if k not in accepted
                    and values[k] != defaults[flags.get(k, k)]]
         if ignored:
-            raise ValueError(f"--allocation {self.allocation} does not use "
-                             f"{', '.join('--' + _flag_name(k) for k in ignored)}; it takes "
-                             f"{', '.join(sorted(accepted)) or 'no settings'}")
+            logger.warning("--allocation %s does not use %s (set away from the default); it takes %s",
+                           self.allocation, ", ".join("--" + _flag_name(k) for k in ignored),
+                           ", ".join(sorted(accepted)) or "no settings")
         return make_policy(self.allocation, sizes, **{k: v for k, v in values.items() if k in accepted})
 
 

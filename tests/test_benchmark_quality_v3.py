@@ -29,11 +29,16 @@ def _v3():
 def test_quality_v3_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     v3 = _v3()
-    res = v3.main(["--instances", "7", "--seeds", "0", "--pool_size", "600", "--num_regions", "8", "--min_class_size", "6",
-                   "--teacher_steps", "20", "--eval_steps", "3", "6", "--true_every", "3", "--batch", "8",
-                   "--eval_t", "100", "700", "--policies", "rc", "aria", "mix:u=0.4,r=0.2", "aria_true",
-                   "aria:regions=classes", "--control_seeds", "0", "--workers", "2",
-                   "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path), "--tag", "smoke"])
+    argv = ["--instances", "7", "--seeds", "0", "--pool_size", "600", "--num_regions", "8", "--min_class_size", "6",
+            "--teacher_steps", "20", "--eval_steps", "3", "6", "--true_every", "3", "--batch", "8",
+            "--eval_t", "100", "700", "--policies", "rc", "aria", "mix:u=0.4,r=0.2", "aria_true",
+            "aria:regions=classes", "--control_seeds", "0", "--workers", "2",
+            "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path), "--tag", "smoke"]
+    res = v3.main(argv)
+    parts = sorted(p.name for p in (tmp_path / "quality_v3_smoke_parts").glob("*.json"))
+    assert parts == ["control_i7_s0.json", "main_i7_s0.json"]
+    again = v3.main(argv)  # resumes from the part files: the same runs, none trained again
+    assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in res["runs"]]
     data = json.loads((tmp_path / "quality_v3_smoke.json").read_text())
     assert data["command"].startswith("python benchmarks/quality_v3.py")
     inst = [i for i in data["instances"] if not i["control"]][0]

@@ -78,7 +78,7 @@ def test_region_names_from_groups():
     assert region_names_from_groups(np.array([0]), None) is None
 
 
-def test_settings_build_the_tracker_and_policy_and_reject_settings_the_policy_ignores():
+def test_settings_build_the_tracker_and_policy_and_name_settings_the_policy_ignores(caplog):
     from diffusers_aria.allocation import DoReMiEG
     from diffusers_aria.training import AriaSettings
 
@@ -88,7 +88,11 @@ def test_settings_build_the_tracker_and_policy_and_reject_settings_the_policy_ig
     tracker = s.make_tracker(3, num_train_timesteps=500)
     assert (tracker.half_life, tracker.samples_per_half_life, tracker.num_train_timesteps) == (20.0, None, 500)
     assert isinstance(AriaSettings(allocation="doremi", doremi_lr=0.2).make_policy([1, 2]), DoReMiEG)
-    with pytest.raises(ValueError, match=r"--allocation doremi does not use --aria_tau"):
-        AriaSettings(allocation="doremi", tau=0.3).make_policy([1, 2])
-    with pytest.raises(ValueError, match=r"--allocation rc does not use --aria_alpha, --exp3_gamma"):
+    with caplog.at_level("WARNING", logger="diffusers_aria.training"):
+        assert isinstance(AriaSettings(allocation="doremi", tau=0.3).make_policy([1, 2]), DoReMiEG)
         AriaSettings(allocation="rc", alpha=1.0, exp3_gamma=0.5).make_policy([1, 2])
+        AriaSettings(allocation="rc").make_policy([1, 2])  # nothing changed from the defaults: no warning
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith("--allocation doremi does not use --aria_tau (set away from the default)")
+    assert messages[1].startswith("--allocation rc does not use --aria_alpha, --exp3_gamma")
+    assert len(messages) == 2
