@@ -121,3 +121,26 @@ def bootstrap_ratio_ci(num, den, reps: int = 10_000, seed: int = 0, level: float
     r = num[idx].sum(1) / den[idx].sum(1)
     lo, hi = np.percentile(r, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return float(lo), float(hi)
+
+
+def tracker_keys() -> set[str]:
+    """The `DiscrepancyTracker` keyword arguments a policy spec may set."""
+    import inspect
+
+    from diffusers_aria.tracker import DiscrepancyTracker
+
+    return set(inspect.signature(DiscrepancyTracker.__init__).parameters) - {"self", "num_regions"}
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """A policy spec `name:key=value,...` of the benchmarks -> (name, {key: value}), values read as JSON
+    where they parse (`null`, numbers, booleans) and kept as strings otherwise."""
+    name, _, rest = spec.partition(":")
+    settings: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        try:
+            settings[k] = json.loads(v)
+        except ValueError:
+            settings[k] = v
+    return name, settings

@@ -34,12 +34,10 @@ Writes benchmarks/results/calibration[_TAG].json and prints Markdown tables.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
 
 import numpy as np
 
@@ -47,28 +45,19 @@ from diffusers_aria.allocation import make_policy
 from diffusers_aria.sampler import AdaptiveRegionSampler
 from diffusers_aria.tracker import DiscrepancyTracker
 
-from _common import header, loadavg, table, write_json
+from _common import header, loadavg, split_spec, table, tracker_keys, write_json
 
 DEFAULT_POLICIES = ("aria", "aria_zscore", "rc", "region_uniform", "static", "doremi", "exp3")
 ALIASES = {"aria_zscore": "aria:score=zscore,tau=0.5,max_ratio=null"}
-TRACKER_KEYS = {"half_life", "prior_strength", "num_timestep_bins", "variance_pooling", "samples_per_half_life",
-                "normalize_timesteps"}
+TRACKER_KEYS = tracker_keys()
 STEPS = 2000
 
 
 # ------------------------------------------------------------------------------------------ simulation
 def parse_spec(spec: str) -> tuple[str, dict, dict]:
-    name, _, rest = ALIASES.get(spec, spec).partition(":")
-    pol: dict[str, Any] = {}
-    trk: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        k, _, v = item.partition("=")
-        try:
-            val: Any = json.loads(v)
-        except ValueError:
-            val = v
-        (trk if k in TRACKER_KEYS else pol)[k] = val
-    return name, pol, trk
+    name, settings = split_spec(ALIASES.get(spec, spec))
+    pol = {k: v for k, v in settings.items() if k not in TRACKER_KEYS}
+    return name, pol, {k: v for k, v in settings.items() if k in TRACKER_KEYS}
 
 
 def baseline(t: np.ndarray) -> np.ndarray:

@@ -47,6 +47,7 @@ from diffusers_aria.regions import spherical_kmeans  # noqa: E402
 from diffusers_aria.sampler import AdaptiveRegionSampler  # noqa: E402
 from diffusers_aria.tracker import DiscrepancyTracker  # noqa: E402
 
+from _common import split_spec, tracker_keys  # noqa: E402
 from _miniature import (  # noqa: E402
     TextStates,
     encode_prompts,
@@ -61,8 +62,7 @@ from _miniature import (  # noqa: E402
 
 KINDS = ("seen", "unseen", "rare")
 ALL_POLICIES = ("rc", "region_uniform", "static", "doremi", "exp3", "aria", "oracle")
-TRACKER_KEYS = {"half_life", "normalize_timesteps", "prior_strength", "num_timestep_bins", "samples_per_half_life",
-                "variance_pooling"}
+TRACKER_KEYS = tracker_keys()
 RUN_KEYS = {"feed", "K"}
 
 
@@ -91,14 +91,9 @@ class FixedGroupOracle(AllocationPolicy):
 
 
 def parse_spec(spec: str) -> tuple[str, dict, dict, dict]:
-    name, _, rest = spec.partition(":")
+    name, settings = split_spec(spec)
     pol, trk, run = {}, {}, {"feed": "all", "K": None}  # the library default: every sample feeds the tracker
-    for item in filter(None, rest.split(",")):
-        k, _, v = item.partition("=")
-        try:
-            val: Any = json.loads(v)
-        except ValueError:
-            val = v
+    for k, val in settings.items():
         if k == "normalize_timesteps":
             val = bool(val)
         (trk if k in TRACKER_KEYS else run if k in RUN_KEYS else pol)[k] = val

@@ -60,7 +60,7 @@ from diffusers_aria.callback import ARIACallback  # noqa: E402
 from diffusers_aria.sampler import AdaptiveRegionSampler  # noqa: E402
 from diffusers_aria.tracker import DiscrepancyTracker  # noqa: E402
 
-from _common import header, loadavg, table, write_json  # noqa: E402
+from _common import header, loadavg, split_spec, table, tracker_keys, write_json  # noqa: E402
 from _miniature import (  # noqa: E402
     LATENT_CHANNELS,
     TextStates,
@@ -74,8 +74,7 @@ from _miniature import (  # noqa: E402
 
 KINDS = ("seen", "unseen", "rare")
 BASE_POLICIES = ("rc", "region_uniform", "static", "doremi", "exp3", "aria")
-TRACKER_KEYS = {"half_life", "normalize_timesteps", "prior_strength", "num_timestep_bins", "samples_per_half_life",
-                "variance_pooling"}
+TRACKER_KEYS = tracker_keys()
 LATENT_WEIGHTS = {"group": 1.0, "subject": 1.0, "setting": 0.5, "style": 0.3}
 
 
@@ -193,14 +192,9 @@ class TrueErrorARIA(AllocationPolicy):
 
 
 def parse_spec(spec: str) -> tuple[str, dict, dict, dict]:
-    name, _, rest = spec.partition(":")
+    name, settings = split_spec(spec)
     pol, trk, run = {}, {}, {"regions": "library"}
-    for item in filter(None, rest.split(",")):
-        k, _, v = item.partition("=")
-        try:
-            val: Any = json.loads(v)
-        except ValueError:
-            val = v
+    for k, val in settings.items():
         (trk if k in TRACKER_KEYS else run if k == "regions" else pol)[k] = val
     if name not in (*BASE_POLICIES, "mix", "aria_true"):
         raise SystemExit(f"unknown policy {name!r}")
