@@ -78,7 +78,7 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path):
     cfg = report["policy_config"]
     assert (cfg["alpha"], cfg["tau"], cfg["score"], cfg["threshold"], cfg["max_ratio"], cfg["floor"], cfg["cap"],
             cfg["damping"]) == (0.8, 0.7, "credible", 0.5, 3.0, 0.2, 0.6, 0.5)
-    assert "| `samples_per_half_life` | None |" in (out / "README.md").read_text()
+    assert "| `samples_per_half_life` | — |" in (out / "README.md").read_text()  # None, as the card shows it
     assert max(r["probability"] for r in report["regions"]) <= 0.6 + 1e-12
     regions = ConditionRegions.load(str(out / "regions"))
     assert regions.metadata["method"] == "sklearn" and regions.num_regions <= 4
