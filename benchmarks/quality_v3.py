@@ -492,6 +492,29 @@ def format_tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def report_parts(parts_dir: str) -> dict:
+    """Tables from the part files of a run that has not finished (every complete (instance, seed) so far)."""
+    import glob
+
+    runs = []
+    for path in sorted(glob.glob(os.path.join(parts_dir, "*.json"))):
+        with open(path) as fh:
+            runs.extend(json.load(fh)["runs"])
+    main_runs = [r for r in runs if not r.get("control")]
+    ctrl_runs = [r for r in runs if r.get("control")]
+    lengths = sorted({L for r in runs for L in r["evals"]}, key=int)
+    out = {"parts_dir": parts_dir, "num_runs": len(runs),
+           "instances_seeds": sorted({(r["instance"], r["seed"]) for r in main_runs}),
+           "summary": {L: summarise(main_runs, L) for L in lengths},
+           "control_summary": {L: summarise(ctrl_runs, L) for L in lengths} if ctrl_runs else None}
+    text = format_tables(out)
+    if ctrl_runs:
+        text += "\n\n### all-seen control\n" + format_tables({"summary": out["control_summary"]})
+    print(f"{len(runs)} runs from {parts_dir}; (instance, seed): {out['instances_seeds']}")
+    print(text)
+    return {**out, "report": text}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="< 5 minutes: one instance, few steps (smoke)")
@@ -546,6 +569,8 @@ def main(argv=None) -> dict:
         text = "\n".join(format_tables(json.load(open(p))) for p in argv[1:])
         print(text)
         return {"report": text}
+    if argv[:1] == ["--report_parts"]:  # the runs finished so far of an interrupted (resumable) run
+        return report_parts(argv[1])
     args = parse_args(argv)
     os.makedirs(args.cache_dir, exist_ok=True)
     name = "quality_v3" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")

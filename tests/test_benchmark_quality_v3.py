@@ -39,6 +39,10 @@ def test_quality_v3_smoke(tmp_path, monkeypatch):
     assert parts == ["control_i7_s0.json", "main_i7_s0.json"]
     again = v3.main(argv)  # resumes from the part files: the same runs, none trained again
     assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in res["runs"]]
+    partial = v3.main(["--report_parts", str(tmp_path / "quality_v3_smoke_parts")])  # an unfinished run's tables
+    assert partial["num_runs"] == 7 and partial["instances_seeds"] == [(7, 0)]
+    assert partial["summary"]["6"]["aria"]["pooled"]["unseen"]["mean"] == pytest.approx(
+        res["summary"]["6"]["aria"]["pooled"]["unseen"]["mean"])
     data = json.loads((tmp_path / "quality_v3_smoke.json").read_text())
     assert data["command"].startswith("python benchmarks/quality_v3.py")
     inst = [i for i in data["instances"] if not i["control"]][0]
