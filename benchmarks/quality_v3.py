@@ -496,10 +496,16 @@ def report_parts(parts_dir: str) -> dict:
     """Tables from the part files of a run that has not finished (every complete (instance, seed) so far)."""
     import glob
 
-    runs = []
+    groups = []
     for path in sorted(glob.glob(os.path.join(parts_dir, "*.json"))):
         with open(path) as fh:
-            runs.extend(json.load(fh)["runs"])
+            groups.append(json.load(fh)["runs"])
+    # only complete (instance, seed) parts: every policy that any part of the same kind has finished
+    runs = []
+    for control in (False, True):
+        same = [g for g in groups if g and bool(g[0].get("control")) == control]
+        full = max((len(g) for g in same), default=0)
+        runs.extend(r for g in same if len(g) == full for r in g)
     main_runs = [r for r in runs if not r.get("control")]
     ctrl_runs = [r for r in runs if r.get("control")]
     lengths = sorted({L for r in runs for L in r["evals"]}, key=int)
