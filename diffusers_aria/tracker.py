@@ -7,10 +7,10 @@ mean *normalised* loss (1.0 = as hard as average), shrunk toward the global mean
 evidence.
 
 All statistics are discounted sums with a half-life `h` in steps (decay :math:`\gamma = 2^{-1/h}` applied once
-per `update`; `samples_per_half_life` lengthens `h` to :math:`m K / b` for an update of `b` samples when that
-is longer, so that one half-life holds about `m` samples per region however many regions share the batch:
-at K = 1024 regions and a global batch of 256, 200 steps rather than 50): counts :math:`S^0_{kb}`, sums :math:`S^1_{kb}` and sums of squares :math:`S^2_{kb}`. They are
-linear in the data, so the update with the concatenation of several ranks' batches equals the update with
+per `update`): counts :math:`S^0_{kb}`, sums :math:`S^1_{kb}` and sums of squares :math:`S^2_{kb}`.
+`samples_per_half_life` lengthens `h` to :math:`m K / b` for an update of `b` samples when that is longer, so
+that one half-life holds about `m` samples per region however many regions share the batch (K = 1024 regions
+at a global batch of 256: 200 steps rather than 50). The sums are linear in the data, so the update with the concatenation of several ranks' batches equals the update with
 each rank's part combined, and a region that is not observed loses its evidence and drifts back to the prior.
 Non-finite losses are counted and ignored, never absorbed.
 
