@@ -10,8 +10,9 @@ All statistics are discounted sums with a half-life `h` in steps (decay :math:`\
 per `update`): counts :math:`S^0_{kb}`, sums :math:`S^1_{kb}` and sums of squares :math:`S^2_{kb}`.
 `samples_per_half_life` lengthens `h` to :math:`m K / b` for an update of `b` samples when that is longer, so
 that one half-life holds about `m` samples per region however many regions share the batch (K = 1024 regions
-at a global batch of 256: 200 steps rather than 50). The sums are linear in the data, so the update with the concatenation of several ranks' batches equals the update with
-each rank's part combined, and a region that is not observed loses its evidence and drifts back to the prior.
+at a global batch of 256: 200 steps rather than 50). The sums are linear in the data, so the update with the
+concatenation of several ranks' batches equals the update with each rank's part combined, and a region that
+is not observed loses its evidence and drifts back to the prior.
 Non-finite losses are counted and ignored, never absorbed.
 
 Tracking-error bound. Let region k receive m >= 1 samples per step whose normalised values are
