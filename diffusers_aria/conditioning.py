@@ -9,7 +9,7 @@ constant. Null-prompt dropout replaces a prompt by "" (region -1, ignored by the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,10 +78,16 @@ class RandomConditioning:
         null_prompt_prob: probability of replacing the final prompt by "" (classifier-free-guidance dropout).
         seed: swap coins come from (seed, step, rank).
         regions: `ConditionRegions` to assign paired captions to regions when no ids are given.
+        gather_counts: with several processes, a function that takes this rank's number of pool prompts
+            needed at this step and returns every rank's (a tiny all-gather; `build_aria` makes it from the
+            accelerator). Pool prompts are drawn only for the samples that use one, and the ranks' counts
+            fix each rank's slice of the global draw. Without it, several processes are allowed only in
+            image-free mode without null prompts, where every rank needs its whole batch.
     """
 
     def __init__(self, sampler: AdaptiveRegionSampler, pool, schedule: SwapSchedule | None = None,
-                 null_prompt_prob: float = 0.0, seed: int = 0, regions=None) -> None:
+                 null_prompt_prob: float = 0.0, seed: int = 0, regions=None,
+                 gather_counts: Callable[[int], Sequence[int]] | None = None) -> None:
         if not 0 <= null_prompt_prob <= 1:
             raise ValueError(f"null_prompt_prob={null_prompt_prob!r} must lie in [0, 1]")
         if len(pool) != sampler.num_prompts:
@@ -91,6 +97,7 @@ class RandomConditioning:
         self.null_prompt_prob = float(null_prompt_prob)
         self.seed = int(seed)
         self.regions = regions
+        self.gather_counts = gather_counts
         self._assigned: dict[str, int] = {}
 
     def _caption_regions(self, captions: Sequence[str]) -> np.ndarray:
@@ -105,44 +112,68 @@ class RandomConditioning:
                 self._assigned[c] = int(r)
         return np.asarray([self._assigned.get(c, NULL_REGION) for c in captions], dtype=np.int64)
 
-    def __call__(self, step: int, timesteps: torch.Tensor, captions: Sequence[str] | None = None,
-                 caption_region_ids=None, rank: int = 0, num_replicas: int = 1) -> ConditioningBatch:
-        """Decide the prompts of one batch (this rank's part of the global batch of `step`).
-
-        Every rank must call this once per step, with the same batch size: it advances the sampler's
-        global draw. With `captions=None` (image-free training) every sample takes a pool prompt.
-        """
+    def decide(self, step: int, timesteps: torch.Tensor, with_captions: bool = True,
+               rank: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+        """The coins of one batch: (swapped [B] bool, null [B] bool), from (seed, step, rank) and t alone."""
         t = torch.as_tensor(timesteps).reshape(-1).cpu()
         n = t.numel()
         gen = torch.Generator().manual_seed(_step_seed(self.seed, step, rank))
         coins = torch.rand(n, generator=gen, dtype=torch.float64)
-        nulls = torch.rand(n, generator=gen, dtype=torch.float64) < self.null_prompt_prob
-        idx, reg = self.sampler.draw(step, n, num_replicas=num_replicas, rank=rank)
+        nulls = (torch.rand(n, generator=gen, dtype=torch.float64) < self.null_prompt_prob).numpy()
+        swapped = coins < self.schedule(t) if with_captions else torch.ones(n, dtype=torch.bool)
+        return swapped, nulls
+
+    def __call__(self, step: int, timesteps: torch.Tensor, captions: Sequence[str] | None = None,
+                 caption_region_ids=None, rank: int = 0, num_replicas: int = 1) -> ConditioningBatch:
+        """Decide the prompts of one batch (this rank's part of the global batch of `step`).
+
+        Every rank must call this once per step: it advances the sampler's global draw. A pool prompt is
+        drawn only for a sample that uses one (swapped, and not replaced by the null prompt), so the
+        sampler's counters count prompts that were trained on. With `captions=None` (image-free training)
+        every sample takes a pool prompt.
+        """
+        n = torch.as_tensor(timesteps).numel()
+        if captions is not None and len(captions) != n:
+            raise ValueError(f"got {len(captions)} captions for {n} timesteps")
+        swapped, nulls = self.decide(step, timesteps, captions is not None, rank)
+        sw = swapped.numpy()
+        use = sw & ~nulls
+        idx = np.full(n, -1, dtype=np.int64)
+        reg = np.full(n, NULL_REGION, dtype=np.int64)
+        counts = self._rank_counts(int(use.sum()), n, captions is None, num_replicas)
+        idx[use], reg[use] = self.sampler.draw_counts(step, counts, rank)
         if captions is None:
-            swapped = torch.ones(n, dtype=torch.bool)
             cap_regions = np.full(n, NULL_REGION, dtype=np.int64)
             captions = [""] * n
         else:
-            if len(captions) != n:
-                raise ValueError(f"got {len(captions)} captions for {n} timesteps")
-            swapped = coins < self.schedule(t)
             cap_regions = (np.asarray(caption_region_ids, dtype=np.int64).reshape(-1) if caption_region_ids is not None
                            else self._caption_regions(captions))
-        sw = swapped.numpy()
-        pool_prompts = get_prompts(self.pool, idx[sw]) if sw.any() else []
-        it = iter(pool_prompts)
-        prompts = [next(it) if s else c for s, c in zip(sw.tolist(), captions)]
-        regions = np.where(sw, reg, cap_regions)
-        if self.null_prompt_prob > 0:
-            nm = nulls.numpy()
-            prompts = ["" if z else p for z, p in zip(nm.tolist(), prompts)]
-            regions = np.where(nm, NULL_REGION, regions)
+        pool_prompts = iter(get_prompts(self.pool, idx[use]) if use.any() else [])
+        prompts = ["" if z else (next(pool_prompts) if s else c) for s, z, c in zip(sw.tolist(), nulls.tolist(), captions)]
+        regions = np.where(nulls, NULL_REGION, np.where(sw, reg, cap_regions))
         return ConditioningBatch(
             prompts=prompts,
             swapped=swapped,
             region_ids=torch.from_numpy(regions.astype(np.int64)),
-            pool_indices=torch.from_numpy(np.where(sw, idx, -1).astype(np.int64)),
+            pool_indices=torch.from_numpy(idx),
         )
+
+    def _rank_counts(self, needed: int, n: int, image_free: bool, num_replicas: int) -> list[int]:
+        """Every rank's number of pool prompts at this step (this rank's alone with one process)."""
+        if num_replicas <= 1:
+            return [needed]
+        if self.gather_counts is not None:
+            counts = [int(c) for c in self.gather_counts(needed)]
+            if len(counts) != num_replicas:
+                raise ValueError(f"gather_counts returned {len(counts)} counts for num_replicas={num_replicas}")
+            if needed not in counts:
+                raise ValueError(f"gather_counts returned {counts}, which lacks this rank's count {needed}")
+            return counts
+        if image_free and self.null_prompt_prob == 0:
+            return [n] * num_replicas  # every rank needs its whole batch (the batches must be equal)
+        raise ValueError(
+            f"with num_replicas={num_replicas} and paired captions or null prompts, the ranks need different numbers "
+            "of pool prompts: pass gather_counts= to RandomConditioning (build_aria does, given the accelerator)")
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:

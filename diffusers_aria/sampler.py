@@ -10,7 +10,7 @@ ever stored. Memory: the region-id order (int32 when N < 2**31, 4 bytes a prompt
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -261,6 +261,22 @@ class AdaptiveRegionSampler(Sampler[int]):
         r = self.rank if rank is None else int(rank)
         idx, reg = self.draw_global(step, n * world)
         return idx[r * n:(r + 1) * n], reg[r * n:(r + 1) * n]
+
+    def draw_counts(self, step: int, counts: Sequence[int], rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's part of the global draw at `step` when rank r needs `counts[r]` samples.
+
+        For batches whose size differs across ranks (e.g. only the swapped samples of Random Conditioning):
+        every rank passes the same `counts` (gathered), draws `sum(counts)` globally and takes its slice.
+        """
+        counts = [int(c) for c in counts]
+        if any(c < 0 for c in counts):
+            raise ValueError(f"counts must be >= 0, got {counts}")
+        r = self.rank if rank is None else int(rank)
+        if not 0 <= r < len(counts):
+            raise ValueError(f"rank {r} is outside the {len(counts)} ranks of counts={counts}")
+        idx, reg = self.draw_global(step, sum(counts))
+        start = sum(counts[:r])
+        return idx[start:start + counts[r]], reg[start:start + counts[r]]
 
     def __iter__(self) -> Iterator[int]:
         per_rank = self.batch_size // self.num_replicas if self.num_replicas > 1 else self.batch_size

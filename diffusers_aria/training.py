@@ -112,8 +112,12 @@ def build_aria(settings: AriaSettings, regions, pool, accelerator=None, seed: in
                             region_names=region_names)
     schedule = SwapSchedule(kind=settings.rc_schedule, lam=settings.rc_lambda, value=settings.rc_constant,
                             num_train_timesteps=num_train_timesteps)
+    gather_counts = None
+    if accelerator is not None and accelerator.num_processes > 1:
+        def gather_counts(n: int) -> list[int]:
+            return accelerator.gather(torch.tensor([n], device=accelerator.device)).cpu().tolist()
     rc = RandomConditioning(sampler, pool, schedule=schedule, null_prompt_prob=settings.null_prompt_prob, seed=seed,
-                            regions=regions)
+                            regions=regions, gather_counts=gather_counts)
     return AriaComponents(sampler, tracker, policy, callback, rc)
 
 

@@ -195,8 +195,50 @@ def test_decisions_are_deterministic_and_depend_on_rank():
     oa, ob = a(7, t, _captions(32)), b(7, t, _captions(32))
     assert oa.prompts == ob.prompts and torch.equal(oa.swapped, ob.swapped)
     c = _rc(SwapSchedule("constant", value=0.5), seed=4)
-    oc = c(7, t, _captions(32), rank=1, num_replicas=2)
-    assert not torch.equal(oc.swapped, oa.swapped)
+    swapped_rank1, _ = c.decide(7, t, rank=1)
+    assert not torch.equal(swapped_rank1, oa.swapped)
+
+
+def test_pool_prompts_are_drawn_only_for_the_samples_that_use_one():
+    rc = _rc(SwapSchedule("constant", value=0.5), null_prompt_prob=0.2)
+    ref = AdaptiveRegionSampler(POOL_REGIONS, seed=0)
+    used = 0
+    for step in range(20):
+        out = rc(step, torch.randint(0, T, (16,)), _captions(16, step))
+        is_null = np.array([p == "" for p in out.prompts])
+        use = out.swapped.numpy() & ~is_null
+        assert np.all(out.pool_indices.numpy()[~use] == -1)
+        expected, _ = ref.draw(step, int(use.sum()))  # the global draw holds exactly the used prompts, in order
+        assert out.pool_indices.numpy()[use].tolist() == expected.tolist()
+        used += int(use.sum())
+    assert 0 < used < 20 * 16 and rc.sampler.counters.sum() == used  # draws count prompts trained on
+
+
+def test_ranks_with_different_swap_counts_take_their_slices_of_one_draw():
+    t = torch.randint(0, T, (12,), generator=torch.Generator().manual_seed(3))
+    ranks = [_rc(SwapSchedule("constant", value=0.4), null_prompt_prob=0.1) for _ in range(2)]
+    ref = AdaptiveRegionSampler(POOL_REGIONS, seed=0)
+    for step in range(6):
+        needs = []
+        for r, rc in enumerate(ranks):
+            swapped, nulls = rc.decide(step, t, rank=r)
+            needs.append(int((swapped.numpy() & ~nulls).sum()))
+        outs = []
+        for r, rc in enumerate(ranks):
+            rc.gather_counts = lambda m, needs=needs: needs  # what an all-gather would return
+            outs.append(rc(step, t, _captions(12, step), rank=r, num_replicas=2))
+        drawn = [i for o in outs for i in o.pool_indices.tolist() if i >= 0]
+        assert drawn == ref.draw(step, sum(needs))[0].tolist()
+    assert np.array_equal(ranks[0].sampler.counters, ranks[1].sampler.counters)
+
+
+def test_several_ranks_with_captions_need_gather_counts():
+    rc = _rc(SwapSchedule("constant", value=0.5))
+    with pytest.raises(ValueError, match="gather_counts"):
+        rc(0, torch.zeros(4, dtype=torch.long), _captions(4), rank=0, num_replicas=2)
+    rc.gather_counts = lambda m: [m]  # one count for two ranks
+    with pytest.raises(ValueError, match="1 counts for num_replicas=2"):
+        rc(0, torch.zeros(4, dtype=torch.long), _captions(4), rank=0, num_replicas=2)
 
 
 def test_ranks_take_disjoint_slices_of_the_global_draw():
