@@ -1,7 +1,9 @@
 """Paired training data for distillation, as a stream indexed by step.
 
 Every batch is a pure function of `(seed, step, rank)`: row order comes from a keyed permutation per epoch,
-noise and timesteps from a generator seeded by the step. A run resumed at step s therefore sees exactly the
+noise and timesteps from a generator seeded by the step, and an image's random crop and flip (and the pick
+among a row's captions) from `(seed, index, epoch)` - the sampler hands the dataset `(index, epoch)` pairs,
+so this also holds in DataLoader worker processes. A run resumed at step s therefore sees exactly the
 batches an uninterrupted run would, without any data-loader state in the checkpoint.
 
 Sources: a `datasets` image/caption dataset (hub name or an imagefolder with a metadata file), or the
@@ -12,6 +14,7 @@ prompt pool once at start (cached on disk as safetensors).
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Iterator
 
@@ -28,38 +31,68 @@ def step_generator(seed: int, step: int, rank: int, salt: int = 0) -> torch.Gene
     return torch.Generator().manual_seed(int(state % (2**63 - 1)))
 
 
+def split_key(key) -> tuple[int, int]:
+    """`(row index, epoch)` of a dataset key: a plain row index (epoch 0) or an `(index, epoch)` pair."""
+    if isinstance(key, (tuple, list)):
+        if len(key) != 2:
+            raise TypeError(f"a dataset key pair is (index, epoch), got {key!r}")
+        return operator.index(key[0]), operator.index(key[1])
+    try:
+        return operator.index(key), 0
+    except TypeError:
+        raise TypeError(f"a dataset key is a row index or an (index, epoch) pair, got {key!r}") from None
+
+
 class StepBatchSampler:
-    """Batches of row indices for steps `start_step, start_step+1, ...` (infinite), this rank's slice.
+    """Batches of dataset keys for steps `start_step, start_step+1, ...` (infinite), this rank's slice.
 
     Global position p = step * global_batch + rank * batch_size + i; epoch e = p // num_rows; the row is a
-    keyed permutation of the epoch, so every row is seen once per epoch across all ranks.
+    keyed permutation of the epoch, so every row is seen once per epoch across all ranks. Iteration yields
+    `(row, epoch)` pairs, which `ImageCaptionDataset` and `LatentCaptionDataset` accept, so per-epoch
+    augmentation needs no epoch attribute shared with the DataLoader's workers; `with_epoch=False` yields
+    plain row indices instead, for a dataset that only takes ints.
     """
 
     def __init__(self, num_rows: int, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, with_epoch: bool = True) -> None:
         if num_rows < 1:
             raise ValueError("the paired dataset is empty; it needs at least one row")
         self.num_rows, self.batch_size = int(num_rows), int(batch_size)
         self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
-        self.start_step = int(start_step)
+        self.start_step, self.with_epoch = int(start_step), bool(with_epoch)
 
-    def indices(self, step: int) -> np.ndarray:
+    def rows_and_epochs(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's row indices at `step` and the epoch each one belongs to (int64 arrays)."""
         g = self.batch_size * self.num_replicas
         pos = step * g + self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
         epoch, within = pos // self.num_rows, pos % self.num_rows
         with np.errstate(over="ignore"):
             key = _mix64_array(np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15) + epoch.astype(np.uint64))
-        return keyed_permutation(within, np.full(pos.shape, self.num_rows), key)
+        return keyed_permutation(within, np.full(pos.shape, self.num_rows), key).astype(np.int64), epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def indices(self, step: int) -> np.ndarray:
+        """This rank's row indices at `step`."""
+        return self.rows_and_epochs(step)[0]
+
+    def keys(self, step: int) -> list:
+        """The dataset keys of `step`: `(row, epoch)` pairs, or row indices when `with_epoch=False`."""
+        rows, epochs = self.rows_and_epochs(step)
+        return list(zip(rows.tolist(), epochs.tolist())) if self.with_epoch else rows.tolist()
+
+    def __iter__(self) -> Iterator[list]:
         step = self.start_step
         while True:
-            yield self.indices(step).tolist()
+            yield self.keys(step)
             step += 1
 
 
 class ImageCaptionDataset(Dataset):
-    """Rows of a `datasets.Dataset` as {pixel_values [3,H,W] in [-1,1], caption, region, index}."""
+    """Rows of a `datasets.Dataset` as {pixel_values [3,H,W] in [-1,1], caption, region, index}.
+
+    A key is a row index or an `(index, epoch)` pair (as `StepBatchSampler` yields; a plain index is epoch
+    0). The random crop (`center_crop=False`), the random flip and the pick of a list caption are drawn
+    from `(seed, index, epoch)`: the same for the same key in any process, new every epoch.
+    """
 
     def __init__(self, dataset, image_column: str, caption_column: str, resolution: int, center_crop: bool = True,
                  random_flip: bool = False, seed: int = 0, region_ids: np.ndarray | None = None) -> None:
@@ -74,10 +107,15 @@ class ImageCaptionDataset(Dataset):
         return len(self.ds)
 
     def captions(self) -> list[str]:
+        """One caption a row (the first of a list; used to assign regions)."""
         caps = self.ds[self.caption_column]
-        return [c if isinstance(c, str) else (c[0] if c else "") for c in caps]
+        return [c if isinstance(c, str) else (c[0] if c is not None and len(c) else "") for c in caps]
 
-    def _image(self, image, index: int) -> torch.Tensor:
+    def _rng(self, index: int, epoch: int, salt: int) -> np.random.Generator:
+        # One stream per use (0 crop, 1 flip, 2 caption), so turning one on does not shift the others.
+        return np.random.default_rng([self.seed, index, epoch, salt])
+
+    def _image(self, image, index: int, epoch: int) -> torch.Tensor:
         from PIL import Image
 
         image = image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
@@ -89,20 +127,28 @@ class ImageCaptionDataset(Dataset):
         if self.center_crop:
             left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
         else:
-            rng = np.random.default_rng([self.seed, index])
+            rng = self._rng(index, epoch, 0)
             left, top = int(rng.integers(0, w - self.resolution + 1)), int(rng.integers(0, h - self.resolution + 1))
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        if self.random_flip and np.random.default_rng([self.seed, index, 1]).random() < 0.5:
+        if self.random_flip and self._rng(index, epoch, 1).random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
         return arr.permute(2, 0, 1).contiguous()
 
-    def __getitem__(self, index: int) -> dict:
-        row = self.ds[int(index)]
-        cap = row[self.caption_column]
-        cap = cap if isinstance(cap, str) else (cap[0] if cap else "")
-        return {"pixel_values": self._image(row[self.image_column], int(index)), "caption": cap,
-                "region": int(self.region_ids[index]) if self.region_ids is not None else -1, "index": int(index)}
+    def _caption(self, caption, index: int, epoch: int) -> str:
+        """The caption itself, or one entry of a list of captions drawn from (seed, index, epoch)."""
+        if isinstance(caption, str):
+            return caption
+        if caption is None or len(caption) == 0:
+            return ""
+        return caption[int(self._rng(index, epoch, 2).integers(len(caption)))]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = split_key(key)
+        row = self.ds[index]
+        return {"pixel_values": self._image(row[self.image_column], index, epoch),
+                "caption": self._caption(row[self.caption_column], index, epoch),
+                "region": int(self.region_ids[index]) if self.region_ids is not None else -1, "index": index}
 
 
 class LatentCaptionDataset(Dataset):
@@ -119,9 +165,10 @@ class LatentCaptionDataset(Dataset):
     def captions(self) -> list[str]:
         return list(self._captions)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, _ = split_key(key)  # no augmentation: the epoch does not change a row
         return {"latents": self.latents[index], "caption": self._captions[index],
-                "region": int(self.region_ids[index]), "index": int(index)}
+                "region": int(self.region_ids[index]), "index": index}
 
 
 def collate(rows: list[dict]) -> dict:

@@ -1,10 +1,20 @@
 """data.py: the step-indexed paired stream."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from diffusers_aria.data import LatentCaptionDataset, StepBatchSampler, collate, step_generator
+from diffusers_aria.data import (
+    ImageCaptionDataset,
+    LatentCaptionDataset,
+    StepBatchSampler,
+    collate,
+    split_key,
+    step_generator,
+)
 
 
 def test_each_epoch_is_a_permutation_split_disjointly_across_ranks():
@@ -22,7 +32,11 @@ def test_each_epoch_is_a_permutation_split_disjointly_across_ranks():
 
 def test_iteration_starts_at_the_resume_step_and_depends_on_seed():
     a = StepBatchSampler(10, 3, seed=1, start_step=4)
-    assert next(iter(a)) == StepBatchSampler(10, 3, seed=1).indices(4).tolist()
+    first = next(iter(a))
+    assert [i for i, _ in first] == StepBatchSampler(10, 3, seed=1).indices(4).tolist()
+    assert [e for _, e in first] == [1, 1, 1]  # positions 12..14 of a 10-row dataset: epoch 1
+    plain = StepBatchSampler(10, 3, seed=1, start_step=4, with_epoch=False)
+    assert next(iter(plain)) == [i for i, _ in first]
     assert StepBatchSampler(10, 3, seed=2).indices(4).tolist() != a.indices(4).tolist()
     with pytest.raises(ValueError, match="empty"):
         StepBatchSampler(0, 2)
@@ -41,3 +55,69 @@ def test_latent_dataset_and_collate():
     assert batch["latents"].shape == (2, 4, 2, 2) and batch["index"].tolist() == [2, 0]
     with pytest.raises(ValueError, match="same length"):
         LatentCaptionDataset(torch.randn(2, 4, 2, 2), ["a"], np.array([0, 1]))
+
+
+def test_latent_dataset_takes_index_epoch_pairs():
+    ds = LatentCaptionDataset(torch.randn(3, 4, 2, 2), ["a", "b", "c"], np.array([0, 2, 1]))
+    assert ds[(1, 5)]["caption"] == "b" and torch.equal(ds[(1, 5)]["latents"], ds[1]["latents"])
+    assert split_key(np.int64(2)) == (2, 0) and split_key((3, 1)) == (3, 1)
+    with pytest.raises(TypeError, match="index, epoch"):
+        split_key((1, 2, 3))
+    with pytest.raises(TypeError, match="row index"):
+        split_key("0")
+
+
+def _image_dataset(n: int = 6, captions=None, **kwargs) -> ImageCaptionDataset:
+    """n random-noise 24x40 images (wider than tall, so a 16px crop has 12 horizontal positions)."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)) for _ in range(n)]
+    captions = captions or [f"caption {i}" for i in range(n)]
+    ds = datasets.Dataset.from_dict({"image": images, "text": captions})
+    kwargs = {"center_crop": False, "random_flip": True, "seed": 7, **kwargs}
+    return ImageCaptionDataset(ds, "image", "text", resolution=16, **kwargs)
+
+
+def test_crop_and_flip_change_with_the_epoch_and_are_deterministic():
+    ds, again = _image_dataset(), _image_dataset()
+    changed = 0
+    for i in range(len(ds)):
+        e0, e1 = ds[(i, 0)]["pixel_values"], ds[(i, 1)]["pixel_values"]
+        assert e0.shape == (3, 16, 16)
+        changed += not torch.equal(e0, e1)
+        assert torch.equal(e1, again[(i, 1)]["pixel_values"])  # a new dataset object draws the same
+    assert changed > 0
+    assert torch.equal(ds[2]["pixel_values"], ds[(2, 0)]["pixel_values"])  # a plain index is epoch 0
+    flips = _image_dataset(center_crop=True)
+    pairs = [(flips[(i, 0)]["pixel_values"], flips[(i, e)]["pixel_values"]) for i in range(6) for e in (1, 2, 3)]
+    assert any(torch.equal(a, b.flip(-1)) and not torch.equal(a, b) for a, b in pairs)  # flipped in some epochs
+    centre = _image_dataset(center_crop=True, random_flip=False)
+    assert torch.equal(centre[(0, 0)]["pixel_values"], centre[(0, 3)]["pixel_values"])  # nothing random
+
+
+def test_a_list_caption_is_drawn_per_epoch():
+    caps = [["a cat", "a kitten", "a small cat"], ["one"], []]  # an Arrow column is all lists or all strings
+    ds = _image_dataset(3, captions=caps)
+    drawn = [ds[(0, e)]["caption"] for e in range(12)]
+    assert set(drawn) == set(caps[0])
+    assert drawn == [_image_dataset(3, captions=caps)[(0, e)]["caption"] for e in range(12)]
+    assert [ds[(i, 5)]["caption"] for i in (1, 2)] == ["one", ""]
+    assert ds.captions() == ["a cat", "one", ""]  # regions are assigned on the first entry
+
+
+def test_dataloader_workers_see_the_same_batches():
+    ds = _image_dataset(5, captions=[["x", "y"], ["p", "q"], ["z"], ["u", "v", "w"], ["s"]])
+
+    def batches(num_workers: int) -> list[dict]:
+        loader = DataLoader(ds, batch_sampler=StepBatchSampler(len(ds), 2, seed=3, start_step=1),
+                            collate_fn=collate, num_workers=num_workers)
+        return list(itertools.islice(loader, 6))  # 12 draws of 5 rows: three epochs
+
+    serial, parallel = batches(0), batches(2)
+    for a, b in zip(serial, parallel):
+        assert a["caption"] == b["caption"] and torch.equal(a["index"], b["index"])
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+    rows = torch.cat([b["index"] for b in serial]).tolist()
+    assert sorted(rows[3:8]) == list(range(5))  # positions 5..9 are epoch 1: each row once
