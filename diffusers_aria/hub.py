@@ -1,8 +1,10 @@
 """Publishing an ARIA-distilled student to the Hugging Face Hub.
 
 Public API:
-    UPLOAD_IGNORE_PATTERNS -- glob patterns that are never uploaded (training state, logs, temp and token files)
+    UPLOAD_IGNORE_PATTERNS -- glob patterns that are never uploaded (training state, caches, logs, temp and token files)
     files_to_upload        -- the relative paths `push_to_hub` would upload (dry run)
+    teacher_license        -- the `license:` of the teacher's model card (local folder, or the locally cached Hub card)
+    resolve_license        -- the license for the student's card: the explicit one, else the teacher's, else an error
     write_model_card       -- write `output_dir/README.md` (YAML front matter + ARIA report), atomically
     push_to_hub            -- create the repo and upload the folder, refusing to upload a token
 
@@ -10,7 +12,11 @@ Patterns follow `huggingface_hub.upload_folder` semantics (`fnmatch` on posix pa
 where `*` also matches `/`), so `files_to_upload` lists exactly what `upload_folder` would send.
 
 The token given to `push_to_hub` is only passed on to `huggingface_hub`: it is never written to disk, logged or
-put into an error message, and the upload is refused when any file to be uploaded contains it.
+put into an error message, and the upload is refused when any file to be uploaded contains it (every file is
+scanned in full, whatever its size).
+
+Nothing here looks anything up on the network except `push_to_hub` itself: a Hub teacher's license is read from
+the local Hugging Face cache only.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from huggingface_hub import create_repo, get_token, upload_folder
+from huggingface_hub import create_repo, get_token, hf_hub_download, upload_folder
 from huggingface_hub.utils import validate_repo_id
 
 logger = logging.getLogger(__name__)
@@ -37,13 +43,21 @@ PAPER_ARXIV = "2606.23898"
 STUDENT_MODES: tuple[str, ...] = ("full", "lora")
 CARD_TAGS: tuple[str, ...] = ("stable-diffusion", "text-to-image", "diffusers", "distillation", "aria", "bk-sdm")
 MAX_REGION_ROWS = 64
-MAX_SCAN_BYTES = 5 * 1024 * 1024
+#: Files are scanned for tokens in blocks of this size (no file is too large to be scanned).
+SCAN_BLOCK_BYTES = 8 * 1024 * 1024
+#: The `torch_dtype` values the card's usage snippet can use.
+TORCH_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 MODEL_INDEX = "model_index.json"
+#: Written by `tiny_teacher.make_tiny_teacher` into the teacher folder; its `hub_id` (if any) names the teacher.
+TEACHER_REPORT = "aria_teacher_report.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 CARD_IMAGE_DIR = "images"
 
 #: Matches strings that look like a Hugging Face access token.
 HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
+_HF_TOKEN_RE_BYTES = re.compile(HF_TOKEN_RE.pattern.encode("ascii"))
+_MIN_TOKEN_LIKE_LEN = 23  # "hf_" + 20: the shortest string HF_TOKEN_RE matches
+_DEVICE_RE = re.compile(r"[A-Za-z_]+(:[0-9]+)?")
 #: Setting names containing any of these (case-insensitive) are never written into a model card.
 SECRET_KEY_PARTS: tuple[str, ...] = ("token", "password", "secret", "key")
 
@@ -69,6 +83,19 @@ UPLOAD_IGNORE_PATTERNS: list[str] = [
     "aria_state.json",
     "**/aria_state.safetensors",
     "**/aria_state.json",
+    # caches written into the output folder during training: teacher-generated latents (--image_free) and
+    # `regions.embed_pool`'s prompt embeddings (embeddings-<key>.npy, .npy.json, .npy.partial.npy). The regions
+    # folder itself (regions_config.json, centroids.safetensors, region_ids.npy) is the region assignment the
+    # card and report describe, and is uploaded.
+    "teacher_latents",
+    "teacher_latents/**",
+    "**/teacher_latents/**",
+    "embeddings-*.npy*",
+    "**/embeddings-*.npy*",
+    # half-saved / replaced regions folders (`ConditionRegions.save`)
+    ".regions-tmp-*",
+    "**/.regions-tmp-*",
+    "*.old-.regions-tmp-*",
     # half-written files (atomic writes use `<name>.tmp-<pid>` or `*.tmp`) and ARIA scratch files
     "*.tmp*",
     ".aria-*",
@@ -278,15 +305,111 @@ def _card_image(output_dir: str, path: str, what: str) -> str:
     return rel
 
 
-def _model_link(model: str) -> str:
-    """A Hub link for a repo id, plain code for a local path."""
+def _looks_like_path(value: str) -> bool:
+    """Whether `value` reads as a filesystem path rather than a Hub id ('name' or 'namespace/name')."""
+    return (os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1 or "\\" in value)
+
+
+def _is_hub_id(value: Any) -> bool:
+    """Whether `value` is a valid Hub repo id that does not look like a filesystem path (no existence check)."""
+    if not isinstance(value, str) or not value or _looks_like_path(value):
+        return False
     try:
-        validate_repo_id(model)
+        validate_repo_id(value)
     except Exception:
-        return f"`{model}`"
-    if os.path.exists(model):
-        return f"`{model}`"
-    return f"[`{model}`](https://huggingface.co/{model})"
+        return False
+    return True
+
+
+def _is_local_model(name_or_path: str) -> bool:
+    """An existing local folder, or something that is a path (or no valid Hub id) rather than a Hub id."""
+    return os.path.isdir(name_or_path) or not _is_hub_id(name_or_path)
+
+
+def _folder_hub_id(folder: str) -> str | None:
+    """The Hub id a local model folder was made from: `model_index.json`'s `_name_or_path`, else the
+    `hub_id` of its `aria_teacher_report.json`; only values that are Hub ids (never paths) count."""
+    for name, key in ((MODEL_INDEX, "_name_or_path"), (TEACHER_REPORT, "hub_id")):
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        value = data.get(key) if isinstance(data, dict) else None
+        if _is_hub_id(value):
+            return value
+    return None
+
+
+def _local_name(path: str) -> str:
+    """The basename of a local model path (never the absolute path)."""
+    return os.path.basename(os.path.normpath(os.path.expanduser(path))) or path
+
+
+def _card_license(readme: str) -> str | None:
+    """The `license:` of a model card's YAML front matter, or None (no card, no front matter, no license)."""
+    try:
+        from huggingface_hub.repocard import metadata_load
+
+        meta = metadata_load(readme)
+    except Exception as err:  # missing file, undecodable text, malformed YAML
+        logger.debug("could not read the license of %s: %s", readme, err)
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    if isinstance(value, str) and value.strip() and "\n" not in value:
+        return value.strip()
+    return None
+
+
+def _cached_hub_license(repo_id: str) -> str | None:
+    """The license of the Hub model card of `repo_id` if it is in the local cache; never looks it up online."""
+    try:
+        readme = hf_hub_download(repo_id, "README.md", local_files_only=True)
+    except Exception as err:  # not cached (LocalEntryNotFoundError), invalid id, unreadable cache
+        logger.debug("no locally cached model card for %s: %s", repo_id, err)
+        return None
+    return _card_license(readme)
+
+
+def teacher_license(name_or_path: str) -> str | None:
+    """The `license:` in the front matter of the teacher's model card, or None when it cannot be found offline.
+
+    For a local folder, `<folder>/README.md`; when that has no license and the folder records the Hub id it was
+    made from (`model_index.json` `_name_or_path`, or `hub_id` in `aria_teacher_report.json`), that model's
+    locally cached card. For a Hub id, only the card in the local Hugging Face cache: nothing is downloaded.
+    """
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"name_or_path must be a Hub model id or a local folder of the teacher, got {name_or_path!r}.")
+    if os.path.isdir(name_or_path):
+        found = _card_license(os.path.join(name_or_path, "README.md"))
+        if found is None:
+            hub_id = _folder_hub_id(name_or_path)
+            found = _cached_hub_license(hub_id) if hub_id is not None else None
+        return found
+    if not _is_hub_id(name_or_path):  # a path that does not exist
+        return None
+    return _cached_hub_license(name_or_path)
+
+
+def resolve_license(teacher: str, license: str | None) -> str:
+    """The license for the student's model card: `license` when given, else the teacher's (`teacher_license`).
+
+    Raises ValueError, naming the teacher, when neither is known.
+    """
+    if license is not None:
+        _check_str("license", license, "a Hub license id such as 'apache-2.0' or 'creativeml-openrail-m'")
+        if "\n" in license:
+            raise ValueError(f"license must be a single-line Hub license id, got {license!r}.")
+        return license.strip()
+    found = teacher_license(teacher)
+    if found is not None:
+        return found
+    raise ValueError(
+        f"No license for the model card: the teacher {teacher!r} has no 'license:' in its model card (README.md "
+        f"front matter, local folder or local Hub cache) and none was given; pass --license, e.g. "
+        f"--license creativeml-openrail-m for a Stable Diffusion v1 teacher or --license apache-2.0 for a "
+        f"teacher of your own."
+    )
 
 
 def _yaml_str(value: str) -> str:
@@ -322,13 +445,19 @@ def write_model_card(
     allocation_plot: str | None = None,
     train_settings: dict | None = None,
     teacher_report: dict | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
+    base_model_id: str | None = None,
+    torch_dtype: str = "float32",
+    device: str = "cuda",
 ) -> str:
     """Write `output_dir/README.md`: a model card for an ARIA-distilled BK-SDM-style student.
 
     Args:
         output_dir: the final training output folder (must exist).
-        base_model: the teacher checkpoint id or path (goes into the front matter's `base_model`).
+        base_model: the teacher checkpoint, a Hub id or a local folder/path. A Hub id becomes the front matter's
+            `base_model`; a local path never does: its Hub id is used when the folder records one
+            (`model_index.json` `_name_or_path`, or `hub_id` in `aria_teacher_report.json`), else the
+            `base_model` line is left out and the card names only the folder's basename.
         repo_id: the Hub repo the card is written for (used in the usage snippet); None for a placeholder.
         architecture: the student architecture name (e.g. "bk_small").
         student_mode: "full" (a distilled student pipeline) or "lora" (LoRA weights, loaded with `load_lora_weights`).
@@ -338,7 +467,11 @@ def write_model_card(
         allocation_plot: the ARIA allocation plot; same handling as `validation_image`.
         train_settings: training hyper-parameters; secret-named keys are dropped, token-like values scrubbed.
         teacher_report: optional notes on the teacher/student initialisation, shown as a table.
-        license: the front matter license (use "creativeml-openrail-m" for Stable Diffusion v1 teachers).
+        license: the front matter license; None takes the teacher's (`resolve_license`, then the license of
+            `base_model_id`'s cached card) and raises ValueError when the teacher's card has none.
+        base_model_id: the teacher's Hub id, overriding what is derived from `base_model`.
+        torch_dtype: the dtype of the usage snippet, one of "float32", "float16", "bfloat16".
+        device: the device of the usage snippet (`pipe.to(device)`), e.g. "cuda", "cuda:0", "cpu", "mps".
 
     Returns:
         The path of the written README.md. The card never contains an HF token.
@@ -347,11 +480,19 @@ def write_model_card(
         raise FileNotFoundError(f"output_dir {output_dir!r} is not an existing directory; create it (train) first.")
     base_model = _check_str("base_model", base_model, "a Hub model id or a local path of the teacher")
     architecture = _check_str("architecture", architecture, "the student architecture, e.g. 'bk_small'")
-    license = _check_str("license", license, "a Hub license id such as 'apache-2.0' or 'creativeml-openrail-m'")
-    if "\n" in license or "\n" in base_model:
-        raise ValueError(f"license and base_model must be single-line strings, got {license!r} and {base_model!r}.")
+    if "\n" in base_model:
+        raise ValueError(f"base_model must be a single-line Hub id or path, got {base_model!r}.")
+    if base_model_id is not None and not _is_hub_id(base_model_id):
+        raise ValueError(
+            f"base_model_id must be a Hub model id such as 'runwayml/stable-diffusion-v1-5' (not a path), "
+            f"got {base_model_id!r}."
+        )
     if student_mode not in STUDENT_MODES:
         raise ValueError(f"student_mode must be one of {list(STUDENT_MODES)}, got {student_mode!r}.")
+    if torch_dtype not in TORCH_DTYPES:
+        raise ValueError(f"torch_dtype must be one of {list(TORCH_DTYPES)}, got {torch_dtype!r}.")
+    if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
+        raise ValueError(f"device must be a torch device string such as 'cuda', 'cuda:0', 'cpu' or 'mps', got {device!r}.")
     if repo_id is not None:
         _check_str("repo_id", repo_id, "'namespace/name', or None")
     aria = scrub_secrets(_check_mapping("aria_settings", aria_settings, allow_none=False))
@@ -359,21 +500,42 @@ def write_model_card(
     train = scrub_secrets(_check_mapping("train_settings", train_settings)) if train_settings is not None else None
     teacher = scrub_secrets(_check_mapping("teacher_report", teacher_report)) if teacher_report is not None else None
 
+    local = _is_local_model(base_model)
+    local_name = _local_name(base_model) if local else None
+    if base_model_id is not None:
+        hub_id: str | None = base_model_id
+    elif local:
+        hub_id = _folder_hub_id(base_model) if os.path.isdir(base_model) else None
+    else:
+        hub_id = base_model
+    if license is None and base_model_id is not None:
+        license = teacher_license(base_model) or teacher_license(base_model_id)
+    license = resolve_license(base_model, license)
+
     plot_rel = _card_image(output_dir, allocation_plot, "allocation_plot") if allocation_plot is not None else None
     grid_rel = _card_image(output_dir, validation_image, "validation_image") if validation_image is not None else None
 
     model_ref = repo_id or f"your-username/{os.path.basename(os.path.abspath(output_dir)) or 'aria-student'}"
     tags = list(CARD_TAGS) + (["lora"] if student_mode == "lora" else [])
-    front = ["---", f"license: {_yaml_str(license)}", f"base_model: {_yaml_str(base_model)}",
-             "library_name: diffusers", "tags:", *[f"- {t}" for t in tags],
-             "pipeline_tag: text-to-image", "inference: true", "---"]
+    front = ["---", f"license: {_yaml_str(license)}"]
+    if hub_id is not None:
+        front.append(f"base_model: {_yaml_str(hub_id)}")
+    front += ["library_name: diffusers", "tags:", *[f"- {t}" for t in tags],
+              "pipeline_tag: text-to-image", "inference: true", "---"]
+
+    if hub_id is not None:
+        teacher_ref = f"[`{hub_id}`](https://huggingface.co/{hub_id})"
+        teacher_name = f"`{hub_id}`"
+    else:
+        teacher_ref = f"a local teacher model (`{local_name}`)"
+        teacher_name = f"`{local_name}` (a local model)"
 
     title = model_ref.split("/")[-1]
     parts: list[str] = ["\n".join(front), f"# {title}"]
-    parts.append(
+    description = (
         "## Model description\n\n"
         f"A BK-SDM-style compressed student UNet (architecture `{architecture}`) distilled from "
-        f"{_model_link(base_model)} with output- and feature-level knowledge "
+        f"{teacher_ref} with output- and feature-level knowledge "
         "distillation. Conditioning prompts were drawn with Random Conditioning and allocated across prompt "
         "regions by ARIA (adaptive region-based importance allocation), which shifts sampling towards the "
         "regions where the student disagrees most with the teacher. "
@@ -381,17 +543,25 @@ def write_model_card(
         f"Student mode: `{student_mode}`"
         + (" (LoRA adapter weights on the student UNet)." if student_mode == "lora" else " (all student weights).")
     )
+    if hub_id is None:
+        description += (f"\n\nThe teacher was a local model (`{local_name}`), not a Hub model, so this card has no "
+                        "`base_model`.")
+    parts.append(description)
 
+    dtype = f"torch.{torch_dtype}"
     if student_mode == "lora":
-        pipe_src = model_ref if os.path.isfile(os.path.join(output_dir, MODEL_INDEX)) else base_model
-        load = (f'pipe = StableDiffusionPipeline.from_pretrained("{pipe_src}", torch_dtype=torch.float16)\n'
+        if os.path.isfile(os.path.join(output_dir, MODEL_INDEX)):
+            pipe_src = model_ref  # the folder holds the base student pipeline next to the LoRA weights
+        else:
+            pipe_src = hub_id or f"path/to/{local_name}"
+        load = (f'pipe = StableDiffusionPipeline.from_pretrained("{pipe_src}", torch_dtype={dtype})\n'
                 f'pipe.load_lora_weights("{model_ref}")\n')
     else:
-        load = f'pipe = StableDiffusionPipeline.from_pretrained("{model_ref}", torch_dtype=torch.float16)\n'
+        load = f'pipe = StableDiffusionPipeline.from_pretrained("{model_ref}", torch_dtype={dtype})\n'
     parts.append(
         "## How to use\n\n```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
         + load
-        + 'pipe = pipe.to("cuda")\n'
+        + f'pipe = pipe.to("{device}")\n'
         'image = pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=25).images[0]\n'
         'image.save("astronaut.png")\n```'
     )
@@ -421,7 +591,7 @@ def write_model_card(
         "alignment, especially on prompts far from the distillation prompt pool.\n"
         "- ARIA re-weights the regions of the prompt pool that it was given; regions missing from the pool are "
         "not covered, and the per-region estimates describe this run only.\n"
-        f"- The student inherits the limitations, biases and license terms of the teacher `{base_model}`.\n"
+        f"- The student inherits the limitations, biases and license terms of the teacher {teacher_name}.\n"
         "- Not intended for generating harmful, deceptive or non-consensual content."
     )
 
@@ -448,21 +618,37 @@ def files_to_upload(output_dir: str, extra_ignore_patterns: list[str] | None = N
 
 
 def _contains_secret(path: str, token: str | None) -> str | None:
-    """Why `path` must not be uploaded ('the token' / 'an HF-token-like string'), or None."""
+    """Why `path` must not be uploaded ('the Hub token' / 'a string that looks like an HF token'), or None.
+
+    The whole file is read in `SCAN_BLOCK_BYTES` blocks, each searched together with the last bytes of the
+    previous one, so a secret split across two blocks is found. The token-like pattern is only searched in text
+    files (no NUL byte in the first 8 KiB); the exact token is searched in every file.
+    """
+    needle = token.encode("utf-8") if token else b""
+    keep = max(len(needle), _MIN_TOKEN_LIKE_LEN) - 1  # longest prefix of a match that can end a block
+    block_size = max(int(SCAN_BLOCK_BYTES), 1)
+    is_text: bool | None = None
+    token_like = False
+    tail = b""
     try:
-        if os.path.getsize(path) > MAX_SCAN_BYTES:
-            return None
         with open(path, "rb") as fh:
-            data = fh.read()
+            while True:
+                block = fh.read(block_size)
+                if not block:
+                    break
+                if is_text is None:
+                    is_text = b"\x00" not in block[:8192]
+                window = tail + block if tail else block
+                if needle and needle in window:
+                    return "the Hub token"
+                if is_text and not token_like and _HF_TOKEN_RE_BYTES.search(window):
+                    token_like = True
+                    if not needle:
+                        break
+                tail = window[-keep:]
     except OSError:
         return None
-    if token and token.encode("utf-8") in data:
-        return "the Hub token"
-    if b"\x00" not in data[:8192]:
-        text = data.decode("utf-8", errors="ignore")
-        if HF_TOKEN_RE.search(text):
-            return "a string that looks like an HF token (hf_...)"
-    return None
+    return "a string that looks like an HF token (hf_...)" if token_like else None
 
 
 def push_to_hub(
@@ -476,8 +662,8 @@ def push_to_hub(
     """Create `repo_id` (if needed) and upload `output_dir` to it, minus training state; returns the commit URL.
 
     Refuses (before anything is sent) when `output_dir` holds no finished model (`model_index.json`, or
-    `pytorch_lora_weights.safetensors` for a LoRA student) or when a file to upload (< 5 MB) contains the token
-    (the given one, else the locally stored one) or an HF-token-like string.
+    `pytorch_lora_weights.safetensors` for a LoRA student) or when a file to upload (of any size) contains the
+    token (the given one, else the locally stored one) or, in a text file, an HF-token-like string.
     """
     if not os.path.isdir(output_dir):
         raise FileNotFoundError(

@@ -507,6 +507,17 @@ def _read_report(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _write_card(folder: Path) -> None:
+    """A short model card: the tiny teacher is this project's own random-init model, under its license."""
+    text = ("---\nlicense: apache-2.0\nlibrary_name: diffusers\ntags:\n- diffusers-aria\n- tiny-teacher\n---\n\n"
+            "# Tiny offline teacher (diffusers-aria)\n\nA miniature Stable Diffusion pipeline made by "
+            "`diffusers-aria make-tiny-teacher` for offline tests and the demo. Its images are not meant to look "
+            "like anything; see `aria_teacher_report.json`.\n")
+    tmp = folder / "README.md.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, folder / "README.md")
+
+
 def make_tiny_teacher(
     output_dir: str | os.PathLike[str],
     prompts: Sequence[str] | None = None,
@@ -569,6 +580,8 @@ def make_tiny_teacher(
                 f"missing); choose an empty or new folder"
             )
         if not force and existing.get("settings_hash") == _settings_hash(settings):
+            if not (output_dir / "README.md").exists():  # made before the card existed
+                _write_card(output_dir)
             return TinyTeacherReport.from_json(existing, path=output_dir, cached=True)
 
     start = time.perf_counter()
@@ -580,6 +593,7 @@ def make_tiny_teacher(
         report_json = report.to_json()
         report_json["path"] = str(output_dir)
         (tmp_dir / REPORT_NAME).write_text(json.dumps(report_json, indent=2), encoding="utf-8")
+        _write_card(tmp_dir)
         if output_dir.exists():
             old_dir = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(output_dir, old_dir)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import zlib
 
+import huggingface_hub
 import pytest
 
 from diffusers_aria import hub
@@ -59,7 +61,8 @@ def out(tmp_path, monkeypatch) -> str:
 
 def _card(out: str, **kw) -> str:
     args = dict(base_model="runwayml/stable-diffusion-v1-5", repo_id="me/aria-bk-small", architecture="bk_small",
-                student_mode="full", aria_settings={"policy": "aria", "num_regions": 3, "temperature": 1.0})
+                student_mode="full", aria_settings={"policy": "aria", "num_regions": 3, "temperature": 1.0},
+                license="creativeml-openrail-m")
     args.update(kw)
     path = hub.write_model_card(out, **args)
     assert path == os.path.join(out, "README.md")
@@ -196,4 +199,218 @@ def test_push_to_hub_checks_the_stored_token_when_none_is_given(out, monkeypatch
     _write(os.path.join(out, "config.yaml"), f"token: {stored}\n")
     with pytest.raises(ValueError, match="'config.yaml'"):
         hub.push_to_hub(out, "me/aria")
+    assert calls == []
+
+
+# ----------------------------------------------------------------------------------------------- license
+def _meta(text: str) -> dict:
+    yaml = pytest.importorskip("yaml")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def _teacher(tmp_path, name: str = "tiny-teacher", card: str | None = None, model_index: dict | None = None,
+             report: dict | None = None) -> str:
+    """A local teacher folder (model_index.json, optionally README.md and aria_teacher_report.json)."""
+    d = str(tmp_path / "teachers" / name)
+    _write(os.path.join(d, "model_index.json"),
+           json.dumps(model_index if model_index is not None else {"_class_name": "StableDiffusionPipeline"}))
+    if card is not None:
+        _write(os.path.join(d, "README.md"), card)
+    if report is not None:
+        _write(os.path.join(d, "aria_teacher_report.json"), json.dumps(report))
+    return d
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty local Hub cache; every network connection fails and every hf_hub_download call is recorded."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    def no_network(*a, **k):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    calls: list[dict] = []
+    real = hub.hf_hub_download
+
+    def recording(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(hub, "hf_hub_download", recording)
+
+    def add_card(repo_id: str, card: str) -> None:
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        _write(str(repo / "refs" / "main"), commit)
+        _write(str(repo / "snapshots" / commit / "README.md"), card)
+
+    add_card.calls = calls
+    return add_card
+
+
+def test_teacher_license_local_folder_and_cached_hub_card(tmp_path, hub_cache):
+    sd_card = "---\nlicense: creativeml-openrail-m\ntags:\n- stable-diffusion\n---\n# SD\n"
+    assert hub.teacher_license(_teacher(tmp_path, "a", card=sd_card)) == "creativeml-openrail-m"
+    assert hub.teacher_license(_teacher(tmp_path, "b")) is None  # no README.md
+    assert hub.teacher_license(_teacher(tmp_path, "c", card="# no front matter\n")) is None
+    assert hub.teacher_license(_teacher(tmp_path, "d", card="---\ntags: [x]\n---\n")) is None
+    assert hub.teacher_license(_teacher(tmp_path, "e", card="---\nlicense: [unclosed\n---\n")) is None
+    assert hub.teacher_license(str(tmp_path / "missing" / "teacher")) is None
+
+    # a Hub id: only the locally cached card is read, never the network
+    hub_cache("me/sd-teacher", sd_card)
+    assert hub.teacher_license("me/sd-teacher") == "creativeml-openrail-m"
+    assert hub.teacher_license("me/not-cached") is None
+    assert hub_cache.calls and all(k.get("local_files_only") is True for k in hub_cache.calls)
+    # a local folder without a license falls back to the cached card of the Hub id it records
+    copy = _teacher(tmp_path, "f", model_index={"_class_name": "StableDiffusionPipeline",
+                                                "_name_or_path": "me/sd-teacher"})
+    assert hub.teacher_license(copy) == "creativeml-openrail-m"
+
+
+def test_resolve_license_explicit_then_teacher_then_error(tmp_path, hub_cache):
+    with_card = _teacher(tmp_path, "with-card", card="---\nlicense: mit\n---\n")
+    assert hub.resolve_license(with_card, "apache-2.0") == "apache-2.0"  # explicit wins
+    assert hub.resolve_license(with_card, None) == "mit"
+    bare = _teacher(tmp_path, "bare")
+    for teacher in (bare, "me/not-cached"):
+        with pytest.raises(ValueError, match="--license") as err:
+            hub.resolve_license(teacher, None)
+        msg = str(err.value)
+        assert teacher in msg and "creativeml-openrail-m" in msg and "apache-2.0" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match="license"):
+        hub.resolve_license(bare, "")
+
+
+def test_card_license_comes_from_the_teacher(out, tmp_path, hub_cache):
+    teacher = _teacher(tmp_path, card="---\nlicense: creativeml-openrail-m\n---\n")
+    assert _meta(_card(out, base_model=teacher, license=None))["license"] == "creativeml-openrail-m"
+    assert _meta(_card(out, base_model=teacher, license="apache-2.0"))["license"] == "apache-2.0"
+    hub_cache("me/sd-teacher", "---\nlicense: openrail\n---\n")
+    assert _meta(_card(out, base_model="me/sd-teacher", license=None))["license"] == "openrail"
+    # a local teacher without a card: the license of the cached card of base_model_id
+    bare = _teacher(tmp_path, "bare")
+    assert _meta(_card(out, base_model=bare, base_model_id="me/sd-teacher", license=None))["license"] == "openrail"
+    os.remove(os.path.join(out, "README.md"))
+    with pytest.raises(ValueError, match=f"teacher '{bare}'.*--license"):
+        _card(out, base_model=bare, license=None)
+    assert not os.path.exists(os.path.join(out, "README.md"))
+
+
+# ----------------------------------------------------------------------------------------------- base_model
+def test_card_base_model_is_never_a_local_path(out, tmp_path, monkeypatch):
+    # a local folder with no recorded Hub id: no base_model, only the folder's name in the card
+    teacher = _teacher(tmp_path)
+    text = _card(out, base_model=teacher)
+    assert "base_model" not in _meta(text)
+    assert str(tmp_path) not in text and "teachers/" not in text
+    assert "The teacher was a local model (`tiny-teacher`)" in text
+    assert "teacher `tiny-teacher` (a local model)" in text
+    # the same folder given relatively, and paths that do not exist
+    monkeypatch.chdir(tmp_path)
+    for path in ("./teachers/tiny-teacher", "teachers/tiny-teacher", "/opt/models/sd-v1-5", "~/models/sd",
+                 "models/sd/v1-5"):
+        text = _card(out, base_model=path)
+        assert "base_model" not in _meta(text), path
+        assert "The teacher was a local model" in text and path not in text
+    # the Hub id the folder was made from: model_index.json _name_or_path, else aria_teacher_report.json hub_id
+    named = _teacher(tmp_path, "from-index", model_index={"_name_or_path": "runwayml/stable-diffusion-v1-5"})
+    assert _meta(_card(out, base_model=named))["base_model"] == "runwayml/stable-diffusion-v1-5"
+    reported = _teacher(tmp_path, "from-report", report={"hub_id": "me/tiny-teacher", "path": str(tmp_path)})
+    text = _card(out, base_model=reported)
+    assert _meta(text)["base_model"] == "me/tiny-teacher" and str(tmp_path) not in text
+    assert "[`me/tiny-teacher`](https://huggingface.co/me/tiny-teacher)" in text
+    pathy = _teacher(tmp_path, "pathy", model_index={"_name_or_path": str(tmp_path / "elsewhere")},
+                     report={"hub_id": "../up"})
+    assert "base_model" not in _meta(_card(out, base_model=pathy))
+    # an explicit base_model_id wins; it must be a Hub id
+    assert _meta(_card(out, base_model=teacher, base_model_id="me/base"))["base_model"] == "me/base"
+    with pytest.raises(ValueError, match="base_model_id.*'/abs/teacher'"):
+        _card(out, base_model=teacher, base_model_id="/abs/teacher")
+    # a Hub id is kept as it is
+    assert _meta(_card(out))["base_model"] == "runwayml/stable-diffusion-v1-5"
+
+
+# ----------------------------------------------------------------------------------------------- usage snippet
+def _snippet(text: str) -> str:
+    return text.split("## How to use")[1].split("```python")[1].split("```")[0]
+
+
+def test_card_usage_snippet_follows_dtype_and_device(out, tmp_path):
+    code = _snippet(_card(out))
+    assert 'from_pretrained("me/aria-bk-small", torch_dtype=torch.float32)' in code
+    assert 'pipe = pipe.to("cuda")' in code and "float16" not in code and "load_lora_weights" not in code
+    code = _snippet(_card(out, torch_dtype="bfloat16", device="cpu"))
+    assert "torch_dtype=torch.bfloat16" in code and 'pipe.to("cpu")' in code and "cuda" not in code
+    code = _snippet(_card(out, student_mode="lora", torch_dtype="float16", device="cuda:1"))
+    assert 'from_pretrained("me/aria-bk-small", torch_dtype=torch.float16)' in code
+    assert 'pipe.load_lora_weights("me/aria-bk-small")' in code and 'pipe.to("cuda:1")' in code
+    compile(code, "snippet", "exec")
+    # a LoRA-only folder loads the base pipeline first: a Hub id, never a local path
+    os.remove(os.path.join(out, "model_index.json"))
+    code = _snippet(_card(out, student_mode="lora", base_model=_teacher(tmp_path), device="mps"))
+    assert 'from_pretrained("path/to/tiny-teacher", torch_dtype=torch.float32)' in code
+    assert str(tmp_path) not in code and 'pipe.load_lora_weights("me/aria-bk-small")' in code
+    with pytest.raises(ValueError, match=r"torch_dtype must be one of \['float32', 'float16', 'bfloat16'\].*'fp16'"):
+        _card(out, torch_dtype="fp16")
+    with pytest.raises(ValueError, match="device.*'cuda'.*'cuda 0'"):
+        _card(out, device="cuda 0")
+
+
+# ----------------------------------------------------------------------------------------------- caches
+def test_files_to_upload_skips_caches_logs_and_checkpoints(out):
+    ignored = ["teacher_latents/teacher_latents.safetensors", "teacher_latents/teacher_latents.json",
+               "regions/embeddings-0123abcd.npy", "regions/embeddings-0123abcd.npy.json",
+               "regions/embeddings-0123abcd.npy.partial.npy", "embeddings-0123abcd.npy",
+               "logs/events.out", "logs/aria/events.out.tfevents.1", "checkpoint-1/model.safetensors",
+               "checkpoint-1/unet/diffusion_pytorch_model.safetensors", "checkpoint-2/optimizer.bin",
+               ".regions-tmp-x1y2/region_ids.npy", "regions.old-.regions-tmp-x1y2/region_ids.npy"]
+    kept = ["regions/regions_config.json", "regions/centroids.safetensors", "regions/region_ids.npy",
+            "model_index.json", "unet/diffusion_pytorch_model.safetensors"]
+    for rel in ignored + kept:
+        _write(os.path.join(out, *rel.split("/")), b"\x00data")
+    files = hub.files_to_upload(out)
+    for rel in ignored:
+        assert os.path.isfile(os.path.join(out, *rel.split("/")))
+        assert rel not in files, rel
+    for rel in kept:
+        assert rel in files, rel
+    # huggingface_hub's own filter, with the patterns push_to_hub passes to upload_folder, agrees
+    from huggingface_hub.utils import filter_repo_objects
+    assert set(filter_repo_objects(ignored + kept, ignore_patterns=hub.UPLOAD_IGNORE_PATTERNS)) == set(kept)
+
+
+# ----------------------------------------------------------------------------------------------- large files
+def test_secret_scan_finds_a_secret_split_across_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "SCAN_BLOCK_BYTES", 16, raising=False)
+    path = str(tmp_path / "blob.bin")
+    for offset in range(0, 60):
+        _write(path, b"\x00" * offset + TOKEN.encode() + b"\x00" * 7)
+        assert hub._contains_secret(path, TOKEN) == "the Hub token", offset
+        _write(path, b"a" * offset + b" " + OTHER_TOKEN.encode() + b" tail")
+        assert hub._contains_secret(path, None) == "a string that looks like an HF token (hf_...)", offset
+        assert hub._contains_secret(path, TOKEN) == "a string that looks like an HF token (hf_...)", offset
+    _write(path, b"\x00" * 100 + b"hf_" + b"x" * 19 + b" " + b"\x00" * 40)
+    assert hub._contains_secret(path, TOKEN) is None
+
+
+def test_push_to_hub_refuses_a_token_inside_a_large_file(out, monkeypatch):
+    calls = _patch_hub(monkeypatch)
+    block = 2 * 1024 * 1024
+    monkeypatch.setattr(hub, "SCAN_BLOCK_BYTES", block, raising=False)
+    path = os.path.join(out, "unet", "diffusion_pytorch_model.safetensors")
+    data = bytearray(6 * 1024 * 1024)  # binary: only the exact token check applies
+    at = 2 * block - len(TOKEN) // 2  # the token straddles the second block boundary
+    data[at:at + len(TOKEN)] = TOKEN.encode()
+    _write(path, bytes(data))
+    with pytest.raises(ValueError, match=r"'unet/diffusion_pytorch_model.safetensors'.*the Hub token") as err:
+        hub.push_to_hub(out, "me/aria", token=TOKEN)
+    assert TOKEN not in str(err.value) and calls == []
+    monkeypatch.setattr(hub, "SCAN_BLOCK_BYTES", 8 * 1024 * 1024)  # the default: one block, past the old 5 MB cap
+    with pytest.raises(ValueError, match="the Hub token"):
+        hub.push_to_hub(out, "me/aria", token=TOKEN)
     assert calls == []
