@@ -10,7 +10,12 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
+# Before numpy or torch load their threading runtime (it reads this once): spinning OpenMP threads make
+# 2 torch threads ~7x slower than 1 on a busy 2-core machine. Reaches this process when _common is imported
+# before torch, and every subprocess a benchmark starts. A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -40,6 +45,7 @@ def machine_info() -> dict[str, Any]:
         "numpy": np.__version__,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

@@ -18,3 +18,6 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export HF_HOME="${HF_HOME:-$ROOT/.hf_home}"
 export TOKENIZERS_PARALLELISM=false
+# OpenMP threads that spin while waiting make 2 torch threads ~7x slower than 1 on a busy 2-core machine;
+# PASSIVE makes them sleep. A value the user set is kept. Read when torch loads, so it is set here, before.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
