@@ -44,10 +44,34 @@ class TeacherParts:
     tokenizer: Any
     scheduler: Any
     name_or_path: str
+    revision: str | None = None
+    variant: str | None = None
 
     def pipeline_components(self) -> dict[str, Any]:
         return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
                 "scheduler": self.scheduler}
+
+    def to_weight_dtype(self, device, dtype: torch.dtype) -> None:
+        """Freeze the teacher's UNet, text encoder and VAE and move them to `device` in `dtype` (one dtype)."""
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.requires_grad_(False)
+            m.eval()
+            m.to(device=device, dtype=dtype)
+
+    def float32_components(self) -> dict[str, Any]:
+        """`pipeline_components()` with the text encoder and VAE in float32, reloaded from the teacher when
+        training holds them in a lower precision (a saved student pipeline has one dtype throughout)."""
+        from diffusers import AutoencoderKL
+        from transformers import AutoModel
+
+        parts = self.pipeline_components()
+        kw = {"revision": self.revision, "variant": self.variant}
+        if self.vae.dtype != torch.float32:
+            parts["vae"] = AutoencoderKL.from_pretrained(self.name_or_path, subfolder="vae", **kw).float()
+        if self.text_encoder.dtype != torch.float32:
+            parts["text_encoder"] = AutoModel.from_pretrained(self.name_or_path, subfolder="text_encoder",
+                                                              trust_remote_code=False, **kw).float()
+        return parts
 
 
 def load_teacher(name_or_path: str, revision: str | None = None, variant: str | None = None) -> TeacherParts:
@@ -62,11 +86,15 @@ def load_teacher(name_or_path: str, revision: str | None = None, variant: str | 
     vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **kw)
     unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, **kw)
     scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
-    return TeacherParts(unet, vae, text_encoder, tokenizer, scheduler, name_or_path)
+    return TeacherParts(unet, vae, text_encoder, tokenizer, scheduler, name_or_path, revision, variant)
 
 
 def make_student(teacher_unet, architecture: str, width_scale: float = 1.0, pretrained: str | None = None):
-    """A BK-SDM student initialised from the teacher, or a pretrained student UNet. Returns (unet, report)."""
+    """A BK-SDM student initialised from the teacher, or a pretrained student UNet. Returns (unet, report).
+
+    The student is float32 (the master weights under mixed precision); the teacher is left as it is. Build
+    the student before casting the teacher to a lower precision, so that it starts from the full weights.
+    """
     from diffusers import UNet2DConditionModel
 
     from .distillation import build_student
@@ -79,23 +107,40 @@ def make_student(teacher_unet, architecture: str, width_scale: float = 1.0, pret
                 f"student {pretrained!r} has cross_attention_dim {unet.config.cross_attention_dim} but the teacher has "
                 f"{teacher_unet.config.cross_attention_dim}; the student must share the teacher's text encoder")
         return unet.to(torch.float32), f"loaded pretrained student {pretrained}"
-    if teacher_unet.dtype != torch.float32:
-        teacher_unet = teacher_unet.to(torch.float32)
-    student, report = build_student(teacher_unet, architecture, width_scale)
-    return student, report
+    return build_student(teacher_unet, architecture, width_scale, dtype=torch.float32)
+
+
+class FeatureMappingError(ValueError):
+    """Feature KD was asked for (--lambda_kd_feat > 0) but the teacher and student have no BK feature pairs."""
 
 
 def feature_mapping(teacher, student, architecture: str) -> dict[str, str]:
-    """BK feature pairs when both UNets have the standard structure; empty (output KD only) otherwise."""
+    """The BK feature pairs (teacher module -> student module) for feature KD.
+
+    Raises `FeatureMappingError` when the UNets do not have the structure the pairs need, rather than turning
+    feature KD off without a word: pass `--lambda_kd_feat 0` for output KD only.
+    """
     from .distillation import default_feature_mapping
 
+    hint = f"pass --lambda_kd_feat 0 to distil with output KD only ({architecture} student)"
     try:
         mapping = default_feature_mapping(dict(teacher.config), dict(student.config), architecture)
-    except (ValueError, KeyError):
-        return {}
+    except (ValueError, KeyError) as e:
+        raise FeatureMappingError(f"feature KD needs BK feature pairs, but none fit these UNets ({e}); {hint}") from None
     names_t = dict(teacher.named_modules())
     names_s = dict(student.named_modules())
-    return {t: s for t, s in mapping.items() if t in names_t and s in names_s}
+    missing = [f"{t} -> {s}" for t, s in mapping.items() if t not in names_t or s not in names_s]
+    if missing or not mapping:
+        raise FeatureMappingError(f"feature KD pairs not found in the UNets: {missing or 'none defined'}; {hint}")
+    return mapping
+
+
+def _input_dtype(model) -> torch.dtype:
+    """The dtype a model's inputs must have: that of its frozen weights when it has any (the base of a LoRA
+    student in the weight dtype, beside float32 adapters), else that of its first parameter."""
+    params = list(model.parameters())
+    frozen = [p for p in params if not p.requires_grad and p.is_floating_point()]
+    return (frozen or params)[0].dtype
 
 
 def feature_projections(teacher, student, mapping: dict[str, str], device=None):
@@ -109,9 +154,9 @@ def feature_projections(teacher, student, mapping: dict[str, str], device=None):
     x = torch.zeros(1, cfg.in_channels, size, size, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
     h = torch.zeros(1, 4, cfg.cross_attention_dim, device=device)
-    t_dtype = next(teacher.parameters()).dtype
+    t_dtype, s_dtype = _input_dtype(teacher), _input_dtype(student)
     ch_t = infer_feature_channels(teacher, list(mapping), x.to(t_dtype), t, h.to(t_dtype))
-    ch_s = infer_feature_channels(student, list(mapping.values()), x, t, h)
+    ch_s = infer_feature_channels(student, list(mapping.values()), x.to(s_dtype), t, h.to(s_dtype))
     if all(ch_t[a] == ch_s[b] for a, b in mapping.items()):
         return None
     return FeatureProjections(mapping, ch_t, ch_s).to(device)
@@ -174,6 +219,42 @@ def load_regions(regions_dir: str, pool, **build_kwargs):
     return load_or_build_regions(regions_dir, pool, **build_kwargs)
 
 
+class RankMismatchError(RuntimeError):
+    """The processes of one run hold different pools, regions or seeds."""
+
+
+def run_fingerprint(pool, regions, seed: int) -> dict[str, str]:
+    """What every rank of a run must share: the pool's content, the regions, K and the seed (as short hashes)."""
+    import hashlib
+
+    ids = np.ascontiguousarray(np.asarray(regions.region_ids))
+    return {"pool": pool_fingerprint(pool), "regions": hashlib.sha256(ids.tobytes()).hexdigest()[:16],
+            "num_regions": str(regions.num_regions), "seed": str(int(seed))}
+
+
+def agreement_error(per_rank: list[dict[str, str]]) -> str | None:
+    """A message naming what differs between the ranks' `run_fingerprint`s, or None when they agree."""
+    for key in per_rank[0]:
+        values = [fp[key] for fp in per_rank]
+        if len(set(values)) > 1:
+            shown = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            return (f"the processes disagree on the {key} ({shown}). Every rank must load the same prompt pool and "
+                    "regions with the same --seed: on several machines without a shared filesystem, build the regions "
+                    "once (`diffusers-aria regions build`) and copy that folder to every machine as --regions_dir")
+    return None
+
+
+def check_ranks_agree(accelerator, pool, regions, seed: int) -> None:
+    """At start-up: raise `RankMismatchError` when the ranks' pools, regions, K or seeds differ (gathered)."""
+    if accelerator.num_processes <= 1:
+        return
+    from accelerate.utils import gather_object
+
+    message = agreement_error(gather_object([run_fingerprint(pool, regions, seed)]))
+    if message:
+        raise RankMismatchError(message)
+
+
 # ------------------------------------------------------------------------------------------ paired data
 
 
@@ -229,7 +310,8 @@ def save_student_pipeline(output_dir: str, student, teacher: TeacherParts, lora:
     """Write a `StableDiffusionPipeline` folder with the student UNet into `output_dir` (plus LoRA weights).
 
     With `lora=True` the pipeline holds the base student and `pytorch_lora_weights.safetensors` its adapters,
-    loadable with `pipe.load_lora_weights(output_dir)`.
+    loadable with `pipe.load_lora_weights(output_dir)`. The pipeline is float32 throughout, whatever the
+    training precision: load it with `torch_dtype=` to run it in half precision.
     """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
@@ -242,7 +324,7 @@ def save_student_pipeline(output_dir: str, student, teacher: TeacherParts, lora:
         unet = UNet2DConditionModel.from_config(student.config)
         unet.load_state_dict(base_state_dict(student))
     pipe = StableDiffusionPipeline(unet=unet, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False, **teacher.pipeline_components())
+                                   requires_safety_checker=False, **teacher.float32_components())
     pipe.save_pretrained(tmp)
     if lora:
         save_lora_weights(student, tmp)
@@ -278,7 +360,16 @@ def write_run_info(output_dir: str, **info) -> None:
     os.replace(path + ".tmp", path)
 
 
-def write_card(args, report_paths: dict, validation_image: str | None, settings, init_report) -> str:
+def _public_path(value):
+    """A local path as its last component (a card must not publish the trainer's folders); other values as given."""
+    if isinstance(value, str) and (os.path.isabs(value) or os.path.exists(value)) and value != "builtin":
+        return os.path.basename(os.path.normpath(value))
+    return value
+
+
+def write_card(args, report_paths: dict, validation_image: str | None, settings, init_report,
+               device: str = "cuda") -> str:
+    """The model card: license from --license or the teacher's card, usage in the run's precision on `device`."""
     from .hub import write_model_card
 
     with open(report_paths["json"]) as fh:
@@ -288,12 +379,15 @@ def write_card(args, report_paths: dict, validation_image: str | None, settings,
     tr = os.path.join(args.pretrained_model_name_or_path, "aria_teacher_report.json")
     if os.path.isfile(tr):
         with open(tr) as fh:
-            teacher_report = json.load(fh)
+            teacher_report = {k: _public_path(v) for k, v in json.load(fh).items()}
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(args.mixed_precision or "no", "float32")
     return write_model_card(
         args.output_dir, base_model=args.pretrained_model_name_or_path, repo_id=args.hub_model_id,
         architecture=args.student_architecture, student_mode=args.student_mode, aria_settings=settings.to_dict(),
         aria_report=report, validation_image=validation_image, allocation_plot=report_paths.get("plot"),
-        train_settings={**loggable_config(args), "student_init": str(init_report)}, teacher_report=teacher_report)
+        train_settings={**{k: _public_path(v) for k, v in loggable_config(args).items()},
+                        "student_init": str(init_report)},
+        teacher_report=teacher_report, license=args.license, torch_dtype=dtype, device=device)
 
 
 def end_run(accelerator) -> None:

@@ -69,10 +69,11 @@ def run_validation(accelerator, components: dict, teacher_unet, student_unet, pr
     student_unet = accelerator.unwrap_model(student_unet)
     was_training = student_unet.training
     student_unet.eval()
-    teacher_row, student_row = teacher_student_images(components, teacher_unet, student_unet, prompts, seed=seed,
-                                                      num_inference_steps=num_inference_steps,
-                                                      guidance_scale=guidance_scale, resolution=resolution,
-                                                      device=accelerator.device)
+    with accelerator.autocast():  # a float32 student beside a text encoder and VAE in the weight dtype
+        teacher_row, student_row = teacher_student_images(components, teacher_unet, student_unet, prompts, seed=seed,
+                                                          num_inference_steps=num_inference_steps,
+                                                          guidance_scale=guidance_scale, resolution=resolution,
+                                                          device=accelerator.device)
     student_unet.train(was_training)
     grid = make_grid([teacher_row, student_row])
     path = None

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Before anything loads torch: OpenMP reads this once, at load. Spinning OpenMP threads make 2 torch threads
+# ~7x slower than 1 on a busy 2-core machine; subprocesses the tests launch inherit it. A set value is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 # The suite never reaches the network: the default embedder resolves to the installed offline copy.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -95,3 +99,18 @@ def shared_regions(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("regions") / "regions"
     build_regions(pool, num_regions=6, seed=0, progress=False).save(str(path))
     return str(path)
+
+
+def debug_launch(fn, args=(), num_processes: int = 2) -> None:
+    """`accelerate.debug_launcher` after clearing accelerate's process-wide state.
+
+    The launcher forks: a state left by an in-process run earlier in the session (an `Accelerator` made by a
+    test that calls a script's main()) would reach the children, and they would see one process.
+    """
+    from accelerate import debug_launcher
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    GradientState._reset_state()
+    debug_launcher(fn, args=args, num_processes=num_processes)

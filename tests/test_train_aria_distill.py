@@ -21,8 +21,9 @@ from diffusers_aria.cli import TRAIN_SCRIPT
 pytestmark = pytest.mark.slow
 
 
-def launch(args: list[str], num_processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+def launch(args: list[str], num_processes: int = 1, timeout: int = 600,
+           mixed_precision: str = "no") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", mixed_precision,
            "--dynamo_backend", "no", "--num_processes", str(num_processes)]
     cmd += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
@@ -117,6 +118,50 @@ def test_imagefolder_region_uniform_ema_task_loss(tiny_teacher, shared_regions, 
     assert np.allclose(probs, 1 / 6)
 
 
+def _single_dtype(folder) -> set:
+    from safetensors.torch import load_file
+
+    dtypes = set()
+    for sub in ("unet", "vae", "text_encoder"):
+        for f in (folder / sub).glob("*.safetensors"):
+            dtypes |= {t.dtype for t in load_file(f).values()}
+    return dtypes
+
+
+def test_bf16_full_student_paired_with_validation(tiny_teacher, shared_regions, tmp_path):
+    """bf16 end to end: frozen parts in bf16, the float32 student under autocast, validation, the save."""
+    out = tmp_path / "bf16"
+    args = base_args(tiny_teacher, str(out), shared_regions)
+    args.remove("--image_free")
+    launch(args + ["--train_data_dir", _imagefolder(tmp_path / "images"), "--mixed_precision", "bf16",
+                   "--validation_prompts", "a red fox", "--validation_steps", "1", "--validation_inference_steps", "2",
+                   "--use_ema"], mixed_precision="bf16")
+    assert (out / "validation" / "step-1.png").exists() and (out / "validation_final.png").exists()
+    assert _single_dtype(out) == {torch.float32}  # one dtype throughout, whatever the training precision
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    image = pipe("a red fox", num_inference_steps=2, output_type="np").images[0]
+    assert np.isfinite(image).all()
+    assert "torch.bfloat16" in (out / "README.md").read_text()  # the usage snippet follows the run's precision
+
+
+def test_bf16_lora_student_image_free_with_feature_kd(tiny_teacher, shared_regions, tmp_path):
+    out = tmp_path / "bf16-lora"
+    launch(base_args(tiny_teacher, str(out), shared_regions,
+                     extra=["--student_mode", "lora", "--rank", "2", "--lora_alpha", "4", "--mixed_precision", "bf16",
+                            "--lambda_kd_feat", "1.0", "--validation_prompts", "a blue car",
+                            "--validation_inference_steps", "2"]), mixed_precision="bf16")
+    assert (out / "validation_final.png").exists() and (out / "pytorch_lora_weights.safetensors").exists()
+    assert _single_dtype(out) == {torch.float32}
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    pipe.load_lora_weights(str(out))
+    image = pipe("a blue car", num_inference_steps=2, output_type="np").images[0]
+    assert np.isfinite(image).all()
+
+
 def test_resume_continues_the_exact_prompt_stream(tiny_teacher, shared_regions, tmp_path):
     common = ["--allocation", "static", "--checkpointing_steps", "3", "--rc_schedule", "constant", "--rc_constant",
               "0.7", "--aria_warmup_steps", "2"]
@@ -163,7 +208,10 @@ def test_push_to_hub_and_doremi_in_process(tiny_teacher, shared_regions, tmp_pat
     up = calls["upload"]
     assert up["folder_path"] == str(out) and up["repo_id"] == "me/aria-student" and up["token"] == token
     assert "checkpoint-*" in up["ignore_patterns"]
-    assert "checkpoint-1" not in hub.files_to_upload(str(out)) and "README.md" in hub.files_to_upload(str(out))
+    files = hub.files_to_upload(str(out))
+    assert (out / "checkpoint-1").is_dir() and os.listdir(out / "checkpoint-1")  # there was something to leave out
+    assert not [f for f in files if f.startswith(("checkpoint-", "logs/"))] and "README.md" in files
+    assert "unet/diffusion_pytorch_model.safetensors" in files
     # the token is in no file the run wrote
     for root, _, files in os.walk(out):
         for f in files:
@@ -171,3 +219,5 @@ def test_push_to_hub_and_doremi_in_process(tiny_teacher, shared_regions, tmp_pat
                 assert token.encode() not in fh.read(), os.path.join(root, f)
     card = open(out / "README.md").read()
     assert "doremi" in card and "aria_allocation.png" in card
+    assert "license: \"apache-2.0\"" in card  # the tiny teacher's card's license
+    assert "/pytest-" not in card and "base_model:" not in card  # a local teacher: no path is published

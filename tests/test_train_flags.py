@@ -72,6 +72,7 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path):
         "--validation_steps", "1", "--validation_inference_steps", "2", "--validation_guidance_scale", "3.0",
         "--teacher_guidance_scale", "3.0", "--teacher_inference_steps", "2", "--num_teacher_latents", "4",
         "--dataloader_num_workers", "0", "--write_stream", str(tmp_path / "stream.jsonl"),
+        "--license", "creativeml-openrail-m",
     ])
     _script().main(args)
     report = json.load(open(out / "aria_report.json"))
@@ -96,6 +97,7 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path):
     assert sum(student.config.block_out_channels) < sum(teacher.config.block_out_channels)  # width 0.5
     card = (out / "README.md").read_text()
     assert "bk_small" in card
+    assert "license: \"creativeml-openrail-m\"" in card  # --license wins over the teacher's card
 
 
 def test_bad_flag_values_give_clear_errors():

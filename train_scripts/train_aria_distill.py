@@ -158,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None, help="prefer `huggingface-cli login`; never written to disk")
     g.add_argument("--hub_private_repo", action="store_true")
+    g.add_argument("--license", default=None,
+                   help="the model card's license (default: the teacher's card's; e.g. creativeml-openrail-m for "
+                        "Stable Diffusion v1 teachers)")
     g.add_argument("--write_stream", default=None, help="append every step's drawn pool indices to this JSONL (debug)")
     args = p.parse_args(argv)
     if not args.image_free and args.dataset_name is None and args.train_data_dir is None:
@@ -195,6 +198,9 @@ def main(args: argparse.Namespace) -> None:
     from diffusers_aria.validation import run_validation
 
     logger = get_logger("aria", log_level="INFO")
+    from diffusers_aria.hub import resolve_license
+
+    args.license = resolve_license(args.pretrained_model_name_or_path, args.license)  # fail now, not after training
     resume_path = ckpt.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     run_setup.check_output_dir(args.output_dir, resuming=args.resume_from_checkpoint is not None,
                                overwrite=args.overwrite_output_dir)
@@ -216,14 +222,13 @@ def main(args: argparse.Namespace) -> None:
     teacher_parts = run_setup.load_teacher(args.pretrained_model_name_or_path, revision=args.revision,
                                            variant=args.variant)
     teacher, noise_scheduler = teacher_parts.unet, teacher_parts.scheduler
-    for m in (teacher, teacher_parts.vae, teacher_parts.text_encoder):
-        m.requires_grad_(False)
-        m.eval()
-        m.to(accelerator.device)
-        if weight_dtype != torch.float32:
-            m.to(dtype=weight_dtype)
-    student, init_report = run_setup.make_student(teacher_parts.unet, args.student_architecture,
-                                                  args.student_width_scale, args.student_model_name_or_path)
+    # the student (float32 master weights) is built from the full-precision teacher, then the frozen parts
+    # go to the weight dtype together, so that every pipeline made of them has one dtype
+    student, init_report = run_setup.make_student(teacher_parts.unet.to(accelerator.device),
+                                                  args.student_architecture, args.student_width_scale,
+                                                  args.student_model_name_or_path)
+    student.to(accelerator.device)
+    teacher_parts.to_weight_dtype(accelerator.device, weight_dtype)
     logger.info(f"student: {init_report}")
     if args.student_mode == "lora":
         student = add_lora(student, rank=args.rank, lora_alpha=args.lora_alpha,
@@ -243,6 +248,7 @@ def main(args: argparse.Namespace) -> None:
         regions = run_setup.load_regions(args.regions_dir or os.path.join(args.output_dir, "regions"), pool,
                                          num_regions=args.num_regions, embedder=args.embedder, seed=args.seed,
                                          method=args.clustering, progress=accelerator.is_local_main_process)
+    run_setup.check_ranks_agree(accelerator, pool, regions, args.seed)
     from diffusers_aria.training import region_names_from_groups
 
     settings = aria_settings(args)
@@ -358,7 +364,8 @@ def main(args: argparse.Namespace) -> None:
         accelerator.log(logs, step=global_step)
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
             ckpt.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-        if args.validation_prompts and args.validation_steps and global_step % args.validation_steps == 0:
+        if (args.validation_prompts and args.validation_steps and global_step % args.validation_steps == 0
+                and accelerator.is_main_process):  # as diffusers does: the other ranks do not wait on images
             run_validation(accelerator, components, teacher, student, args.validation_prompts, args.output_dir,
                            global_step, seed=args.seed, num_inference_steps=args.validation_inference_steps,
                            guidance_scale=args.validation_guidance_scale, resolution=args.resolution)
@@ -371,16 +378,18 @@ def main(args: argparse.Namespace) -> None:
     final_student = accelerator.unwrap_model(student)
     if ema is not None:
         ema.copy_to([p for p in final_student.parameters() if p.requires_grad])
-    grid = run_validation(accelerator, components, teacher, final_student, args.validation_prompts or [],
-                          args.output_dir, global_step, seed=args.seed,
-                          num_inference_steps=args.validation_inference_steps,
-                          guidance_scale=args.validation_guidance_scale, resolution=args.resolution,
-                          name="validation_final.png")
+    grid = None
+    if accelerator.is_main_process:
+        grid = run_validation(accelerator, components, teacher, final_student, args.validation_prompts or [],
+                              args.output_dir, global_step, seed=args.seed,
+                              num_inference_steps=args.validation_inference_steps,
+                              guidance_scale=args.validation_guidance_scale, resolution=args.resolution,
+                              name="validation_final.png")
     state_hashes = run_setup.gather_state_hashes(accelerator, aria.callback)
     if accelerator.is_main_process:
         run_setup.save_student_pipeline(args.output_dir, final_student, teacher_parts, lora=args.student_mode == "lora")
         report_paths = aria.callback.write_report(args.output_dir)
-        run_setup.write_card(args, report_paths, grid, settings, init_report)
+        run_setup.write_card(args, report_paths, grid, settings, init_report, device=accelerator.device.type)
         run_setup.write_run_info(args.output_dir, num_processes=world, global_step=global_step,
                                  allocation=args.allocation, student_mode=args.student_mode,
                                  nonfinite_samples=aria.tracker.num_nonfinite, aria_state_hashes=state_hashes)

@@ -93,8 +93,12 @@ def save_lora_weights(unet: torch.nn.Module, output_dir: str | os.PathLike) -> s
 
     lora_layers = convert_state_dict_to_diffusers(state)
     os.makedirs(output_dir, exist_ok=True)
+    # the adapter's config (rank, alpha, targets) travels in the file's metadata: without it
+    # `load_lora_weights` assumes alpha == rank and loads a rank-2/alpha-4 adapter at half its trained scale
+    config = model.peft_config[next(iter(model.peft_config))]
     StableDiffusionPipeline.save_lora_weights(
-        save_directory=output_dir, unet_lora_layers=lora_layers, safe_serialization=True
+        save_directory=output_dir, unet_lora_layers=lora_layers, safe_serialization=True,
+        unet_lora_adapter_metadata=config.to_dict(),
     )
     return os.path.join(os.fspath(output_dir), "pytorch_lora_weights.safetensors")
 

@@ -179,20 +179,24 @@ class StudentInitReport:
 
 
 def build_student(
-    teacher: UNet2DConditionModel, architecture: str = "bk_small", width_scale: float = 1.0
+    teacher: UNet2DConditionModel, architecture: str = "bk_small", width_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[UNet2DConditionModel, StudentInitReport]:
     """Build a BK-SDM student from ``teacher`` and copy every same-shaped mapped tensor into it.
 
-    Tensors whose mapped teacher tensor has a different shape (e.g. with ``width_scale != 1``) keep
-    their fresh initialisation and are listed in the report's ``skipped_shape``.
+    The student lives on the teacher's device in ``dtype`` (float32: the master weights of a mixed-precision
+    run), whatever the teacher's dtype; the teacher is not modified. Tensors whose mapped teacher tensor has
+    a different shape (e.g. with ``width_scale != 1``) keep their fresh initialisation and are listed in the
+    report's ``skipped_shape``.
     """
     if not isinstance(teacher, UNet2DConditionModel):
         raise TypeError(f"teacher must be a diffusers UNet2DConditionModel, got {type(teacher).__name__}.")
     config = student_config(teacher.config, architecture, width_scale)
     student = UNet2DConditionModel.from_config(config)
     param = next(teacher.parameters())
-    if param.device.type not in ("cpu", "meta") or param.dtype != torch.float32:
-        student.to(device=param.device if param.device.type != "meta" else "cpu", dtype=param.dtype)
+    device = param.device if param.device.type != "meta" else torch.device("cpu")
+    if device.type != "cpu" or dtype != torch.float32:
+        student.to(device=device, dtype=dtype)
 
     key_map = student_key_map(teacher.config, config, architecture)
     teacher_state = teacher.state_dict()

@@ -1,0 +1,101 @@
+"""run_setup: the student beside a teacher in another dtype, feature pairs that fail loudly, rank agreement."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_aria import run_setup
+from diffusers_aria.regions import ConditionRegions
+
+POOL = [f"prompt number {i}" for i in range(12)]
+
+
+def _regions(ids) -> ConditionRegions:
+    return ConditionRegions(region_ids=np.asarray(ids, dtype=np.int32), centroids=np.eye(3, dtype=np.float32))
+
+
+@pytest.fixture(scope="module")
+def teacher_parts(tiny_teacher):
+    return run_setup.load_teacher(tiny_teacher)
+
+
+def test_student_is_float32_and_the_teacher_keeps_its_dtype(teacher_parts):
+    teacher = teacher_parts.unet.to(torch.bfloat16)
+    try:
+        student, _ = run_setup.make_student(teacher, "bk_small")
+        assert {p.dtype for p in student.parameters()} == {torch.float32}
+        assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}  # not upcast in place
+    finally:
+        teacher.to(torch.float32)
+
+
+def test_frozen_parts_share_one_dtype_and_the_saved_pipeline_is_float32(tiny_teacher, tmp_path):
+    parts = run_setup.load_teacher(tiny_teacher)
+    student, _ = run_setup.make_student(parts.unet, "bk_tiny")
+    parts.to_weight_dtype("cpu", torch.bfloat16)
+    for m in (parts.unet, parts.vae, parts.text_encoder):
+        assert {p.dtype for p in m.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in m.parameters())
+    run_setup.save_student_pipeline(str(tmp_path), student, parts)
+    from safetensors.torch import load_file
+
+    for sub in ("unet", "vae", "text_encoder"):
+        files = [f for f in os.listdir(tmp_path / sub) if f.endswith(".safetensors")]
+        assert files, sub
+        for f in files:
+            assert {t.dtype for t in load_file(tmp_path / sub / f).values()} == {torch.float32}, sub
+
+
+def test_feature_kd_without_feature_pairs_fails_loudly(teacher_parts):
+    student, _ = run_setup.make_student(teacher_parts.unet, "bk_tiny")
+    assert run_setup.feature_mapping(teacher_parts.unet, student, "bk_tiny")  # the real pairs exist
+    from diffusers import UNet2DConditionModel
+
+    cfg = teacher_parts.unet.config
+    other = UNet2DConditionModel(  # e.g. a --student_model_name_or_path of another structure: more stages
+        sample_size=8, in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=(8, 8, 8),
+        down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=cfg.cross_attention_dim)
+    with pytest.raises(run_setup.FeatureMappingError, match="--lambda_kd_feat 0"):
+        run_setup.feature_mapping(teacher_parts.unet, other, "bk_small")
+
+
+def test_agreement_error_names_what_differs():
+    a = run_setup.run_fingerprint(POOL, _regions([0, 1, 2] * 4), seed=0)
+    assert run_setup.agreement_error([a, dict(a)]) is None
+    other_seed = run_setup.run_fingerprint(POOL, _regions([0, 1, 2] * 4), seed=1)
+    message = run_setup.agreement_error([a, other_seed])
+    assert "seed" in message and "rank 0: 0" in message and "rank 1: 1" in message
+    other_regions = run_setup.run_fingerprint(POOL, _regions([0, 1, 2] * 3 + [2, 1, 0]), seed=0)
+    assert "regions" in run_setup.agreement_error([a, other_regions])
+    other_pool = run_setup.run_fingerprint(POOL[:-1] + ["another"], _regions([0, 1, 2] * 4), seed=0)
+    assert "pool" in run_setup.agreement_error([a, other_pool])
+
+
+def _agreement_worker(out_dir: str) -> None:
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    rank = acc.process_index
+    run_setup.check_ranks_agree(acc, POOL, _regions([0, 1, 2] * 4), seed=0)  # the same everywhere: passes
+    try:
+        run_setup.check_ranks_agree(acc, POOL, _regions([0, 1, 2] * 4), seed=rank)  # each rank its own seed
+        outcome = "passed"
+    except run_setup.RankMismatchError as e:
+        outcome = str(e)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump({"world": acc.num_processes, "outcome": outcome}, fh)
+
+
+def test_two_processes_with_different_seeds_stop_with_a_clear_error(tmp_path):
+    from conftest import debug_launch
+
+    debug_launch(_agreement_worker, args=(str(tmp_path),), num_processes=2)
+    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert [r["world"] for r in results] == [2, 2]
+    for r in results:
+        assert "disagree on the seed" in r["outcome"] and "rank 1: 1" in r["outcome"]
