@@ -101,7 +101,13 @@ def shared_regions(tmp_path_factory) -> str:
     return str(path)
 
 
-def debug_launch(fn, args=(), num_processes: int = 2) -> None:
+@pytest.fixture(scope="session")
+def debug_launch():
+    """`debug_launch(fn, args, num_processes=2)`: `accelerate.debug_launcher` in a clean accelerate state."""
+    return _debug_launch
+
+
+def _debug_launch(fn, args=(), num_processes: int = 2) -> None:
     """`accelerate.debug_launcher` after clearing accelerate's process-wide state.
 
     The launcher forks: a state left by an in-process run earlier in the session (an `Accelerator` made by a

@@ -69,9 +69,7 @@ def _two_process_worker(out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    from conftest import debug_launch
-
+def two_process_run(tmp_path_factory, debug_launch):
     out = tmp_path_factory.mktemp("two_proc")
     debug_launch(_two_process_worker, args=(str(out),), num_processes=2)
     return [json.load(open(out / f"rank{r}.json")) for r in range(2)], out

@@ -91,9 +91,7 @@ def _agreement_worker(out_dir: str) -> None:
         json.dump({"world": acc.num_processes, "outcome": outcome}, fh)
 
 
-def test_two_processes_with_different_seeds_stop_with_a_clear_error(tmp_path):
-    from conftest import debug_launch
-
+def test_two_processes_with_different_seeds_stop_with_a_clear_error(tmp_path, debug_launch):
     debug_launch(_agreement_worker, args=(str(tmp_path),), num_processes=2)
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert [r["world"] for r in results] == [2, 2]
