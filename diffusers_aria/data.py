@@ -86,16 +86,27 @@ class StepBatchSampler:
             step += 1
 
 
+# --image_interpolation_mode (diffusers' names) -> PIL resampling filter used for the resize
+INTERPOLATION_MODES = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "box": "BOX",
+                       "hamming": "HAMMING", "lanczos": "LANCZOS"}
+
+
 class ImageCaptionDataset(Dataset):
     """Rows of a `datasets.Dataset` as {pixel_values [3,H,W] in [-1,1], caption, region, index}.
 
     A key is a row index or an `(index, epoch)` pair (as `StepBatchSampler` yields; a plain index is epoch
-    0). The random crop (`center_crop=False`), the random flip and the pick of a list caption are drawn
+    0). Images are resized (shorter side to `resolution`, with the `interpolation` filter; diffusers'
+    default lanczos) and cropped. The random crop (`center_crop=False`), the random flip and the pick of a list caption are drawn
     from `(seed, index, epoch)`: the same for the same key in any process, new every epoch.
     """
 
     def __init__(self, dataset, image_column: str, caption_column: str, resolution: int, center_crop: bool = True,
-                 random_flip: bool = False, seed: int = 0, region_ids: np.ndarray | None = None) -> None:
+                 random_flip: bool = False, seed: int = 0, region_ids: np.ndarray | None = None,
+                 interpolation: str = "lanczos") -> None:
+        if interpolation not in INTERPOLATION_MODES:
+            raise ValueError(f"image interpolation {interpolation!r} is not valid; choose one of "
+                             f"{', '.join(INTERPOLATION_MODES)}")
+        self.interpolation = interpolation
         for col in (image_column, caption_column):
             if col not in dataset.column_names:
                 raise ValueError(f"column {col!r} not in the dataset; available columns: {dataset.column_names}")
@@ -122,7 +133,7 @@ class ImageCaptionDataset(Dataset):
         w, h = image.size
         scale = self.resolution / min(w, h)
         image = image.resize((max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))),
-                             Image.BICUBIC)
+                             Image.Resampling[INTERPOLATION_MODES[self.interpolation]])
         w, h = image.size
         if self.center_crop:
             left, top = (w - self.resolution) // 2, (h - self.resolution) // 2

@@ -346,6 +346,17 @@ def _local_name(path: str) -> str:
     return os.path.basename(os.path.normpath(os.path.expanduser(path))) or path
 
 
+def _public(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings with every local path reduced to its last component: a card never publishes the trainer's
+    folders (`/home/me/data/prompts.txt` -> `prompts.txt`); Hub ids and other values stay as given."""
+    def public(value: Any) -> Any:
+        if isinstance(value, str) and value and (_looks_like_path(value) or os.path.exists(value)):
+            return _local_name(value)
+        return value
+
+    return {k: public(v) for k, v in settings.items()}
+
+
 def _card_license(readme: str) -> str | None:
     """The `license:` of a model card's YAML front matter, or None (no card, no front matter, no license)."""
     try:
@@ -465,8 +476,9 @@ def write_model_card(
         aria_report: `ARIACallback.summary()` output; its "regions" become the per-region table (64 rows at most).
         validation_image: a validation grid image; linked relatively, copied into `output_dir/images/` if outside.
         allocation_plot: the ARIA allocation plot; same handling as `validation_image`.
-        train_settings: training hyper-parameters; secret-named keys are dropped, token-like values scrubbed.
-        teacher_report: optional notes on the teacher/student initialisation, shown as a table.
+        train_settings: training hyper-parameters; secret-named keys are dropped, token-like values scrubbed,
+            local paths reduced to their last component.
+        teacher_report: optional notes on the teacher/student initialisation, shown as a table (same handling).
         license: the front matter license; None takes the teacher's (`resolve_license`, then the license of
             `base_model_id`'s cached card) and raises ValueError when the teacher's card has none.
         base_model_id: the teacher's Hub id, overriding what is derived from `base_model`.
@@ -497,8 +509,9 @@ def write_model_card(
         _check_str("repo_id", repo_id, "'namespace/name', or None")
     aria = scrub_secrets(_check_mapping("aria_settings", aria_settings, allow_none=False))
     report = _check_mapping("aria_report", aria_report)
-    train = scrub_secrets(_check_mapping("train_settings", train_settings)) if train_settings is not None else None
-    teacher = scrub_secrets(_check_mapping("teacher_report", teacher_report)) if teacher_report is not None else None
+    train = _public(scrub_secrets(_check_mapping("train_settings", train_settings))) if train_settings is not None else None
+    teacher = (_public(scrub_secrets(_check_mapping("teacher_report", teacher_report)))
+               if teacher_report is not None else None)
 
     local = _is_local_model(base_model)
     local_name = _local_name(base_model) if local else None

@@ -165,33 +165,127 @@ def feature_projections(teacher, student, mapping: dict[str, str], device=None):
 # ------------------------------------------------------------------------------------------ EMA
 
 
-def make_ema(student, decay: float):
+EMA_DIR = "unet_ema"
+
+
+def make_ema(student, decay: float, foreach: bool = False, offload: bool = False):
+    """diffusers' `EMAModel` over the student's trainable parameters (`--use_ema`, `--foreach_ema`,
+    `--offload_ema`). A full student's EMA knows its model class and config, so checkpoints hold it in
+    diffusers' `unet_ema/` layout; with `offload` the shadow weights live on the CPU between updates."""
+    from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    return EMAModel([p for p in student.parameters() if p.requires_grad], decay=decay)
+    params = [p for p in student.parameters() if p.requires_grad]
+    full = len(params) == len(list(student.parameters()))
+    ema = EMAModel(params, decay=decay, foreach=foreach, model_cls=UNet2DConditionModel if full else None,
+                   model_config=student.config if full else None)
+    if offload:
+        ema.to("cpu")
+    return ema
 
 
-def register_ema_hooks(accelerator, ema) -> None:
-    """Save/load the EMA shadow weights (safetensors + JSON) inside accelerate checkpoints."""
+def ema_step(ema, params, device, offload: bool = False) -> None:
+    """One EMA update after an optimizer step; with `offload` the shadow weights visit `device` for it and
+    go back to the CPU (diffusers' `--offload_ema`)."""
+    if offload:
+        ema.to(device=device, non_blocking=True)
+    ema.step(params)
+    if offload:
+        ema.to(device="cpu", non_blocking=True)
+
+
+def register_ema_hooks(accelerator, ema, foreach: bool = False) -> None:
+    """Save/load the EMA inside accelerate checkpoints, as diffusers' training scripts do: `unet_ema/` is a
+    `UNet2DConditionModel` folder (loadable with `EMAModel.from_pretrained(path, UNet2DConditionModel)`) for a
+    full student; for a LoRA student it holds the adapter shadow weights by parameter index
+    (`shadow_params.safetensors`) and `ema_config.json`. Checkpoints of earlier versions (`ema.safetensors`)
+    still load."""
     from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            os.makedirs(output_dir, exist_ok=True)
-            save_file({f"p{i}": t.detach().contiguous().cpu() for i, t in enumerate(ema.shadow_params)},
-                      os.path.join(output_dir, "ema.safetensors"))
-            with open(os.path.join(output_dir, "ema.json"), "w") as fh:
-                json.dump({"optimization_step": int(ema.optimization_step), "decay": float(ema.decay)}, fh)
+        if not accelerator.is_main_process:
+            return
+        path = os.path.join(output_dir, EMA_DIR)
+        if ema.model_cls is not None:
+            ema.save_pretrained(path)
+            return
+        os.makedirs(path, exist_ok=True)
+        save_file({f"p{i}": t.detach().contiguous().cpu() for i, t in enumerate(ema.shadow_params)},
+                  os.path.join(path, "shadow_params.safetensors"))
+        state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+        with open(os.path.join(path, "ema_config.json"), "w") as fh:
+            json.dump(state, fh, indent=1)
 
     def load_hook(models, input_dir):
-        tensors = load_file(os.path.join(input_dir, "ema.safetensors"))
-        for i, t in enumerate(ema.shadow_params):
-            t.data.copy_(tensors[f"p{i}"].to(t.device, t.dtype))
-        with open(os.path.join(input_dir, "ema.json")) as fh:
-            ema.optimization_step = json.load(fh)["optimization_step"]
+        path = os.path.join(input_dir, EMA_DIR)
+        legacy = os.path.join(input_dir, "ema.safetensors")
+        if ema.model_cls is not None and os.path.isdir(path):
+            from diffusers.training_utils import EMAModel
+
+            loaded = EMAModel.from_pretrained(path, ema.model_cls, foreach=foreach)
+            shadow = loaded.shadow_params
+            state = {k: v for k, v in loaded.state_dict().items() if k != "shadow_params"}
+        else:
+            tensors = load_file(os.path.join(path, "shadow_params.safetensors") if os.path.isdir(path) else legacy)
+            shadow = [tensors[f"p{i}"] for i in range(len(ema.shadow_params))]
+            cfg = os.path.join(path, "ema_config.json") if os.path.isdir(path) else legacy.replace(".safetensors", ".json")
+            with open(cfg) as fh:
+                state = json.load(fh)
+        for t, src in zip(ema.shadow_params, shadow):
+            t.data.copy_(src.to(t.device, t.dtype))
+        ema.optimization_step = int(state["optimization_step"])
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ------------------------------------------------------------------------------------------ optimizer, attention
+
+
+def make_optimizer(params, lr: float, betas: tuple[float, float], weight_decay: float, eps: float,
+                   use_8bit_adam: bool = False):
+    """AdamW, or bitsandbytes' 8-bit AdamW (`--use_8bit_adam`) with the same settings."""
+    cls = torch.optim.AdamW
+    if use_8bit_adam:
+        cls = require_bitsandbytes().optim.AdamW8bit
+    return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def require_bitsandbytes():
+    """The bitsandbytes module, or a clear error saying how to get it (checked before the models load)."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ImportError("--use_8bit_adam needs bitsandbytes, which is not installed: `pip install bitsandbytes` "
+                          "(CUDA only), or drop --use_8bit_adam") from None
+    return bitsandbytes
+
+
+def require_xformers() -> None:
+    """A clear error when `--enable_xformers_memory_efficient_attention` is asked for without xformers."""
+    from diffusers.utils import is_xformers_available
+
+    if not is_xformers_available():
+        raise ValueError("--enable_xformers_memory_efficient_attention: xformers is not installed "
+                         "(`pip install xformers`, CUDA only); drop the flag to use PyTorch's own attention")
+
+
+def enable_xformers(*unets) -> None:
+    """Memory-efficient attention for every given UNet (teacher and student)."""
+    require_xformers()
+    for unet in unets:
+        unet.enable_xformers_memory_efficient_attention()
+
+
+def student_init_unet(teacher: TeacherParts, non_ema_revision: str | None = None):
+    """The UNet the student is built from: the teacher's, or the teacher repository's UNet at
+    `non_ema_revision` (diffusers' `--non_ema_revision`: the non-EMA weights, better to train from) while the
+    frozen teacher keeps `--revision`."""
+    if non_ema_revision is None or non_ema_revision == teacher.revision:
+        return teacher.unet
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(teacher.name_or_path, subfolder="unet", revision=non_ema_revision)
 
 
 # ------------------------------------------------------------------------------------------ pool, regions
@@ -283,7 +377,8 @@ def paired_dataset(args, pool, regions, teacher: TeacherParts, accelerator):
     ds = load_image_caption_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.revision,
                                     args.cache_dir, args.max_train_samples, args.seed)
     data = ImageCaptionDataset(ds, args.image_column, args.caption_column, args.resolution, args.center_crop,
-                               args.random_flip, args.seed)
+                               args.random_flip, args.seed,
+                               interpolation=getattr(args, "image_interpolation_mode", "lanczos"))
     data.region_ids = regions.assign(data.captions())
     return data
 
@@ -360,13 +455,6 @@ def write_run_info(output_dir: str, **info) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _public_path(value):
-    """A local path as its last component (a card must not publish the trainer's folders); other values as given."""
-    if isinstance(value, str) and (os.path.isabs(value) or os.path.exists(value)) and value != "builtin":
-        return os.path.basename(os.path.normpath(value))
-    return value
-
-
 def write_card(args, report_paths: dict, validation_image: str | None, settings, init_report,
                device: str = "cuda") -> str:
     """The model card: license from --license or the teacher's card, usage in the run's precision on `device`."""
@@ -379,14 +467,13 @@ def write_card(args, report_paths: dict, validation_image: str | None, settings,
     tr = os.path.join(args.pretrained_model_name_or_path, "aria_teacher_report.json")
     if os.path.isfile(tr):
         with open(tr) as fh:
-            teacher_report = {k: _public_path(v) for k, v in json.load(fh).items()}
+            teacher_report = json.load(fh)
     dtype = {"fp16": "float16", "bf16": "bfloat16"}.get(args.mixed_precision or "no", "float32")
     return write_model_card(
         args.output_dir, base_model=args.pretrained_model_name_or_path, repo_id=args.hub_model_id,
         architecture=args.student_architecture, student_mode=args.student_mode, aria_settings=settings.to_dict(),
         aria_report=report, validation_image=validation_image, allocation_plot=report_paths.get("plot"),
-        train_settings={**{k: _public_path(v) for k, v in loggable_config(args).items()},
-                        "student_init": str(init_report)},
+        train_settings={**loggable_config(args), "student_init": str(init_report)},
         teacher_report=teacher_report, license=args.license, torch_dtype=dtype, device=device)
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -18,7 +19,15 @@ from .allocation import POLICIES, AllocationPolicy, make_policy, policy_argument
 from .callback import ARIACallback
 from .conditioning import RandomConditioning, SwapSchedule
 from .data import step_generator
-from .distillation import DistillationLoss, FeatureProjections, FeatureTaps, LossTerms, prediction_target
+from .distillation import (
+    DistillationLoss,
+    FeatureProjections,
+    FeatureTaps,
+    LossTerms,
+    convert_prediction,
+    prediction_target,
+    snr_weights,
+)
 from .sampler import AdaptiveRegionSampler
 from .tracker import DiscrepancyTracker
 
@@ -151,6 +160,77 @@ def sample_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, 
     return noise, t
 
 
+@dataclass
+class TrainLength:
+    """How long a run is, in optimizer steps, and how many of them make an epoch of the paired data."""
+
+    max_train_steps: int
+    steps_per_epoch: int
+    num_train_epochs: int
+
+
+def train_length(num_rows: int, batch_size: int, num_processes: int = 1, gradient_accumulation_steps: int = 1,
+                 max_train_steps: int | None = None, num_train_epochs: int = 100) -> TrainLength:
+    """diffusers' arithmetic: an epoch is ceil(rows / global micro-batch) micro-batches, grouped into optimizer
+    steps of `gradient_accumulation_steps`; `max_train_steps`, when given, overrides `num_train_epochs`."""
+    for name, value in (("num_rows", num_rows), ("batch_size", batch_size), ("num_processes", num_processes),
+                        ("gradient_accumulation_steps", gradient_accumulation_steps)):
+        if value < 1:
+            raise ValueError(f"{name}={value!r} must be >= 1")
+    micro = math.ceil(num_rows / (batch_size * num_processes))
+    per_epoch = max(1, math.ceil(micro / gradient_accumulation_steps))
+    if max_train_steps is None:
+        if num_train_epochs < 1:
+            raise ValueError(f"--num_train_epochs {num_train_epochs!r} must be >= 1 (or pass --max_train_steps)")
+        max_train_steps = num_train_epochs * per_epoch
+    elif max_train_steps < 1:
+        raise ValueError(f"--max_train_steps {max_train_steps!r} must be >= 1")
+    return TrainLength(int(max_train_steps), per_epoch, math.ceil(max_train_steps / per_epoch))
+
+
+def validation_due(global_step: int, steps_per_epoch: int, validation_steps: int = 0,
+                   validation_epochs: int | None = None) -> bool:
+    """Whether to validate after optimizer step `global_step` (1-based): every `validation_steps` steps, and at
+    the end of every epoch e (0-based) with e % validation_epochs == 0, as diffusers' `--validation_epochs`."""
+    if validation_steps and global_step % validation_steps == 0:
+        return True
+    if validation_epochs and global_step % steps_per_epoch == 0:
+        return (global_step // steps_per_epoch - 1) % validation_epochs == 0
+    return False
+
+
+@dataclass
+class StepNoise:
+    """A step's noise: `noise` is the regression target's, `input_noise` makes x_t (they differ only with
+    input perturbation), `timesteps` one per sample."""
+
+    noise: torch.Tensor
+    input_noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def sample_step_noise(latents: torch.Tensor, num_train_timesteps: int, seed: int, step: int, rank: int,
+                      noise_offset: float = 0.0, input_perturbation: float = 0.0) -> StepNoise:
+    """`sample_noise_and_timesteps` plus diffusers' `--noise_offset` and `--input_perturbation`.
+
+    Offset noise adds `noise_offset * N(0, 1)` per sample and channel (constant over H, W) to the noise
+    (crosslabs.org/blog/diffusion-with-offset-noise); input perturbation builds x_t from
+    `noise + input_perturbation * N(0, 1)` while the target keeps `noise` (arXiv 2301.11706). Their draws
+    come from streams of their own, so turning either on changes neither the base noise nor the timesteps.
+    """
+    noise, t = sample_noise_and_timesteps(latents, num_train_timesteps, seed, step, rank)
+    if noise_offset:
+        gen = step_generator(seed, step, rank, salt=2)
+        shift = torch.randn(latents.shape[:2] + (1,) * (latents.dim() - 2), generator=gen, dtype=torch.float32)
+        noise = noise + (noise_offset * shift).to(noise.device, noise.dtype)
+    input_noise = noise
+    if input_perturbation:
+        gen = step_generator(seed, step, rank, salt=3)
+        extra = torch.randn(latents.shape, generator=gen, dtype=torch.float32)
+        input_noise = noise + (input_perturbation * extra).to(noise.device, noise.dtype)
+    return StepNoise(noise, input_noise, t)
+
+
 class KDStep:
     """Teacher and student predictions on the same (x_t, t, c), with feature taps, into per-sample losses.
 
@@ -161,22 +241,36 @@ class KDStep:
         loss: `DistillationLoss`.
         feature_mapping: teacher module name -> student module name (empty/None: no feature KD).
         projections: optional `FeatureProjections` when widths differ.
+        teacher_prediction_type: what the teacher predicts, when the scheduler's `prediction_type` was set to the
+            student's (`--prediction_type`): the teacher's output is converted to the student's for output KD.
+            None: the scheduler's (no conversion).
+        snr_gamma: Min-SNR-gamma weights on each sample's total loss (`--snr_gamma`); None: unweighted.
     """
 
     def __init__(self, teacher, student, noise_scheduler, loss: DistillationLoss,
-                 feature_mapping: dict[str, str] | None = None, projections: FeatureProjections | None = None) -> None:
+                 feature_mapping: dict[str, str] | None = None, projections: FeatureProjections | None = None,
+                 teacher_prediction_type: str | None = None, snr_gamma: float | None = None) -> None:
         self.teacher, self.noise_scheduler, self.loss = teacher, noise_scheduler, loss
+        self.teacher_prediction_type = teacher_prediction_type
+        self.snr_gamma = snr_gamma
         self.feature_mapping = dict(feature_mapping or {}) if loss.lambda_kd_feat > 0 else {}
         self.projections = projections
         self.teacher_taps = FeatureTaps(teacher, list(self.feature_mapping)) if self.feature_mapping else None
         self.student_taps = FeatureTaps(student, list(self.feature_mapping.values())) if self.feature_mapping else None
 
     def __call__(self, student_model, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor, paired_mask: torch.Tensor | None = None) -> LossTerms:
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+                 encoder_hidden_states: torch.Tensor, paired_mask: torch.Tensor | None = None,
+                 input_noise: torch.Tensor | None = None) -> LossTerms:
+        """Per-sample loss terms; x_t is made from `input_noise` when given (input perturbation), the task
+        target from `noise`."""
+        noisy = self.noise_scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
+        student_type = self.noise_scheduler.config.prediction_type
         with torch.no_grad():
             t_dtype = next(self.teacher.parameters()).dtype
             teacher_pred = self.teacher(noisy.to(t_dtype), timesteps, encoder_hidden_states.to(t_dtype)).sample
+            if self.teacher_prediction_type and self.teacher_prediction_type != student_type:
+                teacher_pred = convert_prediction(teacher_pred, self.teacher_prediction_type, student_type, noisy,
+                                                  timesteps, self.noise_scheduler)
             teacher_feats = dict(self.teacher_taps.features) if self.teacher_taps else None
         student_pred = student_model(noisy, timesteps, encoder_hidden_states).sample
         student_feats = dict(self.student_taps.features) if self.student_taps else None
@@ -188,6 +282,9 @@ class KDStep:
         if self.teacher_taps:
             self.teacher_taps.clear()
             self.student_taps.clear()
+        if self.snr_gamma is not None:
+            weights = snr_weights(self.noise_scheduler, timesteps, self.snr_gamma).to(terms.total.device)
+            terms = LossTerms(total=terms.total * weights, output=terms.output, feature=terms.feature, task=terms.task)
         return terms
 
 

@@ -121,3 +121,19 @@ def test_dataloader_workers_see_the_same_batches():
         assert torch.equal(a["pixel_values"], b["pixel_values"])
     rows = torch.cat([b["index"] for b in serial]).tolist()
     assert sorted(rows[3:8]) == list(range(5))  # positions 5..9 are epoch 1: each row once
+
+
+def test_image_interpolation_mode_picks_the_resize_filter():
+    from PIL import Image
+
+    kw = {"center_crop": True, "random_flip": False}
+    by_mode = {m: _image_dataset(interpolation=m, **kw)[0]["pixel_values"] for m in ("nearest", "bilinear", "lanczos")}
+    assert not torch.equal(by_mode["nearest"], by_mode["bilinear"])
+    assert not torch.equal(by_mode["bilinear"], by_mode["lanczos"])
+    # nearest keeps source pixel values: every output value is one of the image's own
+    src = np.asarray(_image_dataset(**kw).ds[0]["image"].convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    assert np.isin(by_mode["nearest"].numpy().round(5), src.round(5)).all()
+    assert _image_dataset(**kw).interpolation == "lanczos"  # diffusers' default
+    assert Image.Resampling.LANCZOS  # the filter exists in this Pillow
+    with pytest.raises(ValueError, match="image interpolation 'cubic' is not valid; choose one of nearest"):
+        _image_dataset(interpolation="cubic")

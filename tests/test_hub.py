@@ -414,3 +414,17 @@ def test_push_to_hub_refuses_a_token_inside_a_large_file(out, monkeypatch):
     with pytest.raises(ValueError, match="the Hub token"):
         hub.push_to_hub(out, "me/aria", token=TOKEN)
     assert calls == []
+
+
+def test_card_tables_show_local_paths_by_their_last_component(out, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "builtin").write_text("a local file that happens to be named builtin")
+    text = _card(out, train_settings={"prompt_pool": "/home/me/data/prompts.txt", "output_dir": "./runs/a",
+                                      "dataset_name": "lambdalabs/naruto-blip-captions", "prompt_pool_split": "train",
+                                      "cache_dir": "~/hf/cache", "learning_rate": 1e-4},
+                 teacher_report={"path": str(tmp_path / "teachers" / "tiny"), "pool": "builtin"})
+    assert "/home/me" not in text and "./runs" not in text and "~/hf" not in text and str(tmp_path) not in text
+    for key, shown in (("prompt_pool", "prompts.txt"), ("output_dir", "a"), ("cache_dir", "cache"), ("path", "tiny"),
+                       ("dataset_name", "lambdalabs/naruto-blip-captions"), ("prompt_pool_split", "train"),
+                       ("pool", "builtin")):
+        assert f"| `{key}` | {shown} |" in text, key

@@ -97,3 +97,107 @@ def test_two_processes_with_different_seeds_stop_with_a_clear_error(tmp_path, de
     assert [r["world"] for r in results] == [2, 2]
     for r in results:
         assert "disagree on the seed" in r["outcome"] and "rank 1: 1" in r["outcome"]
+
+
+def _tiny_student(teacher_parts):
+    student, _ = run_setup.make_student(teacher_parts.unet, "bk_tiny")
+    return student
+
+
+def test_ema_in_diffusers_unet_ema_layout_with_foreach_and_offload(teacher_parts, tmp_path):
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    student = _tiny_student(teacher_parts)
+    ema = run_setup.make_ema(student, 0.5, foreach=True, offload=True)
+    assert ema.foreach and ema.model_cls is UNet2DConditionModel
+    acc = Accelerator(cpu=True)
+    run_setup.register_ema_hooks(acc, ema, foreach=True)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    run_setup.ema_step(ema, list(student.parameters()), "cpu", offload=True)
+    acc.save_state(str(tmp_path / "ckpt"))
+    folder = tmp_path / "ckpt" / run_setup.EMA_DIR
+    saved = UNet2DConditionModel.from_pretrained(str(folder))  # a plain diffusers UNet folder
+    loaded = EMAModel.from_pretrained(str(folder), UNet2DConditionModel)
+    assert loaded.optimization_step == 1
+    for a, b in zip(saved.parameters(), ema.shadow_params):
+        torch.testing.assert_close(a, b)
+    before = [t.clone() for t in ema.shadow_params]
+    run_setup.ema_step(ema, list(student.parameters()), "cpu", offload=True)
+    acc.load_state(str(tmp_path / "ckpt"))
+    assert ema.optimization_step == 1
+    for a, b in zip(before, ema.shadow_params):
+        torch.testing.assert_close(a, b)
+
+
+def test_offload_ema_moves_the_shadow_weights_for_the_update_only():
+    calls = []
+
+    class SpyEMA:
+        def to(self, device=None, non_blocking=False):
+            calls.append(str(device))
+
+        def step(self, params):
+            calls.append("step")
+
+    run_setup.ema_step(SpyEMA(), [], "cuda:1", offload=True)
+    assert calls == ["cuda:1", "step", "cpu"]
+    calls.clear()
+    run_setup.ema_step(SpyEMA(), [], "cuda:1", offload=False)
+    assert calls == ["step"]
+
+
+def test_8bit_adam_uses_bitsandbytes_or_says_how_to_get_it(monkeypatch):
+    import sys
+    import types
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert type(run_setup.make_optimizer(params, 1e-3, (0.9, 0.99), 0.01, 1e-8)) is torch.optim.AdamW
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(ImportError, match="--use_8bit_adam needs bitsandbytes"):
+        run_setup.make_optimizer(params, 1e-3, (0.9, 0.99), 0.01, 1e-8, use_8bit_adam=True)
+
+    class AdamW8bit(torch.optim.AdamW):
+        pass
+
+    fake = types.ModuleType("bitsandbytes")
+    fake.optim = types.SimpleNamespace(AdamW8bit=AdamW8bit)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    opt = run_setup.make_optimizer(params, 1e-3, (0.8, 0.9), 0.0, 1e-7, use_8bit_adam=True)
+    assert type(opt) is AdamW8bit and opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["eps"] == 1e-7
+
+
+def test_xformers_flag_without_xformers_is_a_clear_error(monkeypatch):
+    import diffusers.utils
+
+    monkeypatch.setattr(diffusers.utils, "is_xformers_available", lambda: False)
+    with pytest.raises(ValueError, match="xformers is not installed"):
+        run_setup.enable_xformers()
+    enabled = []
+
+    class SpyUNet:
+        def enable_xformers_memory_efficient_attention(self):
+            enabled.append(self)
+
+    monkeypatch.setattr(diffusers.utils, "is_xformers_available", lambda: True)
+    run_setup.enable_xformers(SpyUNet(), SpyUNet())
+    assert len(enabled) == 2
+
+
+def test_non_ema_revision_builds_the_student_from_that_revision(teacher_parts, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    assert run_setup.student_init_unet(teacher_parts, None) is teacher_parts.unet
+    assert run_setup.student_init_unet(teacher_parts, teacher_parts.revision) is teacher_parts.unet
+    seen = {}
+
+    def spy(name, **kw):
+        seen.update(kw, name=name)
+        return "the non-ema unet"
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", spy)
+    assert run_setup.student_init_unet(teacher_parts, "non-ema") == "the non-ema unet"
+    assert seen == {"name": teacher_parts.name_or_path, "subfolder": "unet", "revision": "non-ema"}

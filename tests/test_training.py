@@ -96,3 +96,80 @@ def test_settings_build_the_tracker_and_policy_and_name_settings_the_policy_igno
     assert messages[0].startswith("--allocation doremi does not use --aria_tau (set away from the default)")
     assert messages[1].startswith("--allocation rc does not use --aria_alpha, --exp3_gamma")
     assert len(messages) == 2
+
+
+def test_step_noise_offset_and_input_perturbation():
+    from diffusers_aria.training import sample_step_noise
+
+    x = torch.zeros(4, 4, 8, 8)
+    base, t = sample_noise_and_timesteps(x, 1000, seed=0, step=3, rank=0)
+    plain = sample_step_noise(x, 1000, seed=0, step=3, rank=0)
+    assert torch.equal(plain.noise, base) and plain.input_noise is plain.noise and torch.equal(plain.timesteps, t)
+    off = sample_step_noise(x, 1000, seed=0, step=3, rank=0, noise_offset=0.1)
+    shift = off.noise - base  # constant over H, W, different per sample and channel
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6) and shift.abs().max() > 0
+    assert torch.equal(off.timesteps, t)
+    pert = sample_step_noise(x, 1000, seed=0, step=3, rank=0, input_perturbation=0.1)
+    assert torch.equal(pert.noise, base)  # the target's noise is unchanged ...
+    extra = pert.input_noise - base  # ... x_t gets 0.1 * N(0, 1) more
+    assert 0.05 < float(extra.std()) < 0.15
+
+
+def _kd_pair(tiny_teacher):
+    import copy
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(tiny_teacher, subfolder="unet")
+    sched = DDPMScheduler.from_pretrained(tiny_teacher, subfolder="scheduler")
+    return teacher, copy.deepcopy(teacher), sched
+
+
+def test_kd_step_input_noise_snr_gamma_and_prediction_type(tiny_teacher):
+    from diffusers_aria.distillation import DistillationLoss, convert_prediction, snr_weights
+
+    teacher, student, sched = _kd_pair(tiny_teacher)
+    with torch.no_grad():
+        next(student.parameters()).add_(0.05)
+    g = torch.Generator().manual_seed(0)
+    x, h = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 8, 384, generator=g)
+    noise, t = torch.randn(3, 4, 16, 16, generator=g), torch.tensor([10, 500, 900])
+    loss = DistillationLoss(1.0, 0.0, 0.0)
+    plain = KDStep(teacher, student, sched, loss)(student, x, noise, t, h)
+    perturbed = KDStep(teacher, student, sched, loss)(student, x, noise, t, h, input_noise=noise * 1.5)
+    assert not torch.allclose(plain.total, perturbed.total)  # x_t is made from input_noise
+    weighted = KDStep(teacher, student, sched, loss, snr_gamma=5.0)(student, x, noise, t, h)
+    torch.testing.assert_close(weighted.total, plain.total * snr_weights(sched, t, 5.0))
+    torch.testing.assert_close(weighted.output, plain.output)  # the reported terms stay unweighted
+    # a v-prediction student of an epsilon teacher: output KD against the converted teacher prediction
+    sched.register_to_config(prediction_type="v_prediction")
+    kd = KDStep(teacher, student, sched, loss, teacher_prediction_type="epsilon")
+    terms = kd(student, x, noise, t, h)
+    noisy = sched.add_noise(x, noise, t)
+    with torch.no_grad():
+        t_pred = convert_prediction(teacher(noisy, t, h).sample, "epsilon", "v_prediction", noisy, t, sched)
+        s_pred = student(noisy, t, h).sample
+    expected = (s_pred - t_pred).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(terms.output, expected)
+    assert not torch.allclose(terms.output, plain.output)
+
+
+def test_train_length_follows_diffusers_arithmetic():
+    from diffusers_aria.training import train_length
+
+    # 10 rows, 2 per device, 2 processes: 3 micro-batches an epoch; 2 accumulated per optimizer step -> 2
+    n = train_length(10, 2, num_processes=2, gradient_accumulation_steps=2, num_train_epochs=3)
+    assert (n.max_train_steps, n.steps_per_epoch, n.num_train_epochs) == (6, 2, 3)
+    n = train_length(10, 2, num_processes=2, gradient_accumulation_steps=2, max_train_steps=5, num_train_epochs=3)
+    assert (n.max_train_steps, n.num_train_epochs) == (5, 3)  # max_train_steps overrides
+    with pytest.raises(ValueError, match="--num_train_epochs 0"):
+        train_length(10, 2, num_train_epochs=0)
+
+
+def test_validation_due_by_steps_and_by_epochs():
+    from diffusers_aria.training import validation_due
+
+    # 3 steps an epoch: diffusers validates at the end of epochs 0, 2, 4 ... with --validation_epochs 2
+    assert [s for s in range(1, 16) if validation_due(s, 3, 0, 2)] == [3, 9, 15]
+    assert [s for s in range(1, 9) if validation_due(s, 3, 4, None)] == [4, 8]
+    assert not any(validation_due(s, 3, 0, None) for s in range(1, 10))

@@ -26,6 +26,49 @@ def prediction_target(
     )
 
 
+def _alpha_sigma(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), float32, shaped to broadcast against `like` ([B, ...])."""
+    ac = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps.long()]
+    shape = (-1,) + (1,) * (like.dim() - 1)
+    return ac.sqrt().reshape(shape), (1.0 - ac).sqrt().reshape(shape)
+
+
+def convert_prediction(pred: torch.Tensor, from_type: str, to_type: str, noisy: torch.Tensor,
+                       timesteps: torch.Tensor, scheduler) -> torch.Tensor:
+    """A model output of one parametrisation (epsilon, v_prediction, sample) rewritten in another.
+
+    With x_t = a x_0 + s eps (a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t)) and v = a eps - s x_0, every
+    parametrisation determines eps and x_0 given x_t. Used to distil a teacher into a student that predicts
+    another quantity (`--prediction_type`). Computed in float32; the result has `pred`'s dtype.
+    """
+    for name, value in (("from_type", from_type), ("to_type", to_type)):
+        if value not in PREDICTION_TYPES:
+            raise ValueError(f"{name}={value!r} is not a prediction type; valid options are {list(PREDICTION_TYPES)}")
+    if from_type == to_type:
+        return pred
+    a, s = _alpha_sigma(scheduler, timesteps, pred)
+    x, p = noisy.float(), pred.float()
+    if from_type == "epsilon":
+        eps, x0 = p, (x - s * p) / a
+    elif from_type == "sample":
+        x0, eps = p, (x - a * p) / s
+    else:  # v_prediction
+        eps, x0 = s * x + a * p, a * x - s * p
+    out = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[to_type]
+    return out.to(pred.dtype)
+
+
+def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights per sample (arXiv 2303.09556), as diffusers' `--snr_gamma` computes them:
+    min(SNR, gamma) / SNR for epsilon and sample targets, min(SNR, gamma) / (SNR + 1) for v_prediction."""
+    if gamma <= 0:
+        raise ValueError(f"snr_gamma={gamma!r} must be > 0 (diffusers recommends 5.0)")
+    a, s = _alpha_sigma(scheduler, timesteps, timesteps)
+    snr = (a / s) ** 2
+    denom = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    return torch.clamp(snr, max=float(gamma)) / denom
+
+
 def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Float32 mean squared error over all but the batch dimension, shape ``[B]``."""
     if a.shape != b.shape:

@@ -118,3 +118,39 @@ def test_prediction_target_unknown_type():
     scheduler.register_to_config(prediction_type="flow")
     with pytest.raises(ValueError, match=r"'flow'.*epsilon"):
         prediction_target(scheduler, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+
+
+def _scheduler(prediction_type="epsilon"):
+    return DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+
+
+def test_convert_prediction_matches_the_scheduler_and_round_trips():
+    from diffusers_aria.distillation import convert_prediction
+
+    sched = _scheduler()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 600, 999])
+    xt = sched.add_noise(x0, eps, t)
+    v = convert_prediction(eps, "epsilon", "v_prediction", xt, t, sched)
+    torch.testing.assert_close(v, sched.get_velocity(x0, eps, t), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(convert_prediction(eps, "epsilon", "sample", xt, t, sched), x0, atol=1e-3, rtol=1e-3)
+    for kind, value in (("v_prediction", v), ("sample", x0)):
+        torch.testing.assert_close(convert_prediction(value, kind, "epsilon", xt, t, sched), eps, atol=1e-3, rtol=1e-3)
+    assert convert_prediction(eps, "epsilon", "epsilon", xt, t, sched) is eps
+    with pytest.raises(ValueError, match="'flow' is not a prediction type"):
+        convert_prediction(eps, "epsilon", "flow", xt, t, sched)
+
+
+def test_snr_weights_are_min_snr_gamma():
+    from diffusers.training_utils import compute_snr
+
+    from diffusers_aria.distillation import snr_weights
+
+    t = torch.tensor([1, 100, 400, 999])
+    snr = compute_snr(_scheduler(), t)
+    torch.testing.assert_close(snr_weights(_scheduler(), t, 5.0), torch.clamp(snr, max=5.0) / snr)
+    torch.testing.assert_close(snr_weights(_scheduler("v_prediction"), t, 5.0), torch.clamp(snr, max=5.0) / (snr + 1))
+    assert float(snr_weights(_scheduler(), t, 5.0)[-1]) == pytest.approx(1.0)  # low SNR: weight 1
+    with pytest.raises(ValueError, match="snr_gamma=0"):
+        snr_weights(_scheduler(), t, 0)
