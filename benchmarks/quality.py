@@ -45,6 +45,7 @@ from diffusers_aria.callback import ARIACallback  # noqa: E402
 from diffusers_aria.conditioning import SwapSchedule  # noqa: E402
 from diffusers_aria.regions import spherical_kmeans  # noqa: E402
 from diffusers_aria.sampler import AdaptiveRegionSampler  # noqa: E402
+from diffusers_aria.tiny_teacher import tiny_scheduler  # noqa: E402
 from diffusers_aria.tracker import DiscrepancyTracker  # noqa: E402
 
 from _common import split_spec, tracker_keys  # noqa: E402
@@ -54,7 +55,6 @@ from _miniature import (  # noqa: E402
     fingerprint,
     load_parti,
     make_student,
-    scheduler,
     synthetic_latents,
     text_sensitivity,
     train_or_load_teacher,
@@ -155,7 +155,7 @@ class Evaluator:
         self.design, self.t_grid, self.batch = design, np.asarray(t_grid), batch
         self.tokens = tokens
         h = design["heldout"]
-        ac = scheduler().alphas_cumprod.float()
+        ac = tiny_scheduler().alphas_cumprod.float()
         g = torch.Generator().manual_seed(seed)
         self.prompt = np.repeat(h, len(t_grid))
         self.t = torch.as_tensor(np.tile(self.t_grid, len(h)), dtype=torch.long)
@@ -241,7 +241,7 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
         params, ema_params = list(student.parameters()), list(scored.parameters())
     else:
         scored = student
-    ac = scheduler().alphas_cumprod.float()
+    ac = tiny_scheduler().alphas_cumprod.float()
     B = args.batch
     pool_t = torch.as_tensor(pool)
     shares = {k: np.zeros(args.steps) for k in KINDS}

@@ -58,6 +58,7 @@ from diffusers_aria.allocation import AllocationPolicy, make_policy  # noqa: E40
 from diffusers_aria.builtin_pool import builtin_prompt_records  # noqa: E402
 from diffusers_aria.callback import ARIACallback  # noqa: E402
 from diffusers_aria.sampler import AdaptiveRegionSampler  # noqa: E402
+from diffusers_aria.tiny_teacher import tiny_scheduler  # noqa: E402
 from diffusers_aria.tracker import DiscrepancyTracker  # noqa: E402
 
 from _common import header, loadavg, split_spec, table, tracker_keys, write_json  # noqa: E402
@@ -68,7 +69,6 @@ from _miniature import (  # noqa: E402
     encode_prompts,
     fingerprint,
     make_student,
-    scheduler,
     train_or_load_teacher,
 )
 
@@ -213,7 +213,7 @@ class Evaluator:
         self.t = torch.as_tensor(np.tile(t_grid, len(prompts_idx)), dtype=torch.long)
         g = torch.Generator().manual_seed(seed)
         x0 = latents[torch.as_tensor(self.prompt)]
-        self.x = add_noise(scheduler().alphas_cumprod.float(), x0, torch.randn(x0.shape, generator=g), self.t)
+        self.x = add_noise(tiny_scheduler().alphas_cumprod.float(), x0, torch.randn(x0.shape, generator=g), self.t)
         self.t_eps = self._eps(teacher)
         self.den = (self.t_eps ** 2).flatten(1).sum(1).numpy()
 
@@ -276,7 +276,7 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
 
     scored = copy.deepcopy(student).requires_grad_(False)
     params, ema_params = list(student.parameters()), list(scored.parameters())
-    ac = scheduler().alphas_cumprod.float()
+    ac = tiny_scheduler().alphas_cumprod.float()
     B, pool_t, paired_t = args.batch, torch.as_tensor(pool), torch.as_tensor(paired)
     kind_of = design["kinds"][cls]
     swaps = {k: 0 for k in KINDS}

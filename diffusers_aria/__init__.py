@@ -5,7 +5,8 @@ Public API:
     DiscrepancyTracker                   -- online per-region discrepancy estimates (tracker.py)
     ARIAAllocation, make_policy, ...     -- estimates -> region probabilities (allocation.py)
     AdaptiveRegionSampler                -- draw prompts by region (sampler.py)
-    ARIACallback                         -- accelerate glue: gather, update, re-allocate, log, checkpoint
+    region_dataloader, RegionCollate     -- put the sampler and each row's region into a script's DataLoader
+    ARIACallback                         -- accelerate glue: accumulate, gather, update, re-allocate, log, checkpoint
     RandomConditioning, SwapSchedule     -- RC's condition switching (conditioning.py)
     load_prompt_pool                     -- read a pool from a list, a Dataset or a file (pool.py)
 """
@@ -33,8 +34,14 @@ from .allocation import (  # noqa: E402
 from .callback import ARIACallback
 from .conditioning import ConditioningBatch, RandomConditioning, SwapSchedule
 from .pool import PromptPoolError, load_prompt_pool, pool_fingerprint
-from .regions import ConditionRegions, RegionsMismatchError, build_regions, load_or_build_regions
-from .sampler import AdaptiveRegionSampler
+from .regions import (
+    ConditionRegions,
+    RegionCollate,
+    RegionsMismatchError,
+    build_regions,
+    load_or_build_regions,
+)
+from .sampler import AdaptiveRegionSampler, region_dataloader
 from .tracker import DiscrepancyTracker
 
 __version__ = "0.1.0"
@@ -53,6 +60,7 @@ __all__ = [
     "PromptPoolError",
     "PromptUniform",
     "RandomConditioning",
+    "RegionCollate",
     "RegionUniform",
     "RegionsMismatchError",
     "StaticAfterWarmup",
@@ -62,4 +70,5 @@ __all__ = [
     "load_prompt_pool",
     "make_policy",
     "pool_fingerprint",
+    "region_dataloader",
 ]

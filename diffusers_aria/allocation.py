@@ -73,7 +73,7 @@ def project_to_bounds(target: np.ndarray, lower: np.ndarray, upper: np.ndarray, 
 
 
 class AllocationPolicy:
-    """Base class: holds the region sizes, the prompt-uniform prior and the current probabilities."""
+    """Base class: holds the region sizes, their prompt share (what RC draws) and the current probabilities."""
 
     name = "base"
 
@@ -83,11 +83,11 @@ class AllocationPolicy:
             raise ValueError(f"region sizes must be positive and finite, got {sizes[:8]}... ({sizes.size} regions)")
         self.sizes = sizes
         self.num_regions = sizes.size
-        self.prompt_prior = _normalise(sizes)
+        self.prompt_share = _normalise(sizes)
         self.probabilities = self.initial_probabilities()
 
     def initial_probabilities(self) -> np.ndarray:
-        return self.prompt_prior.copy()
+        return self.prompt_share.copy()
 
     def step(self, step: int, tracker) -> np.ndarray:
         """Probabilities for the next draw, given the tracker after the update of `step`."""
@@ -343,7 +343,7 @@ class DoReMiEG(_LogWeightPolicy):
     """DoReMi-style exponentiated gradient: log-weights ascend the clipped excess discrepancy.
 
     Each update adds `lr * max(estimate_k - mean, 0)` to region k's log-weight; probabilities are the
-    softmax of the log-weights over the prompt-uniform prior, smoothed with `smoothing` of uniform mass.
+    softmax of the log-weights over the prompt share, smoothed with `smoothing` of uniform mass.
     """
 
     name = "doremi"
@@ -360,7 +360,7 @@ class DoReMiEG(_LogWeightPolicy):
         est = tracker.estimates()
         self.log_weights += self.lr * np.maximum(est - tracker.global_mean(), 0.0)
         self.log_weights -= self.log_weights.max()
-        self.probabilities = self._mix(self.prompt_prior, self.smoothing)
+        self.probabilities = self._mix(self.prompt_share, self.smoothing)
         return self.probabilities
 
 
@@ -415,12 +415,17 @@ def policy_arguments(name: str) -> set[str]:
 
 
 def make_policy(name: str, sizes, **kwargs) -> AllocationPolicy:
-    """Build a policy by name; keyword arguments the policy does not take are ignored (see `policy_arguments`).
+    """Build a policy by name from the keyword arguments it takes (see `policy_arguments`).
 
     Names: aria, rc, region_uniform, static, doremi, exp3. A `None` value is passed on (e.g. `max_ratio=None`
-    removes ARIA's bound).
+    removes ARIA's bound). An argument the policy does not take is an error naming the policy and what it
+    takes, rather than a setting that silently does nothing.
     """
     if name not in POLICIES:
         raise ValueError(f"unknown allocation {name!r}; valid choices: {', '.join(POLICIES)}")
     accepted = policy_arguments(name)
-    return POLICIES[name](sizes, **{k: v for k, v in kwargs.items() if k in accepted})
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise TypeError(f"allocation {name!r} does not take {', '.join(unknown)}; it takes "
+                        f"{', '.join(sorted(accepted)) or 'no arguments'}")
+    return POLICIES[name](sizes, **kwargs)

@@ -2,6 +2,7 @@
 
 The project may not ship (or copy) any downloaded prompt dataset, so this module *generates* a pool
 of English image prompts from small hand-written word lists with a seeded random number generator.
+The word lists are package data, ``diffusers_aria/resources/builtin_pool_words.json``, read once.
 
 The pool is deliberately imbalanced: prompts belong to one of twelve groups of clearly different
 subject matter (animals, food, landscapes, ... down to microscopy) whose shares range from 30 % to
@@ -23,15 +24,18 @@ Public API:
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import json
 import math
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .atomic import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import datasets
@@ -83,289 +87,31 @@ class _GroupVocab:
         )
 
 
-# Templates shared by all groups; every slot is filled from the group's own lists so the wording of
-# a prompt always stays on-topic for its group.
-_TEMPLATES: tuple[str, ...] = (
-    "{style} of a {attribute} {subject} {setting}",
-    "a {attribute} {subject} {setting}, {style}",
-    "{attribute} {subject} {setting}, {style}",
-    "close view of a {attribute} {subject} {setting}, {style}",
-)
+# The word lists: package data (``diffusers_aria/resources/``, listed in setup.cfg's package_data).
+_WORDS_FILE = ("resources", "builtin_pool_words.json")
+_FIELDS = ("subjects", "attributes", "settings", "styles")
 
-_VOCAB: dict[str, _GroupVocab] = {
-    "animals": _GroupVocab(
-        subjects=(
-            "fox", "wolf", "tiger", "lion", "red panda", "owl", "eagle", "deer", "rabbit", "bear",
-            "kitten", "puppy", "horse", "elephant", "giraffe", "squirrel", "raccoon", "hedgehog",
-            "parrot", "leopard",
-        ),
-        attributes=(
-            "fluffy", "sleepy", "curious", "majestic", "playful", "young", "wild", "furry",
-            "alert", "hungry", "tiny", "graceful",
-        ),
-        settings=(
-            "resting in a meadow", "hunting in the snow", "sitting on a tree branch",
-            "drinking from a stream", "running through tall grass", "curled up in its den",
-            "walking through an autumn forest", "looking out from behind a bush",
-            "grooming its fur", "standing on a mossy log", "playing with its cubs",
-            "peeking out of a burrow",
-        ),
-        styles=(
-            "wildlife photograph", "nature documentary still", "detailed animal portrait",
-            "telephoto wildlife shot", "national park photo", "zoo photograph",
-        ),
-        templates=_TEMPLATES,
-    ),
-    "food": _GroupVocab(
-        subjects=(
-            "pizza", "bowl of ramen", "chocolate cake", "cheeseburger", "plate of sushi",
-            "stack of pancakes", "fruit salad", "bowl of pasta", "croissant", "taco",
-            "cup of cappuccino", "cheesecake", "steak dinner", "bowl of curry", "sandwich",
-            "plate of dumplings", "apple pie", "bowl of soup",
-        ),
-        attributes=(
-            "delicious", "freshly baked", "steaming hot", "homemade", "crispy", "juicy",
-            "savory", "sweet", "gourmet", "spicy", "tasty", "glazed",
-        ),
-        settings=(
-            "served on a wooden table", "on a white ceramic plate", "in a cozy cafe",
-            "on a restaurant menu table", "garnished with fresh herbs", "next to a glass of wine",
-            "on a kitchen counter", "with a fork and knife", "at a breakfast buffet",
-            "on a picnic blanket", "in a street food stall", "on a marble countertop",
-        ),
-        styles=(
-            "food photography", "recipe book photo", "overhead food shot", "menu photograph",
-            "restaurant food photo", "culinary magazine photo",
-        ),
-        templates=_TEMPLATES,
-    ),
-    "landscapes": _GroupVocab(
-        subjects=(
-            "mountain range", "valley", "waterfall", "desert dune", "lake", "river canyon",
-            "rolling hills", "glacier", "pine forest", "volcano", "coastal cliff", "prairie",
-            "fjord", "rice terrace", "sandy beach", "tundra",
-        ),
-        attributes=(
-            "vast", "misty", "snow-capped", "sunlit", "remote", "serene", "rugged", "green",
-            "golden", "foggy", "dramatic", "peaceful",
-        ),
-        settings=(
-            "at sunrise", "under a stormy sky", "at golden hour", "after the rain",
-            "under a clear blue sky", "in early autumn", "at dusk with scattered clouds",
-            "seen from a hiking trail", "in the morning fog", "in the middle of winter",
-            "under the midday sun", "with a rainbow on the horizon",
-        ),
-        styles=(
-            "landscape photograph", "scenic panorama", "wide-angle nature photo",
-            "travel postcard photo", "drone shot of the scenery", "outdoor landscape painting",
-        ),
-        templates=_TEMPLATES,
-    ),
-    "vehicles": _GroupVocab(
-        subjects=(
-            "sports car", "pickup truck", "motorcycle", "city bus", "steam locomotive",
-            "vintage convertible", "race car", "delivery van", "tractor", "bicycle",
-            "fire truck", "electric scooter", "taxi cab", "police car", "jeep", "school bus",
-        ),
-        attributes=(
-            "shiny", "red", "rusty", "brand new", "fast", "classic", "muddy", "black",
-            "electric", "old", "yellow", "polished",
-        ),
-        settings=(
-            "parked on a city street", "driving on a highway", "in a car showroom",
-            "on a race track", "at a gas station", "on a dirt road", "in a parking garage",
-            "at a traffic light", "in a mechanic's workshop", "crossing a bridge",
-            "on a mountain road", "at a car show",
-        ),
-        styles=(
-            "automotive photograph", "car advertisement photo", "vehicle product shot",
-            "motorsport photo", "street photo of traffic", "car magazine cover photo",
-        ),
-        templates=_TEMPLATES,
-    ),
-    "architecture": _GroupVocab(
-        subjects=(
-            "gothic cathedral", "glass skyscraper", "medieval castle", "brick townhouse",
-            "modern villa", "ancient temple", "stone bridge", "lighthouse", "mosque",
-            "pagoda", "concrete office tower", "wooden cabin", "palace", "train station hall",
-        ),
-        attributes=(
-            "towering", "ornate", "minimalist", "historic", "abandoned", "brutalist",
-            "restored", "symmetrical", "grand", "weathered", "futuristic", "elegant",
-        ),
-        settings=(
-            "in the city center", "with arched windows", "on a cobblestone square",
-            "seen from street level", "with a tall facade", "next to a busy avenue",
-            "with marble columns", "surrounded by scaffolding", "with a domed roof",
-            "along a canal", "with a grand staircase", "with stained glass windows",
-        ),
-        styles=(
-            "architectural photograph", "building exterior photo", "urban architecture shot",
-            "architecture magazine photo", "facade photograph", "real estate photo",
-        ),
-        templates=_TEMPLATES,
-    ),
-    "portraits": _GroupVocab(
-        subjects=(
-            "old man", "young woman", "smiling child", "elderly woman", "bearded man",
-            "teenage girl", "businessman", "ballet dancer", "farmer", "nurse", "chef",
-            "soldier", "grandmother", "firefighter",
-        ),
-        attributes=(
-            "smiling", "thoughtful", "freckled", "tired", "joyful", "serious", "confident",
-            "shy", "wrinkled", "laughing", "pensive", "friendly",
-        ),
-        settings=(
-            "looking into the camera", "with soft window light on her face",
-            "with a neutral studio background", "wearing a knitted sweater",
-            "with short curly hair", "wearing glasses", "with a warm smile on his face",
-            "with a shallow depth of field", "in a headshot pose", "wearing a denim jacket",
-            "with wind in their hair", "with rim lighting on the face",
-        ),
-        styles=(
-            "portrait photograph", "studio headshot", "close-up face portrait",
-            "black and white portrait", "editorial portrait photo", "passport-style photo",
-        ),
-        templates=_TEMPLATES,
-    ),
-    "abstract_art": _GroupVocab(
-        subjects=(
-            "composition of geometric shapes", "swirl of paint", "pattern of colored lines",
-            "fractal pattern", "color field", "splatter of paint", "grid of squares",
-            "gradient of colors", "cluster of circles", "mosaic of triangles",
-            "flow of liquid colors", "arrangement of cubes",
-        ),
-        attributes=(
-            "vibrant", "chaotic", "minimal", "colorful", "psychedelic", "pastel",
-            "monochrome", "bold", "layered", "surreal", "textured", "neon",
-        ),
-        settings=(
-            "with no recognizable objects", "in contrasting complementary colors",
-            "with thick impasto brushstrokes", "on a blank canvas", "with dripping paint",
-            "with overlapping translucent layers", "in the style of cubism",
-            "with sharp angular forms", "with soft blurred edges", "in primary colors",
-            "with rhythmic repetition", "with generative noise",
-        ),
-        styles=(
-            "abstract painting", "abstract digital art", "modern art canvas",
-            "expressionist artwork", "generative art print", "contemporary gallery piece",
-        ),
-        templates=_TEMPLATES,
-    ),
-    "space": _GroupVocab(
-        subjects=(
-            "spiral galaxy", "nebula", "ringed planet", "star cluster", "comet", "black hole",
-            "moon crater", "supernova", "gas giant", "asteroid belt", "milky way",
-            "solar eclipse",
-        ),
-        attributes=(
-            "distant", "glowing", "colossal", "swirling", "luminous", "cosmic", "icy",
-            "radiant", "faint", "brilliant", "ancient", "dusty",
-        ),
-        settings=(
-            "in deep space", "against a field of stars", "seen through a telescope",
-            "in the night sky", "surrounded by interstellar dust", "orbiting a bright star",
-            "light years away", "in the outer solar system", "in infrared light",
-            "beyond the edge of the galaxy", "next to a pale moon", "in a dark starry void",
-        ),
-        styles=(
-            "astronomy photograph", "space telescope image", "astrophotography shot",
-            "cosmic illustration", "observatory image", "deep sky image",
-        ),
-        templates=_TEMPLATES,
-    ),
-    "underwater": _GroupVocab(
-        subjects=(
-            "coral reef", "sea turtle", "jellyfish", "school of fish", "octopus",
-            "shipwreck", "manta ray", "seahorse", "kelp forest", "reef shark", "clownfish",
-            "sea anemone",
-        ),
-        attributes=(
-            "colorful", "drifting", "translucent", "glowing", "tropical", "sunken",
-            "gliding", "bright", "delicate", "swaying", "hidden", "shimmering",
-        ),
-        settings=(
-            "deep under the ocean surface", "in clear turquoise water", "beneath the waves",
-            "near the sandy sea floor", "with sun rays piercing the water",
-            "surrounded by bubbles", "in a tropical lagoon", "at the bottom of the sea",
-            "next to a scuba diver", "in the blue depths", "among sea plants",
-            "in the open ocean",
-        ),
-        styles=(
-            "underwater photograph", "scuba diving photo", "marine life photo",
-            "ocean documentary still", "snorkeling photo", "aquarium photograph",
-        ),
-        templates=_TEMPLATES,
-    ),
-    "musical_instruments": _GroupVocab(
-        subjects=(
-            "violin", "grand piano", "acoustic guitar", "electric guitar", "saxophone",
-            "drum kit", "cello", "trumpet", "harp", "flute", "accordion", "double bass",
-        ),
-        attributes=(
-            "polished", "antique", "wooden", "brass", "handcrafted", "gleaming", "vintage",
-            "well-worn", "glossy", "black lacquered", "shiny", "ornate",
-        ),
-        settings=(
-            "on a concert stage", "in a music shop window", "leaning against a wall",
-            "in an open instrument case", "next to sheet music", "in a recording studio",
-            "under a spotlight", "on a velvet cloth", "in an orchestra pit",
-            "on a music stand", "in a jazz club", "in a rehearsal room",
-        ),
-        styles=(
-            "musical instrument photograph", "instrument product photo", "concert photo",
-            "music catalog photo", "studio photo of the instrument", "orchestra photograph",
-        ),
-        templates=_TEMPLATES,
-    ),
-    "typography": _GroupVocab(
-        subjects=(
-            "word 'hello'", "letter A", "word 'dream'", "alphabet", "word 'open'",
-            "headline text", "number 42", "word 'love'", "monogram", "word 'coffee'",
-            "calligraphy quote", "word 'sale'",
-        ),
-        attributes=(
-            "bold serif", "hand-lettered", "neon", "bold sans-serif", "embossed",
-            "italic", "stenciled", "gold foil", "chalk-written", "pixelated",
-            "typewritten", "outlined",
-        ),
-        settings=(
-            "written in capital letters", "in a clean font", "centered on a plain background",
-            "printed on a poster", "with letter spacing", "in a logo design",
-            "on a shop sign", "set in a magazine layout", "with a drop shadow",
-            "in a typeface specimen", "spelled out in block letters", "on a book cover",
-        ),
-        styles=(
-            "typography design", "lettering artwork", "font showcase", "graphic design text",
-            "typographic poster", "signage text design",
-        ),
-        templates=_TEMPLATES,
-    ),
-    "microscopy": _GroupVocab(
-        subjects=(
-            "bacteria colony", "blood cells", "neuron", "diatom", "pollen grain",
-            "cancer cell", "virus particle", "plant cell", "tissue sample", "amoeba",
-            "yeast cells", "mitochondria",
-        ),
-        attributes=(
-            "stained", "magnified", "fluorescent", "microscopic", "dividing", "infected",
-            "cultured", "cross-sectioned", "labeled", "dyed", "single-celled", "dense",
-        ),
-        settings=(
-            "under a microscope", "on a glass slide", "in a petri dish",
-            "at 1000x magnification", "in a laboratory sample", "in a histology slide",
-            "under an electron microscope", "in a biopsy specimen", "in a cell culture",
-            "with a stained nucleus", "in a blood smear", "in a medical lab",
-        ),
-        styles=(
-            "microscopy image", "electron micrograph", "histology photo",
-            "biomedical imaging", "scientific micrograph", "pathology slide image",
-        ),
-        templates=_TEMPLATES,
-    ),
-}
 
-assert set(_VOCAB) == set(BUILTIN_GROUP_SHARES), "every group needs a vocabulary"
+@functools.lru_cache(maxsize=1)
+def _vocab() -> dict[str, _GroupVocab]:
+    """Group name -> word lists, read once from ``diffusers_aria/resources/builtin_pool_words.json``.
+
+    The templates are shared by all groups; every slot is filled from the group's own lists, so the wording of
+    a prompt always stays on-topic for its group.
+    """
+    resource = importlib.resources.files("diffusers_aria")
+    for part in _WORDS_FILE:
+        resource = resource.joinpath(part)
+    data = json.loads(resource.read_text(encoding="utf-8"))
+    groups = data["groups"]
+    if set(groups) != set(BUILTIN_GROUP_SHARES):
+        raise ValueError(f"{'/'.join(_WORDS_FILE)} must hold word lists for exactly the groups "
+                         f"{sorted(BUILTIN_GROUP_SHARES)}, got {sorted(groups)}")
+    templates = tuple(data["templates"])
+    return {group: _GroupVocab(*(tuple(words[f]) for f in _FIELDS), templates=templates)
+            for group, words in groups.items()}
+
+
 assert math.isclose(sum(BUILTIN_GROUP_SHARES.values()), 1.0), "group shares must sum to 1"
 
 # "a" before a vowel becomes "an" ("a old man" -> "an old man").
@@ -382,7 +128,7 @@ def max_builtin_pool_size() -> int:
     Limited by the group with the smallest capacity relative to its share.
     """
     return min(
-        int(_MAX_FILL * _VOCAB[g].capacity() / share) for g, share in BUILTIN_GROUP_SHARES.items()
+        int(_MAX_FILL * _vocab()[g].capacity() / share) for g, share in BUILTIN_GROUP_SHARES.items()
     )
 
 
@@ -448,7 +194,7 @@ def builtin_prompt_records(num_prompts: int = 4000, seed: int = 0, with_parts: b
     seen: set[str] = set()
     rows: list[dict[str, str]] = []
     for group, count in builtin_group_counts(num_prompts).items():
-        vocab = _VOCAB[group]
+        vocab = _vocab()[group]
         made = 0
         while made < count:
             prompt, parts = _sample_prompt(rng, vocab)
@@ -491,15 +237,5 @@ def write_builtin_pool(path: str | os.PathLike[str], num_prompts: int = 4000, se
         lines = [r["prompt"] for r in rows]
     else:
         lines = [json.dumps(r, ensure_ascii=False) for r in rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

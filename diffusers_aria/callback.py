@@ -1,22 +1,27 @@
 """`ARIACallback`: the glue between a training loop, accelerate, and ARIA's tracker, policy and sampler.
 
-Call `on_step_end(step, region_ids, losses, timesteps, mask)` once per draw step with this process's
-per-sample losses. The callback gathers the samples of every process (one small all-gather), updates the
-tracker with the same global batch on every rank (so all ranks hold bit-identical statistics and
-probabilities, with no rank-0-only state), recomputes the allocation, pushes it to the sampler, and logs
-`aria/...` metrics through `accelerator.log`.
+Per micro-batch, `accumulate(region_ids, losses, timesteps, mask)` keeps this process's per-sample losses
+(detached; no communication). Once per optimizer step, inside `if accelerator.sync_gradients:`,
+`on_step_end(global_step)` gathers the buffered samples of every process (one small all-gather), makes one
+tracker update with the same global batch on every rank (so all ranks hold bit-identical statistics and
+probabilities, with no rank-0-only state), one allocation step, pushes the probabilities to the sampler, logs
+`aria/...` metrics through `accelerator.log` at `global_step`, and empties the buffer. Every rank must call
+it, also with nothing buffered. Without gradient accumulation, `on_step_end(step, region_ids, losses,
+timesteps, mask)` does both in one call.
+
+The buffer is not checkpointed: save checkpoints after `on_step_end` (as diffusers' scripts do, after the
+optimizer step), when it is empty.
 
 Checkpointing: `save_state(dir)`/`load_state(dir)` write and read `aria_state.safetensors` plus
 `aria_state.json` (no pickle). When `register_hooks=True` they run inside `accelerator.save_state` and
 `accelerator.load_state`, and a readable snapshot (JSON table and allocation plot) is written beside each
-checkpoint.
+checkpoint. The reports themselves (metrics, tables, plot) are rendered by `reporting.py`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from typing import Any
 
@@ -24,6 +29,8 @@ import numpy as np
 import torch
 
 from .allocation import AllocationPolicy
+from .atomic import atomic_save, atomic_write_json
+from .reporting import ALLOCATION_PLOT, effective_regions, entropy, kl_divergence  # noqa: F401 (re-exported)
 from .sampler import AdaptiveRegionSampler
 from .tracker import DiscrepancyTracker
 
@@ -31,28 +38,6 @@ logger = logging.getLogger(__name__)
 
 STATE_TENSORS = "aria_state.safetensors"
 STATE_JSON = "aria_state.json"
-ALLOCATION_PLOT = "aria_allocation.png"
-
-
-def entropy(p: np.ndarray) -> float:
-    q = p[p > 0]
-    return float(-(q * np.log(q)).sum())
-
-
-def effective_regions(p: np.ndarray) -> float:
-    """exp(entropy): K for a uniform allocation, 1 when all draws go to one region."""
-    return math.exp(entropy(p))
-
-
-def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
-    m = p > 0
-    return float((p[m] * np.log(p[m] / q[m])).sum())
-
-
-def _atomic_write_bytes(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class ARIACallback:
@@ -86,6 +71,7 @@ class ARIACallback:
         self.history_probs: list[np.ndarray] = []
         self.history_stride = 1
         self.last_step = -1
+        self._buffer: list[torch.Tensor] = []  # this process's rows since the last on_step_end (not checkpointed)
         self.sampler.set_probabilities(self.policy.probabilities)
         if register_hooks and accelerator is not None:
             accelerator.register_save_state_pre_hook(self._save_hook)
@@ -97,34 +83,72 @@ class ARIACallback:
         return self.accelerator is None or self.accelerator.is_main_process
 
     def gather(self, region_ids, losses, timesteps=None, mask=None) -> torch.Tensor:
-        """[n_global, 3] float64 rows (region, loss, t) of every process; masked-out rows get region -1."""
+        """[n_global, 3] float64 rows (region, loss, t) of every process; masked-out rows get region -1, and t
+        is NaN when no timesteps were given. Collective, like `on_step_end`."""
+        return self._gather_rows(self._local_rows(region_ids, losses, timesteps, mask))
+
+    @staticmethod
+    def _local_rows(region_ids, losses, timesteps=None, mask=None) -> torch.Tensor:
+        """[n, 3] float64 rows (region, loss, t) of this process, detached; t is NaN when not given."""
         losses = torch.as_tensor(losses).detach().reshape(-1).to(torch.float64)
         device = losses.device
-        regions = torch.as_tensor(region_ids, device=device).reshape(-1).to(torch.float64)
-        t = (torch.as_tensor(timesteps, device=device).reshape(-1).to(torch.float64) if timesteps is not None
-             else torch.zeros_like(losses))
+        regions = torch.as_tensor(region_ids, device=device).detach().reshape(-1).to(torch.float64)
+        if regions.numel() != losses.numel():
+            raise ValueError(f"region_ids has {regions.numel()} entries but losses has {losses.numel()}; they must match")
+        t = (torch.as_tensor(timesteps, device=device).detach().reshape(-1).to(torch.float64) if timesteps is not None
+             else torch.full_like(losses, float("nan")))
         if mask is not None:
             keep = torch.as_tensor(mask, device=device).reshape(-1).bool()
             regions = torch.where(keep, regions, torch.full_like(regions, -1.0))
-        rows = torch.stack([regions, losses, t], dim=1)
+        return torch.stack([regions, losses, t], dim=1)
+
+    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         acc = self.accelerator
         if acc is None or acc.num_processes == 1:
             return rows.cpu()
+        if rows.shape[0] == 0:  # a rank with nothing to add still takes part: one row that the tracker ignores
+            rows = torch.tensor([[-1.0, 0.0, 0.0]], dtype=torch.float64, device=acc.device)
         rows = acc.pad_across_processes(rows, dim=0, pad_index=-1)
         return acc.gather(rows).cpu()
 
-    def on_step_end(self, step: int, region_ids, losses, timesteps=None, mask=None) -> np.ndarray:
-        """Feed one step's per-sample losses (this process's part); returns the new region probabilities.
+    def accumulate(self, region_ids, losses, timesteps=None, mask=None) -> None:
+        """Keep one micro-batch's per-sample losses of this process for the next `on_step_end` (no communication).
+
+        Call it once per batch the DataLoader yields (it also tells the sampler that this draw was trained on).
+        Arguments as in `on_step_end`; tensors are detached and may stay on the accelerator.
+        """
+        self._buffer.append(self._local_rows(region_ids, losses, timesteps, mask))
+        self.sampler.mark_consumed()
+
+    def on_step_end(self, step: int, region_ids=None, losses=None, timesteps=None, mask=None) -> np.ndarray:
+        """One ARIA update from everything accumulated since the last call; returns the new region probabilities.
+
+        Collective: every rank calls it at the same steps (a rank may have nothing buffered).
 
         Args:
-            step: the draw step these samples came from (monotonic).
-            region_ids: region of each sample (negative ids, e.g. for the null prompt, are ignored).
-            losses: per-sample distillation loss (detached internally, read in float64).
-            timesteps: per-sample diffusion timesteps (for the per-timestep baseline).
-            mask: which samples feed the tracker (e.g. only those whose prompt was swapped).
+            step: the optimizer step (logs go to this step; monotonic). Diffusers scripts: `global_step`.
+            region_ids, losses, timesteps, mask: optionally one more micro-batch, added as `accumulate` would
+                (without gradient accumulation, the whole step in one call):
+                region_ids: region of each sample (negative ids, e.g. for the null prompt, are ignored);
+                losses: per-sample loss (detached internally, read in float64);
+                timesteps: per-sample diffusion timesteps (for the per-timestep baseline);
+                mask: which samples feed the tracker (e.g. only those whose prompt was swapped).
         """
-        rows = self.gather(region_ids, losses, timesteps, mask)
-        self.tracker.update(rows[:, 0].long(), rows[:, 1], rows[:, 2] if timesteps is not None else None)
+        if (region_ids is None) != (losses is None):
+            raise ValueError("on_step_end takes region_ids and losses together (or neither, after accumulate)")
+        if losses is not None:
+            self.accumulate(region_ids, losses, timesteps, mask)
+        local = (torch.cat([r.to(self._buffer[0].device) for r in self._buffer]) if self._buffer
+                 else torch.zeros((0, 3), dtype=torch.float64))
+        self._buffer.clear()
+        rows = self.gather(local[:, 0], local[:, 1], local[:, 2])  # t stays NaN where none was given
+        regions, t = rows[:, 0].long(), rows[:, 2]
+        valid = regions >= 0
+        has_t = ~torch.isnan(t[valid])
+        if bool(has_t.any()) and not bool(has_t.all()):
+            raise ValueError(f"step {step}: some micro-batches came with timesteps and some without; "
+                             "pass timesteps always or never")
+        self.tracker.update(regions, rows[:, 1], torch.nan_to_num(t, nan=0.0) if bool(has_t.any()) else None)
         probs = self.policy.step(step, self.tracker)
         self.sampler.set_probabilities(probs)
         self.last_step = int(step)
@@ -146,118 +170,30 @@ class ARIACallback:
             self.history_probs = self.history_probs[::2]
             self.history_stride *= 2
 
-    # ----------------------------------------------------------------------------------- metrics
+    # ----------------------------------------------------------------------------------- reports
     def metrics(self) -> dict[str, float]:
-        """`aria/...` scalars: entropy, effective regions, KL to the prompt-uniform prior, per-region values."""
-        p = self.sampler.probabilities
-        h = entropy(p)
-        out: dict[str, float] = {
-            "aria/entropy": h,
-            "aria/effective_regions": effective_regions(p),
-            "aria/kl_to_prior": kl_divergence(p, self.policy.prompt_prior),
-            "aria/max_prob_ratio": float((p / self.policy.prompt_prior).max()),
-            # ARIA: the between-region sd of the relative excess that the credible score counts as real
-            # (0: every difference is within the noise, so the allocation stays at its prior)
-            **({"aria/real_spread": float(np.sqrt(self.policy.between_variance))}
-               if hasattr(self.policy, "between_variance") else {}),
-            "aria/nonfinite_total": float(self.tracker.num_nonfinite),
-            "aria/tracker_updates": float(self.tracker.num_updates),
-        }
-        if self.tracker.num_regions <= self.log_regions_max:
-            est = self.tracker.estimates()
-            share = self.sampler.draw_shares()
-            for k in range(self.tracker.num_regions):
-                out[f"aria/prob/region_{k:03d}"] = float(p[k])
-                out[f"aria/estimate/region_{k:03d}"] = float(est[k])
-                out[f"aria/draw_share/region_{k:03d}"] = float(share[k])
-        return out
+        """`aria/...` scalars (see `reporting.metrics`)."""
+        from .reporting import metrics
+
+        return metrics(self)
 
     def summary(self) -> dict[str, Any]:
-        """A JSON-ready summary: global metrics and a per-region table."""
-        p = self.sampler.probabilities
-        est, unc, cnt = self.tracker.estimates(), self.tracker.uncertainty(), self.tracker.counts()
-        share = self.sampler.draw_shares()
-        regions = []
-        for k in range(self.tracker.num_regions):
-            regions.append({
-                "region": k,
-                "name": self.region_names[k] if self.region_names else None,
-                "size": int(self.sampler.sizes[k]),
-                "prior": float(self.policy.prompt_prior[k]),
-                "probability": float(p[k]),
-                "estimate": float(est[k]),
-                "uncertainty": float(unc[k]) if np.isfinite(unc[k]) else None,
-                "effective_count": float(cnt[k]),
-                "draw_share": float(share[k]),
-            })
-        return {
-            "policy": self.policy.name,
-            "policy_config": {k: v for k, v in self.policy.config().items() if isinstance(v, (int, float, str, type(None)))},
-            "step": self.last_step,
-            "metrics": {k: v for k, v in self.metrics().items() if "/region_" not in k},
-            "regions": regions,
-        }
+        """A JSON-ready summary: global metrics and a per-region table (see `reporting.summary`)."""
+        from .reporting import summary
 
-    def markdown_table(self, max_rows: int = 64) -> str:
-        s = self.summary()
-        rows = sorted(s["regions"], key=lambda r: -r["estimate"])[:max_rows]
-        lines = ["| region | size | prior | probability | estimate | draws |", "|---:|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            label = f"{r['region']}" + (f" ({r['name']})" if r["name"] else "")
-            lines.append(f"| {label} | {r['size']} | {r['prior']:.4f} | {r['probability']:.4f} | "
-                         f"{r['estimate']:.3f} | {r['draw_share']:.4f} |")
-        return "\n".join(lines)
+        return summary(self)
 
     def plot(self, path: str) -> str:
-        """Allocation over time (probability / prior per region) and final estimates, as a PNG."""
-        import matplotlib
+        """The allocation plot as a PNG (see `reporting.plot_allocation`)."""
+        from .reporting import plot_allocation
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        if self.history_steps:
-            probs = np.stack(self.history_probs)
-            ratio = probs / self.policy.prompt_prior[None, :]
-            k = probs.shape[1]
-            for j in range(min(k, 32)):
-                ax1.plot(self.history_steps, ratio[:, j], lw=1)
-        ax1.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax1.set_xlabel("step")
-        ax1.set_ylabel("probability / prompt-uniform prior")
-        ax1.set_title(f"ARIA allocation ({self.policy.name})")
-        est, se = self.tracker.estimates(), self.tracker.uncertainty()
-        err = np.where(np.isfinite(se), 2.0 * se, 0.0)
-        ax2.bar(np.arange(len(est)), est, yerr=err, color="tab:orange", ecolor="k", capsize=2 if len(est) <= 32 else 0)
-        ax2.axhline(self.tracker.global_mean(), color="k", lw=0.8, ls="--")
-        lo = float(np.nanmin(est - err)) if len(est) else 0.0
-        ax2.set_ylim(bottom=max(0.0, lo - 0.1 * abs(lo)))
-        ax2.set_xlabel("region")
-        ax2.set_ylabel("discrepancy estimate (1 = average), +-2 se")
-        if hasattr(self.policy, "between_variance"):
-            ax2.set_title(f"real spread counted by ARIA: {np.sqrt(self.policy.between_variance):.3f} "
-                          "(0 = all within noise)", fontsize=9)
-        fig.tight_layout()
-        _atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-        plt.close(fig)
-        return path
+        return plot_allocation(self, path)
 
     def write_report(self, output_dir: str, plot: bool = True) -> dict[str, str]:
-        """Write aria_report.json, aria_report.md and the allocation plot into `output_dir` (main process)."""
-        paths = {"json": os.path.join(output_dir, "aria_report.json"), "markdown": os.path.join(output_dir, "aria_report.md")}
-        if not self.is_main_process:
-            return paths
-        os.makedirs(output_dir, exist_ok=True)
-        summary = self.summary()
-        summary["history"] = {"steps": self.history_steps,
-                               "probabilities": [np.round(p, 6).tolist() for p in self.history_probs]}
-        _atomic_write_bytes(paths["json"], lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
-        md = f"# ARIA report\n\nPolicy `{summary['policy']}` at step {summary['step']}.\n\n"
-        md += "\n".join(f"- {k}: {v:.4g}" for k, v in summary["metrics"].items()) + "\n\n" + self.markdown_table() + "\n"
-        _atomic_write_bytes(paths["markdown"], lambda tmp: open(tmp, "w").write(md))
-        if plot:
-            paths["plot"] = self.plot(os.path.join(output_dir, ALLOCATION_PLOT))
-        return paths
+        """aria_report.json, aria_report.md and the allocation plot in `output_dir`, on the main process."""
+        from .reporting import write_report
+
+        return write_report(self, output_dir, plot=plot)
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -289,11 +225,11 @@ class ARIACallback:
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
-        tensors, plain = _flatten(self.state_dict())
-        _atomic_write_bytes(os.path.join(directory, STATE_TENSORS),
-                            lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
+        tensors, plain = flatten_state(self.state_dict())
+        atomic_save(os.path.join(directory, STATE_TENSORS),
+                    lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
         payload = {"state": plain, "summary": self.summary()}
-        _atomic_write_bytes(os.path.join(directory, STATE_JSON), lambda tmp: open(tmp, "w").write(json.dumps(payload, indent=1)))
+        atomic_write_json(os.path.join(directory, STATE_JSON), payload)
         if plot:
             self.plot(os.path.join(directory, ALLOCATION_PLOT))
 
@@ -306,7 +242,7 @@ class ARIACallback:
             raise FileNotFoundError(f"no ARIA state in {directory!r}: {STATE_TENSORS} and {STATE_JSON} are expected")
         with open(jpath) as fh:
             plain = json.load(fh)["state"]
-        self.load_state_dict(_unflatten(load_file(tpath), plain))
+        self.load_state_dict(unflatten_state(load_file(tpath), plain))
 
     def _save_hook(self, models, weights, output_dir) -> None:
         self.save_state(output_dir)
@@ -315,13 +251,13 @@ class ARIACallback:
         self.load_state(input_dir)
 
 
-def _flatten(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def flatten_state(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, Any] = {}
     for k, v in state.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            t, p = _flatten(v, key + ".")
+            t, p = flatten_state(v, key + ".")
             tensors.update(t)
             plain.update(p)
         elif isinstance(v, torch.Tensor):
@@ -331,7 +267,7 @@ def _flatten(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.T
     return tensors, plain
 
 
-def _unflatten(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+def unflatten_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, v in list(tensors.items()) + list(plain.items()):
         node = out

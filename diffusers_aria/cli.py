@@ -4,18 +4,26 @@
     diffusers-aria regions show regions/ [--pool prompts.txt]
     diffusers-aria report OUTPUT_OR_CHECKPOINT_DIR
     diffusers-aria evaluate --teacher T --student S [--pool builtin] [--regions DIR]
-    diffusers-aria make-tiny-teacher OUTPUT_DIR [--train_steps N] [--force]
+    diffusers-aria make-tiny-teacher OUTPUT_DIR [--train_steps N] [--num_prompts N] [--force]
     diffusers-aria demo [--output_dir outputs/demo]
+
+A mistake in the arguments (a missing file, an empty pool, a bad column, --num_regions above the pool's size,
+an output folder that holds something else, a damaged checkpoint) ends in one line `error: ...` and exit code 2,
+found by the checks of `diffusers_aria.preflight` before the models load; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from . import preflight
+from .errors import OneLineArgumentParser, UserError, run_main, split_debug_flag
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train_scripts" / "train_aria_distill.py"
 
@@ -32,9 +40,14 @@ def default_cpu_env() -> None:
 
 
 def _cmd_regions_build(a: argparse.Namespace) -> int:
+    preflight.check_regions_output(a.output, "--output")
+    preflight.check_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, num_regions=a.num_regions)
+    preflight.check_embedder(a.embedder)
     from .regions import build_regions
     from .run_setup import load_pool
 
+    if a.work_dir is not None:
+        return _regions_build_sharded(a)
     pool, _ = load_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, seed=a.seed)
     regions = build_regions(pool, num_regions=a.num_regions, embedder=a.embedder, seed=a.seed, method=a.method,
                             embeddings_cache_dir=a.embeddings_cache)
@@ -44,7 +57,30 @@ def _cmd_regions_build(a: argparse.Namespace) -> int:
     return 0
 
 
+def _regions_build_sharded(a: argparse.Namespace) -> int:
+    """`regions build --work_dir W`: every process of the launch embeds its shard (see `sharded_regions`)."""
+    from .run_setup import load_pool
+    from .sharded_regions import build_regions_sharded, launched_state
+
+    state = launched_state()
+    with state.main_process_first():
+        pool, _ = load_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, seed=a.seed)
+    regions = build_regions_sharded(pool, a.num_regions, a.work_dir, embedder=a.embedder, seed=a.seed,
+                                    sample_size=a.sample_size, chunk_size=a.chunk_size, method=a.method,
+                                    accelerator=state, progress=state.is_main_process)
+    if state.is_main_process:
+        regions.save(a.output)
+        print(regions.summary(pool))
+        print(f"saved {regions.num_regions} regions to {a.output} ({state.num_processes} processes)")
+    state.wait_for_everyone()
+    return 0
+
+
 def _cmd_regions_show(a: argparse.Namespace) -> int:
+    config = preflight.read_regions_config(a.regions_dir, "REGIONS_DIR")
+    if a.pool:
+        info = preflight.check_pool(a.pool, a.column, builtin_size=a.builtin_pool_size)
+        preflight.check_regions_match_pool(config, a.regions_dir, info, "--pool")
     from .regions import ConditionRegions
     from .run_setup import load_pool
 
@@ -57,31 +93,56 @@ def _cmd_regions_show(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_report(a: argparse.Namespace) -> int:
+def _read_report(path: str) -> dict:
+    """The summary of a run's `aria_report.json` or a checkpoint's `aria_state.json` (or of such a file)."""
     from .callback import STATE_JSON
 
-    path = a.path
-    for candidate in (os.path.join(path, "aria_report.json"), os.path.join(path, STATE_JSON)):
-        if os.path.isfile(candidate):
-            with open(candidate) as fh:
-                data = json.load(fh)
-            summary = data.get("summary", data)
-            break
-    else:
-        print(f"error: {path!r} holds no aria_report.json or {STATE_JSON}; pass a run's output folder or a checkpoint",
-              file=sys.stderr)
-        return 2
+    if not os.path.exists(path):
+        raise UserError(f"report {path!r}: no such folder; pass a run's output folder (e.g. outputs/demo) or one of "
+                        "its checkpoint-N folders")
+    candidates = [path] if os.path.isfile(path) else [os.path.join(path, "aria_report.json"),
+                                                      os.path.join(path, STATE_JSON)]
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    if found is None:
+        raise UserError(f"{path!r} holds no aria_report.json or {STATE_JSON}; pass a run's output folder (e.g. "
+                        "outputs/demo) or one of its checkpoint-N folders")
+    try:
+        with open(found) as fh:
+            data = json.load(fh)
+        summary = data.get("summary", data)
+        for key in ("policy", "step", "metrics", "regions"):
+            summary[key]  # noqa: B018 - a report without these is not one
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{found!r} is damaged (not valid JSON: {getattr(err, 'msg', err)}); take the report of "
+                        "a checkpoint-N folder of the run, or another run") from None
+    except (AttributeError, KeyError, TypeError) as err:
+        raise UserError(f"{found!r} is not an ARIA report ({type(err).__name__}: {err} missing); pass a run's "
+                        "output folder or a checkpoint-N folder") from None
+    return summary
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    summary = _read_report(a.path)
     print(f"policy {summary['policy']} at step {summary['step']}")
     for k, v in summary["metrics"].items():
         print(f"  {k}: {v:.4g}")
-    print(f"{'region':>6} {'size':>7} {'prior':>8} {'prob':>8} {'estimate':>9}  name")
+    print(f"{'region':>6} {'size':>7} {'share':>8} {'prob':>8} {'estimate':>9}  name")
     for r in sorted(summary["regions"], key=lambda r: -r["estimate"])[: a.top]:
-        print(f"{r['region']:>6} {r['size']:>7} {r['prior']:>8.4f} {r['probability']:>8.4f} {r['estimate']:>9.3f}  "
+        print(f"{r['region']:>6} {r['size']:>7} {r.get('prompt_share', r.get('prior')):>8.4f} {r['probability']:>8.4f} {r['estimate']:>9.3f}  "
               f"{r.get('name') or ''}")
     return 0
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
+    preflight.check_pipeline_dir(a.teacher, "--teacher")
+    preflight.check_pipeline_dir(a.student, "--student")
+    info = preflight.check_pool(a.pool, a.column, builtin_size=a.builtin_pool_size)
+    if a.regions:
+        config = preflight.read_regions_config(a.regions, "--regions")
+        preflight.check_regions_match_pool(config, a.regions, info, "--pool")
+    if a.num_prompts < 1:
+        raise UserError(f"--num_prompts {a.num_prompts} is not valid; it must be at least 1")
+    preflight.check_output_file(a.output, "--output")
     import numpy as np
 
     from .evaluation import evaluate_student
@@ -97,6 +158,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         regions = ConditionRegions.load(a.regions)
         regions.check_pool(pool)
         region_ids = np.asarray(regions.region_ids)[idx].tolist()
+    if a.output and os.path.dirname(a.output):
+        os.makedirs(os.path.dirname(a.output), exist_ok=True)
     res = evaluate_student(a.teacher, a.student, get_prompts(pool, idx), region_ids,
                            [groups[i] for i in idx] if groups else None, seed=a.seed, output_json=a.output)
     print(json.dumps(res, indent=1))
@@ -104,9 +167,20 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny_teacher(a: argparse.Namespace) -> int:
+    preflight.check_teacher_output_dir(a.output_dir, "OUTPUT_DIR")
+    preflight.check_offline_minilm("make-tiny-teacher")
+    if a.train_steps < 0:
+        raise UserError(f"--train_steps {a.train_steps} is not valid; it must be 0 or more")
+    if a.num_prompts is not None and a.num_prompts < 2:
+        raise UserError(f"--num_prompts {a.num_prompts} is not valid; the teacher needs at least 2 prompts")
     from .tiny_teacher import make_tiny_teacher
 
-    report = make_tiny_teacher(a.output_dir, train_steps=a.train_steps, seed=a.seed, force=a.force)
+    prompts = None
+    if a.num_prompts is not None:
+        from .builtin_pool import builtin_prompt_records
+
+        prompts = [r["prompt"] for r in builtin_prompt_records(num_prompts=a.num_prompts, seed=0)]
+    report = make_tiny_teacher(a.output_dir, prompts=prompts, train_steps=a.train_steps, seed=a.seed, force=a.force)
     _print_teacher_report(report)
     return 0
 
@@ -122,8 +196,8 @@ def _print_teacher_report(report) -> None:
 def demo_command(output_dir: str, teacher_dir: str, max_train_steps: int, num_processes: int, extra: list[str],
                  pool_size: int = 4000) -> list[str]:
     """The `accelerate launch` command line of the embedded default run."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
     launch += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
     return launch + [
         str(TRAIN_SCRIPT), "--pretrained_model_name_or_path", teacher_dir, "--output_dir", output_dir,
@@ -139,18 +213,44 @@ def demo_command(output_dir: str, teacher_dir: str, max_train_steps: int, num_pr
     ] + extra
 
 
-def _cmd_demo(a: argparse.Namespace, extra: list[str]) -> int:
-    from .tiny_teacher import make_tiny_teacher
+def _load_train_script():
+    """The training script as a module (its flags and checks; `main` is not run)."""
+    spec = importlib.util.spec_from_file_location("train_aria_distill", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+def check_demo_args(a: argparse.Namespace, extra: list[str]) -> list[str]:
+    """Check the demo's folders and the training script's arguments (with those after `--`) before the teacher
+    is made; returns the `accelerate launch` command."""
+    for flag, value, least in (("--max_train_steps", a.max_train_steps, 1), ("--num_processes", a.num_processes, 1),
+                               ("--teacher_train_steps", a.teacher_train_steps, 0)):
+        if value < least:
+            raise UserError(f"{flag} {value} is not valid; it must be at least {least}")
     teacher_dir = a.teacher_dir or os.path.join(os.path.dirname(os.path.abspath(a.output_dir)), "tiny-teacher")
+    previous_run = preflight.check_demo_output_dir(a.output_dir, teacher_dir)
+    preflight.check_teacher_output_dir(teacher_dir, "--teacher_dir")
+    preflight.check_offline_minilm("the demo's tiny teacher")
+    cmd = demo_command(a.output_dir, teacher_dir, a.max_train_steps, a.num_processes, extra, a.builtin_pool_size)
+    if previous_run and "--resume_from_checkpoint" not in extra:
+        cmd += ["--overwrite_output_dir"]
+    from .errors import parse_briefly
+
+    script_args = cmd[cmd.index(str(TRAIN_SCRIPT)) + 1:]
+    preflight.check_train_args(parse_briefly(_load_train_script().parse_args, script_args), check_teacher=False)
+    return cmd
+
+
+def _cmd_demo(a: argparse.Namespace, extra: list[str]) -> int:
+    cmd = check_demo_args(a, extra)
+    teacher_dir = cmd[cmd.index("--pretrained_model_name_or_path") + 1]
     from .builtin_pool import builtin_prompt_pool
+    from .tiny_teacher import make_tiny_teacher
 
     report = make_tiny_teacher(teacher_dir, prompts=list(builtin_prompt_pool(a.builtin_pool_size)["prompt"]),
                                train_steps=a.teacher_train_steps)
     _print_teacher_report(report)
-    cmd = demo_command(a.output_dir, teacher_dir, a.max_train_steps, a.num_processes, extra, a.builtin_pool_size)
-    if os.path.isdir(a.output_dir) and os.listdir(a.output_dir) and "--resume_from_checkpoint" not in extra:
-        cmd += ["--overwrite_output_dir"]
     env = dict(os.environ, ACCELERATE_USE_CPU="true") if a.num_processes > 1 else None
     print("running:", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
@@ -159,14 +259,19 @@ def _cmd_demo(a: argparse.Namespace, extra: list[str]) -> int:
     print(f"\nDone. Look at {a.output_dir}/:\n"
           "  validation_final.png  teacher (top row) vs student (bottom row), same prompts and seeds\n"
           "  aria_allocation.png   how ARIA moved sampling between regions over training\n"
-          "  aria_report.md        per-region table: size, prior, probability, discrepancy estimate\n"
+          "  aria_report.md        per-region table: size, prompt share, probability, discrepancy estimate\n"
           "  README.md             the model card; model_index.json + unet/ ...: the student pipeline\n"
-          f"  logs/                 tensorboard --logdir {a.output_dir}/logs")
+          f"  logs/                 tensorboard --logdir {a.output_dir}/logs\n"
+          f"Next: diffusers-aria report {a.output_dir} (the README's \"Command line\" section lists more).")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffusers-aria", description="ARIA for diffusers distillation")
+    """The command line's parser (usage errors are one line, exit code 2)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
+    p = OneLineArgumentParser(prog="diffusers-aria", description="ARIA for diffusers distillation",
+                              parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
 
     def pool_args(sp):
@@ -177,23 +282,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     regions = sub.add_parser("regions", help="build or show the regions of a prompt pool")
     rsub = regions.add_subparsers(dest="regions_command", required=True)
-    b = rsub.add_parser("build")
+    b = rsub.add_parser("build", parents=[common])
     pool_args(b)
     b.add_argument("--num_regions", type=int, default=64)
     b.add_argument("--embedder", default="sentence-transformers/all-MiniLM-L6-v2")
     b.add_argument("--method", default="auto", choices=["auto", "faiss", "sklearn"])
     b.add_argument("--embeddings_cache", default=None)
     b.add_argument("--output", required=True)
-    s = rsub.add_parser("show")
+    b.add_argument("--work_dir", default=None,
+                   help="a sharded, resumable build in this folder: run under `accelerate launch` on any number of "
+                        "processes and machines; a killed build resumes where it stopped")
+    b.add_argument("--sample_size", type=int, default=None, help="with --work_dir: k-means sample (default 256 x K)")
+    b.add_argument("--chunk_size", type=int, default=65_536, help="with --work_dir: prompts per chunk")
+    s = rsub.add_parser("show", parents=[common])
     s.add_argument("regions_dir")
     pool_args(s)
     s.set_defaults(pool=None)
 
-    r = sub.add_parser("report", help="print the ARIA report of a run or checkpoint")
+    r = sub.add_parser("report", help="print the ARIA report of a run or checkpoint", parents=[common])
     r.add_argument("path")
     r.add_argument("--top", type=int, default=32)
 
-    e = sub.add_parser("evaluate", help="held-out teacher-student discrepancy per region and group")
+    e = sub.add_parser("evaluate", help="held-out teacher-student discrepancy per region and group",
+                       parents=[common])
     e.add_argument("--teacher", required=True)
     e.add_argument("--student", required=True)
     pool_args(e)
@@ -201,13 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num_prompts", type=int, default=256)
     e.add_argument("--output", default=None)
 
-    t = sub.add_parser("make-tiny-teacher", help="build the tiny offline teacher pipeline (cached)")
+    t = sub.add_parser("make-tiny-teacher", help="build the tiny offline teacher pipeline (cached)",
+                       parents=[common])
     t.add_argument("output_dir")
     t.add_argument("--train_steps", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true")
+    t.add_argument("--num_prompts", type=int, default=None,
+                   help="train on the first N prompts of the built-in pool (default: its 4000)")
 
-    d = sub.add_parser("demo", help="the embedded default: tiny teacher, built-in pool, ARIA distillation on CPU")
+    d = sub.add_parser("demo", help="the embedded default: tiny teacher, built-in pool, ARIA distillation on CPU",
+                       parents=[common])
     d.add_argument("--output_dir", default="outputs/demo")
     d.add_argument("--teacher_dir", default=None, help="default: tiny-teacher beside the output folder")
     d.add_argument("--teacher_train_steps", type=int, default=None)
@@ -218,8 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `diffusers-aria` entry point: the exit code (2 and one line on stderr for a mistake in the arguments;
+    `--debug` raises it with its traceback instead)."""
     default_cpu_env()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = split_debug_flag(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_main(_main, argv, debug=debug)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    except BrokenPipeError:  # `diffusers-aria report ... | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     extra: list[str] = []
     if "--" in argv:  # everything after `--` goes to the training script (demo)
         i = argv.index("--")

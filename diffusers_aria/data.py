@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .sampler import _mix64_array, keyed_permutation
+from .atomic import atomic_save, atomic_write_json
+from .sampler import keyed_permutation, mix64_array
 
 
 def step_generator(seed: int, step: int, rank: int, salt: int = 0) -> torch.Generator:
@@ -67,7 +68,7 @@ class StepBatchSampler:
         pos = step * g + self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
         epoch, within = pos // self.num_rows, pos % self.num_rows
         with np.errstate(over="ignore"):
-            key = _mix64_array(np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15) + epoch.astype(np.uint64))
+            key = mix64_array(np.uint64(self.seed) * np.uint64(0x9E3779B97F4A7C15) + epoch.astype(np.uint64))
         return keyed_permutation(within, np.full(pos.shape, self.num_rows), key).astype(np.int64), epoch
 
     def indices(self, step: int) -> np.ndarray:
@@ -236,24 +237,107 @@ def generate_teacher_latents(pipeline, prompts: list[str], num_inference_steps: 
     return torch.cat(out)
 
 
+class StaleCacheError(ValueError):
+    """A cache on disk was made with other settings than this run's, and rebuilding it was not asked for."""
+
+
+def _module_fingerprint(module) -> str:
+    """A short hash of a model's weights, from up to 256 evenly spaced values of every tensor (rounded to
+    bfloat16, so the same weights in float32 or in a half precision hash alike; the dtype is recorded apart).
+    Cheap on a large UNet, and it changes when the weights do."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        if flat.is_floating_point() and flat.numel():
+            sample = flat[:: max(1, flat.numel() // 256)][:256].to(torch.bfloat16).to(torch.float32)
+            h.update(sample.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def teacher_latents_settings(pipeline, prompts: list[str], prompt_indices, **gen_kwargs) -> dict:
+    """Everything the teacher latents depend on: the teacher's UNet and text encoder weights (sampled hashes),
+    its scheduler config, the dtype, the prompts and their pool indices, and the `generate_teacher_latents`
+    arguments with its defaults filled in (seed, steps, guidance, height, width, batch size)."""
+    import hashlib
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(generate_teacher_latents).parameters.items()
+                if p.default is not inspect.Parameter.empty and k != "progress"}
+    unknown = set(gen_kwargs) - set(defaults) - {"progress"}
+    if unknown:
+        raise TypeError(f"unknown generation argument(s) {sorted(unknown)}; expected some of {sorted(defaults)}")
+    gen = {**defaults, **{k: v for k, v in gen_kwargs.items() if k != "progress"}}
+    scheduler = json.dumps({k: v for k, v in dict(pipeline.scheduler.config).items() if not k.startswith("_")},
+                           sort_keys=True, default=str)
+    return {
+        "teacher_unet": _module_fingerprint(pipeline.unet),
+        "teacher_text_encoder": _module_fingerprint(pipeline.text_encoder),
+        "scheduler": f"{type(pipeline.scheduler).__name__}:{hashlib.sha256(scheduler.encode()).hexdigest()[:16]}",
+        "dtype": str(getattr(pipeline.unet, "dtype", None) or next(pipeline.unet.parameters()).dtype).replace("torch.", ""),
+        "num_prompts": len(prompts),
+        "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
+        "prompt_indices": hashlib.sha256(np.asarray(prompt_indices, np.int64).tobytes()).hexdigest()[:16],
+        **gen,
+    }
+
+
 def load_or_generate_teacher_latents(cache_dir: str, pipeline, prompts: list[str], prompt_indices: np.ndarray,
-                                     fingerprint: str, **gen_kwargs) -> torch.Tensor:
-    """Teacher latents for `prompts`, cached as safetensors + JSON in `cache_dir` (written atomically)."""
+                                     fingerprint: str | dict | None = None, overwrite: bool = False,
+                                     **gen_kwargs) -> torch.Tensor:
+    """Teacher latents for `prompts`, cached as safetensors + JSON in `cache_dir` (written atomically).
+
+    The cache records every setting the latents were made from (`teacher_latents_settings`, plus
+    `fingerprint`: extra settings of the caller, e.g. the pool's fingerprint). It is reused only when all of
+    them match. Otherwise `StaleCacheError` names each setting that differs, with its cached and its new
+    value; with `overwrite=True` the latents are generated again and replace the cache. A cache whose files
+    are incomplete or unreadable is generated again (with a warning).
+    """
+    import logging
+
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
+    log = logging.getLogger(__name__)
     path, meta_path = os.path.join(cache_dir, "teacher_latents.safetensors"), os.path.join(cache_dir, "teacher_latents.json")
-    meta = {"fingerprint": fingerprint, "num": len(prompts), **{k: v for k, v in gen_kwargs.items() if k != "progress"}}
+    settings = teacher_latents_settings(pipeline, prompts, prompt_indices, **gen_kwargs)
+    if isinstance(fingerprint, dict):
+        settings.update({k: v for k, v in fingerprint.items() if k not in settings})
+    elif fingerprint is not None:
+        settings["fingerprint"] = fingerprint
+    settings = json.loads(json.dumps(settings, default=str))  # as it reads back from JSON
     if os.path.isfile(path) and os.path.isfile(meta_path):
-        with open(meta_path) as fh:
-            saved = json.load(fh)
-        if saved.get("meta") == meta:
-            return load_file(path)["latents"]
+        old = None
+        try:
+            with open(meta_path) as fh:
+                old = json.load(fh).get("settings")
+        except (OSError, ValueError, AttributeError) as err:  # unreadable: derived data, made again
+            log.warning("the teacher latents cache in %s is unreadable (%s): generating it again", cache_dir, err)
+        old = old if isinstance(old, dict) and old else None
+        differ = [f"{k} {old.get(k, 'not recorded')!r} (this run: {settings.get(k, 'not set')!r})"
+                  for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)] if old else []
+        if old and not differ:
+            try:
+                return load_file(path)["latents"]
+            except (OSError, ValueError, KeyError, SafetensorError) as err:
+                log.warning("the teacher latents in %s are unreadable (%s): generating them again", path, err)
+        elif old is None:  # an earlier version's cache, which did not record its settings: made again
+            log.warning("the teacher latents in %s do not record their settings: generating them again", cache_dir)
+        elif not overwrite:
+            raise StaleCacheError(
+                f"the teacher latents cached in {cache_dir!r} were made with other settings than this run's: "
+                f"{'; '.join(differ)}. Pass overwrite=True (--overwrite_output_dir in the training script) to "
+                "generate them again, or use another output folder")
+        else:
+            log.warning("teacher latents in %s were made with other settings (%s): generating them again",
+                        cache_dir, "; ".join(differ))
     latents = generate_teacher_latents(pipeline, prompts, **gen_kwargs)
     os.makedirs(cache_dir, exist_ok=True)
-    save_file({"latents": latents.contiguous(), "pool_indices": torch.from_numpy(np.asarray(prompt_indices, np.int64))},
-              path + ".tmp")
-    os.replace(path + ".tmp", path)
-    with open(meta_path + ".tmp", "w") as fh:
-        json.dump({"meta": meta}, fh)
-    os.replace(meta_path + ".tmp", meta_path)
+    if os.path.exists(meta_path):  # the old settings go first: a crash in between leaves no stale pair
+        os.remove(meta_path)
+    indices = torch.from_numpy(np.asarray(prompt_indices, np.int64))
+    atomic_save(path, lambda tmp: save_file({"latents": latents.contiguous(), "pool_indices": indices}, tmp))
+    atomic_write_json(meta_path, {"settings": settings})
     return latents

@@ -8,12 +8,13 @@ student, so two students are compared on identical draws. Results aggregate per 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write_json
 
 
 @torch.no_grad()
@@ -81,8 +82,5 @@ def evaluate_student(teacher_path: str, student_path: str, prompts: Sequence[str
     if groups is not None:
         result["per_group"] = aggregate(per_prompt, groups)
     if output_json:
-        tmp = output_json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=1)
-        os.replace(tmp, output_json)
+        atomic_write_json(output_json, result)
     return result

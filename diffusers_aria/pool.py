@@ -15,14 +15,17 @@ from typing import Union
 
 import numpy as np
 
+from .errors import UserError
+
 PROMPT_COLUMN = "prompt"
 _TEXT_COLUMNS = ("prompt", "Prompt", "text", "caption", "captions")
 
 PoolSource = Union[str, os.PathLike, Sequence[str], "datasets.Dataset"]  # noqa: F821
 
 
-class PromptPoolError(ValueError):
-    """Raised for a prompt pool that cannot be used (empty, blank or non-string prompts, bad column)."""
+class PromptPoolError(UserError):
+    """Raised for a prompt pool that cannot be used (missing or empty file, blank or non-string prompts, bad
+    column). A `UserError`, hence a `ValueError`."""
 
 
 def _pick_column(names: Sequence[str], column: str | None, source: object) -> str:
@@ -81,8 +84,13 @@ def _load_path(path: str, column: str | None):
     import datasets
 
     if not os.path.exists(path):
-        raise PromptPoolError(f"prompt pool path {path!r} does not exist")
+        raise PromptPoolError(f"prompt pool path {path!r} does not exist (looked for {os.path.abspath(path)}); pass "
+                              "an existing .txt/.csv/.tsv/.jsonl/.json/.parquet file or save_to_disk folder")
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "state.json")) and not os.path.isfile(
+                os.path.join(path, "dataset_dict.json")):
+            raise PromptPoolError(f"prompt pool folder {path!r} is not a datasets.save_to_disk folder (state.json "
+                                  "missing); pass a prompt file or a folder written by Dataset.save_to_disk")
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             raise PromptPoolError(f"{path!r} holds a DatasetDict; save a single split as the pool")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write_json
 from .pool import (
     PROMPT_COLUMN,
     PromptPoolError,
@@ -114,12 +115,26 @@ def embed_pool(
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"embeddings-{_stable_key(fp, name)}.npy")
     meta_path = path + ".json"
+    # what the embeddings depend on: the pool, the embedder (by name and by the files it resolves to), L2 norm
+    settings = {"fingerprint": fp, "embedder": name, "num": n, "normalized": True,
+                "embedder_path": resolve_embedder_path(name) if isinstance(embedder, str) else name}
     if os.path.exists(path) and os.path.exists(meta_path):
-        with open(meta_path) as fh:
-            meta = json.load(fh)
-        if meta.get("fingerprint") == fp and meta.get("embedder") == name and meta.get("complete"):
+        try:
+            with open(meta_path) as fh:
+                meta = json.load(fh)
+            cached = np.load(path, mmap_mode="r", allow_pickle=False)
+            differ = [k for k, v in settings.items() if meta.get(k) != v]
+            if not meta.get("complete"):
+                differ.append("complete")
+            if cached.shape != (n, meta.get("dim", -1)) or cached.dtype != np.float32:
+                differ.append(f"shape {cached.shape} {cached.dtype} (expected ({n}, {meta.get('dim')}) float32)")
+        except (OSError, ValueError) as err:
+            differ = [f"unreadable ({err})"]
+        if not differ:
             logger.info("reusing cached embeddings %s", path)
-            return np.load(path, mmap_mode="r", allow_pickle=False)
+            return cached
+        # the file name is keyed by pool and embedder, so this is an earlier version's or a damaged file
+        logger.warning("not reusing the cached embeddings %s (%s differ): embedding again", path, ", ".join(differ))
     model = load_embedder(embedder)
     dim_fn = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     dim = dim_fn()
@@ -136,9 +151,7 @@ def embed_pool(
     out.flush()
     del out
     os.replace(tmp_path, path)
-    with open(meta_path + ".tmp", "w") as fh:
-        json.dump({"fingerprint": fp, "embedder": name, "dim": dim, "complete": True}, fh)
-    os.replace(meta_path + ".tmp", meta_path)
+    atomic_write_json(meta_path, {**settings, "dim": dim, "complete": True}, indent=None)
     emb = np.load(path, mmap_mode="r", allow_pickle=False)
     if own_tmp:  # the mapping outlives the unlinked file
         shutil.rmtree(cache_dir, ignore_errors=True)
@@ -463,18 +476,77 @@ def build_regions(
 
 
 def load_or_build_regions(regions_dir: str, pool, **build_kwargs) -> ConditionRegions:
-    """Load `regions_dir` if it exists (checking it matches `pool`), else build and save it there."""
+    """Load `regions_dir` if it exists, else build the regions with `build_regions` and save them there.
+
+    The folder is reused only for the pool it was built from: its saved content fingerprint (sha256 over the
+    prompts in order) must match `pool`'s, else `RegionsMismatchError` (delete the folder to rebuild). `pool`
+    is anything `build_regions` takes (a `datasets.Dataset` with `column=...` in `build_kwargs`, whose other
+    columns, images included, are never read). Settings in `build_kwargs` that differ from the saved ones
+    (num_regions, seed, embedder) are logged: the saved regions are used as they are. `seed=None` means 0.
+    Under accelerate call it inside `accelerator.main_process_first()`: the main process builds, the others load.
+    """
+    if build_kwargs.get("seed", 0) is None:
+        build_kwargs["seed"] = 0
     if os.path.isfile(os.path.join(regions_dir, CONFIG_NAME)):
         regions = ConditionRegions.load(regions_dir)
-        regions.check_pool(pool)
+        regions.check_pool(pool if isinstance(pool, (list, tuple))
+                           else load_prompt_pool(pool, column=build_kwargs.get("column"), validate=False))
+        saved = {"num_regions": regions.metadata.get("requested_num_regions"), "seed": regions.metadata.get("seed"),
+                 "embedder": regions.metadata.get("embedder")}
+        differ = {k: (saved[k], build_kwargs[k]) for k in saved
+                  if k in build_kwargs and isinstance(build_kwargs[k], (int, str)) and saved[k] is not None
+                  and build_kwargs[k] != saved[k]}
+        if differ:
+            logger.warning("using the regions saved in %s as they are: %s (delete the folder to rebuild them)",
+                           regions_dir, ", ".join(f"{k}={a!r} was saved, {b!r} was asked" for k, (a, b) in differ.items()))
         return regions
     regions = build_regions(pool, **build_kwargs)
     regions.save(regions_dir)
     return regions
 
 
+class RegionCollate:
+    """A collate function that adds each example's region to the batch: `batch[column] = LongTensor [B]`.
+
+    Wraps a script's own `collate_fn` (which may drop unknown columns, as diffusers' returns a dict literal)
+    so the region column travels without editing it. Picklable (a plain object, not a closure), so it works
+    with DataLoader workers. The examples must carry `column` (`ConditionRegions.add_to_dataset`; a
+    `with_transform` function must return its input dict, as diffusers' `preprocess_train` does).
+    """
+
+    def __init__(self, collate_fn=None, column: str = "aria_region") -> None:
+        if collate_fn is None:
+            from torch.utils.data import default_collate
+
+            collate_fn = default_collate
+        self.collate_fn = collate_fn
+        self.column = column
+
+    def __call__(self, examples):
+        import torch
+
+        try:
+            region = torch.as_tensor([int(e[self.column]) for e in examples], dtype=torch.long)
+        except KeyError:
+            keys = sorted(examples[0].keys()) if examples and hasattr(examples[0], "keys") else []
+            raise KeyError(
+                f"the examples have no {self.column!r} column (they have {keys}): add it with "
+                "ConditionRegions.add_to_dataset (region_dataloader does), and make a with_transform function "
+                "return its input dict"
+            ) from None
+        batch = self.collate_fn(examples)
+        if not hasattr(batch, "__setitem__") or isinstance(batch, (list, tuple)):
+            raise TypeError(f"RegionCollate needs the wrapped collate function to return a dict, got {type(batch).__name__}")
+        batch[self.column] = region
+        return batch
+
+    def __repr__(self) -> str:
+        return f"RegionCollate({getattr(self.collate_fn, '__name__', self.collate_fn)!r}, column={self.column!r})"
+
+
 __all__ = [
     "ConditionRegions",
+    "RegionCollate",
     "RegionsMismatchError",
     "build_regions",
     "load_or_build_regions",

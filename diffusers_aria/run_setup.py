@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_write_json
 from .pool import load_prompt_pool, pool_fingerprint
 from .regions import load_or_build_regions
 
@@ -305,12 +306,87 @@ def load_pool(source: str, column: str | None = None, split: str = "train", buil
         return load_prompt_pool(ds, "prompt"), groups
     if os.path.exists(source):
         return load_prompt_pool(source, column), None
+    from .pool import PromptPoolError
+    from .preflight import looks_like_local_path
+
+    if looks_like_local_path(source):  # never sent to the Hub, where a missing name costs ~50 s of retries
+        raise PromptPoolError(f"prompt pool {source!r} does not exist (looked for {os.path.abspath(source)}); pass an "
+                              "existing prompt file or folder, 'builtin', or a Hub dataset name like 'owner/name'")
     ds = datasets.load_dataset(source, split=split)
     return load_prompt_pool(ds, column), None
 
 
-def load_regions(regions_dir: str, pool, **build_kwargs):
-    return load_or_build_regions(regions_dir, pool, **build_kwargs)
+def _regions_differences(metadata: dict, build_kwargs: dict, keys=None) -> list[str]:
+    """The build settings (K, embedder, seed, method, min_region_size) in which a saved regions folder differs
+    from `build_kwargs` (defaults: `build_regions`'), as "name saved (this run: value)". A setting the folder
+    does not record, and method "auto", match anything."""
+    import inspect
+
+    from .regions import build_regions, resolve_embedder_path
+
+    defaults = {k: p.default for k, p in inspect.signature(build_regions).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    asked = {**defaults, **build_kwargs}
+    saved = {"num_regions": metadata.get("requested_num_regions", metadata.get("num_regions")),
+             "embedder": metadata.get("embedder"), "seed": metadata.get("seed"), "method": metadata.get("method"),
+             "min_region_size": metadata.get("min_region_size")}
+    differ = []
+    for key, old in saved.items():
+        if keys is not None and key not in keys:
+            continue
+        new = asked.get(key)
+        if old is None or new is None or (key == "method" and new == "auto"):
+            continue
+        if key == "embedder" and isinstance(new, str):
+            same = old == new or resolve_embedder_path(str(old)) == resolve_embedder_path(new)
+        elif key == "embedder":
+            same = True  # a loaded model object: its name is not comparable
+        else:
+            same = old == new
+        if not same:
+            differ.append(f"{key} {old!r} (this run: {new!r})")
+    return differ
+
+
+def load_regions(regions_dir: str, pool, overwrite: bool = False, check=None, **build_kwargs):
+    """The regions in `regions_dir` when they were built from `pool` with these settings, else built and saved.
+
+    A saved folder is reused only when its pool fingerprint and its build settings (`num_regions`, `embedder`,
+    `seed`, `method`, `min_region_size`) match this call's. Otherwise it raises `RegionsMismatchError` naming
+    each setting that differs, or, with `overwrite=True` (for regions inside a run's own output folder when
+    --overwrite_output_dir is given), builds the regions again and replaces the folder. `check` limits the
+    compared settings to these names (e.g. `()` for regions the user built and named: only the pool must
+    match, whatever seed or K this run would have used to build its own).
+    """
+    import logging
+
+    from .regions import CONFIG_NAME, ConditionRegions, RegionsMismatchError
+
+    if not os.path.isfile(os.path.join(regions_dir, CONFIG_NAME)):
+        return load_or_build_regions(regions_dir, pool, **build_kwargs)
+    regions = ConditionRegions.load(regions_dir)
+    try:
+        regions.check_pool(pool)
+    except RegionsMismatchError as err:
+        if not overwrite:
+            raise
+        differ = [f"the prompt pool ({err})"]
+    else:
+        differ = _regions_differences(regions.metadata, build_kwargs, check)
+        if not differ:
+            return regions
+        if not overwrite:
+            raise RegionsMismatchError(
+                f"the regions in {regions_dir!r} were built with other settings than this run's: {'; '.join(differ)}. "
+                "Pass --overwrite_output_dir to build them again (regions inside the output folder), or point "
+                "--regions_dir to regions built with these settings (`diffusers-aria regions build`)")
+    logging.getLogger(__name__).warning("rebuilding the regions in %s (overwrite): %s", regions_dir, "; ".join(differ))
+    from .regions import build_regions
+
+    del regions  # the old folder's region ids are memory-mapped
+    rebuilt = build_regions(pool, **build_kwargs)
+    rebuilt.save(regions_dir)
+    return rebuilt
 
 
 class RankMismatchError(RuntimeError):
@@ -368,11 +444,12 @@ def paired_dataset(args, pool, regions, teacher: TeacherParts, accelerator):
         pipe = StableDiffusionPipeline(unet=teacher.unet, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False, **teacher.pipeline_components())
         pipe.set_progress_bar_config(disable=True)
+        # reused only when every setting matches (else a StaleCacheError naming it); made again on overwrite
         latents = load_or_generate_teacher_latents(
             os.path.join(args.output_dir, "teacher_latents"), pipe, prompts, idx,
-            fingerprint=f"{pool_fingerprint(pool)}|{teacher.name_or_path}|{args.seed}",
+            fingerprint={"pool": pool_fingerprint(pool)}, overwrite=bool(getattr(args, "overwrite_output_dir", False)),
             num_inference_steps=args.teacher_inference_steps, guidance_scale=args.teacher_guidance_scale,
-            height=args.resolution, width=args.resolution, progress=accelerator.is_local_main_process)
+            height=args.resolution, width=args.resolution, seed=args.seed, progress=accelerator.is_local_main_process)
         return LatentCaptionDataset(latents, prompts, np.asarray(regions.region_ids)[idx])
     ds = load_image_caption_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.revision,
                                     args.cache_dir, args.max_train_samples, args.seed)
@@ -386,14 +463,13 @@ def paired_dataset(args, pool, regions, teacher: TeacherParts, accelerator):
 # ------------------------------------------------------------------------------------------ outputs
 
 
-_SECRET_WORDS = ("token", "password", "secret")
-
-
 def loggable_config(args) -> dict[str, Any]:
-    """The run's flags for trackers: scalars only, no secrets."""
+    """The run's flags for trackers: scalars only, no secrets (the secret names of `hub.is_secret_key`)."""
+    from .hub import is_secret_key
+
     out = {}
     for k, v in vars(args).items():
-        if any(w in k.lower() for w in _SECRET_WORDS):
+        if is_secret_key(k):
             continue
         out[k] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
         if out[k] is None:
@@ -437,9 +513,9 @@ def gather_state_hashes(accelerator, callback) -> list[str]:
 
     from accelerate.utils import gather_object
 
-    from .callback import _flatten
+    from .callback import flatten_state
 
-    tensors, plain = _flatten(callback.state_dict())
+    tensors, plain = flatten_state(callback.state_dict())
     h = hashlib.sha256(json.dumps(plain, sort_keys=True).encode())
     for k in sorted(tensors):
         h.update(k.encode())
@@ -449,16 +525,13 @@ def gather_state_hashes(accelerator, callback) -> list[str]:
 
 def write_run_info(output_dir: str, **info) -> None:
     """`run_info.json`: how the run went (processes, steps, ...), for people and tests."""
-    path = os.path.join(output_dir, "run_info.json")
-    with open(path + ".tmp", "w") as fh:
-        json.dump(info, fh, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_json(os.path.join(output_dir, "run_info.json"), info)
 
 
 def write_card(args, report_paths: dict, validation_image: str | None, settings, init_report,
                device: str = "cuda") -> str:
     """The model card: license from --license or the teacher's card, usage in the run's precision on `device`."""
-    from .hub import write_model_card
+    from .model_card import write_model_card
 
     with open(report_paths["json"]) as fh:
         report = json.load(fh)

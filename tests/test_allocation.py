@@ -315,9 +315,13 @@ def test_static_after_warmup_freezes():
 
 
 def test_make_policy_static_accepts_aria_kwargs_but_no_damping():
-    policy = make_policy("static", SIZES, tau=0.25, floor=0.1, damping=0.5, warmup_steps=7)
+    policy = make_policy("static", SIZES, tau=0.25, floor=0.1, warmup_steps=7)
     assert isinstance(policy, StaticAfterWarmup)
     assert (policy.tau, policy.floor, policy.damping, policy.warmup_steps) == (0.25, 0.1, 1.0, 7)
+    with pytest.raises(TypeError, match="allocation 'static' does not take damping; it takes alpha, cap"):
+        make_policy("static", SIZES, damping=0.5)
+    with pytest.raises(TypeError, match="allocation 'rc' does not take lr, tau; it takes no arguments"):
+        make_policy("rc", SIZES, tau=0.3, lr=0.1)
 
 
 def test_doremi_increases_weight_of_hardest_region():
@@ -360,12 +364,14 @@ def test_make_policy_unknown_name_lists_valid_names():
         assert name in str(err.value)
 
 
-def test_make_policy_ignores_foreign_kwargs_and_passes_none_on():
-    policy = make_policy("exp3", SIZES, tau=3.0, gamma=0.2, eta=None, warmup_steps=2)
+def test_make_policy_rejects_foreign_kwargs_and_passes_none_on():
+    policy = make_policy("exp3", SIZES, gamma=0.2, eta=None, warmup_steps=2)
     assert isinstance(policy, EXP3)
     assert policy.gamma == 0.2 and policy.warmup_steps == 2
     assert policy.eta == pytest.approx(0.2 / K)
-    assert make_policy("aria", SIZES, tau=0.5, gamma=0.3).tau == 0.5
+    with pytest.raises(TypeError, match="allocation 'exp3' does not take tau; it takes eta, gamma, warmup_steps"):
+        make_policy("exp3", SIZES, tau=3.0, gamma=0.2)
+    assert make_policy("aria", SIZES, tau=0.5).tau == 0.5
     assert make_policy("aria", SIZES).max_ratio == 4.0
     assert make_policy("aria", SIZES, max_ratio=None).max_ratio is None
     assert "damping" not in policy_arguments("static") and "tau" in policy_arguments("static")

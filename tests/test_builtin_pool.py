@@ -146,3 +146,37 @@ def test_records_with_parts_name_the_words_each_prompt_was_built_from():
     for r in parts:
         assert set(r) == {"prompt", "group", "subject", "attribute", "setting", "style"}
         assert r["subject"] in r["prompt"].lower() and r["setting"] in r["prompt"]
+
+
+# sha256 of "\n".join(prompts) (and of the groups) of builtin_prompt_pool(4000, seed=0), recorded before the word
+# lists moved from code to diffusers_aria/resources/builtin_pool_words.json: any edit of a list changes them.
+POOL_4000_SEED_0_SHA256 = "9c3c8b277a9abe38fda816fcafcc60b716765e1cc01ad4a29140f0fc9cf712ef"
+GROUPS_4000_SEED_0_SHA256 = "6d1e8bb261791ecd2208d9a3d8a78305b8435a4ff6c80cbd17f3f1e043cc955b"
+
+
+def test_the_default_pool_is_unchanged():
+    import hashlib
+
+    rows = builtin_prompt_records(4000, seed=0)
+    assert hashlib.sha256("\n".join(r["prompt"] for r in rows).encode()).hexdigest() == POOL_4000_SEED_0_SHA256
+    assert hashlib.sha256("\n".join(r["group"] for r in rows).encode()).hexdigest() == GROUPS_4000_SEED_0_SHA256
+    assert max_builtin_pool_size() == 115200
+
+
+def test_the_word_lists_are_package_data_that_ships():
+    """The JSON is read through importlib.resources and listed in setup.cfg's package_data, so a wheel has it."""
+    import configparser
+    import fnmatch
+    import importlib.resources
+    from pathlib import Path
+
+    from diffusers_aria import builtin_pool
+
+    resource = importlib.resources.files("diffusers_aria").joinpath("resources").joinpath("builtin_pool_words.json")
+    words = json.loads(resource.read_text(encoding="utf-8"))
+    assert set(words["groups"]) == set(BUILTIN_GROUP_SHARES)
+    assert builtin_pool._vocab() is builtin_pool._vocab()  # read once
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    globs = setup["options.package_data"]["diffusers_aria"].split()
+    assert any(fnmatch.fnmatch("resources/builtin_pool_words.json", g) for g in globs), globs

@@ -63,9 +63,32 @@ def _two_process_worker(out_dir: str) -> None:
     acc.load_state(os.path.join(out_dir, "ckpt"))
     resumed: list = []
     _run_steps(acc2_cb, range(STEPS // 2, STEPS), rank, 2, resumed)
+    # gradient accumulation: micro-batches buffered per rank, one gathered update per optimizer step
+    ga = _objects(acc, warmup=0)
+    ga_probs = []
+    for step in range(GA_STEPS):
+        for reg, loss, t in _ga_micro_batches(step, rank):
+            ga.accumulate(torch.from_numpy(reg), torch.from_numpy(loss), torch.from_numpy(t))
+        ga_probs.append(ga.on_step_end(step + 1).tolist())
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump({"log": log, "resumed": resumed, "world": acc.num_processes,
-                   "estimates": estimates}, fh)
+                   "estimates": estimates, "ga_probs": ga_probs, "ga_updates": ga.tracker.num_updates,
+                   "ga_s1": ga.tracker.s1.tolist()}, fh)
+
+
+GA_STEPS = 4
+
+
+def _ga_micro_batches(step: int, rank: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Rank r's micro-batches of optimizer step `step`: two each, except step 1 (rank 1 has none) and step 2
+    (no rank has any), so on_step_end runs with an empty buffer on one rank and on every rank."""
+    count = {1: 1 - rank, 2: 0}.get(step, 2)
+    out = []
+    for m in range(count):
+        rng = np.random.default_rng([step, rank, m])
+        reg = rng.integers(0, K, 5)
+        out.append((reg, 1.0 + 0.5 * (reg == 4) + 0.1 * rng.standard_normal(5), rng.integers(0, 1000, 5)))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +137,71 @@ def test_distributed_update_equals_single_process_on_concatenated_data(two_proce
     assert cb.tracker.estimates().tolist() == r0["estimates"]
 
 
+def test_two_process_accumulation_is_one_update_per_step_even_with_empty_buffers(two_process_run):
+    (r0, r1), _ = two_process_run
+    assert r0["ga_probs"] == r1["ga_probs"] and r0["ga_s1"] == r1["ga_s1"]
+    assert r0["ga_updates"] == r1["ga_updates"] == GA_STEPS
+    cb = _objects(warmup=0)  # one process fed every rank's micro-batches of a step at once
+    for step in range(GA_STEPS):
+        parts = _ga_micro_batches(step, 0) + _ga_micro_batches(step, 1)
+        if parts:
+            reg, loss, t = (np.concatenate(x) for x in zip(*parts))
+            probs = cb.on_step_end(step + 1, reg, loss, t)
+        else:
+            probs = cb.on_step_end(step + 1)
+        assert probs.tolist() == r0["ga_probs"][step]
+    assert cb.tracker.s1.tolist() == r0["ga_s1"]
+
+
+def test_accumulate_then_on_step_end_is_one_update_of_all_micro_batches():
+    micro = [_ga_micro_batches(0, 0)[0], _ga_micro_batches(0, 1)[0], _ga_micro_batches(3, 0)[1]]
+    a, b, c = _objects(warmup=0), _objects(warmup=0), _objects(warmup=0)
+    for reg, loss, t in micro:
+        a.accumulate(torch.from_numpy(reg), torch.from_numpy(loss).requires_grad_(), t)
+    pa = a.on_step_end(7)
+    reg, loss, t = (np.concatenate(x) for x in zip(*micro))
+    pb = b.on_step_end(7, reg, loss, t)
+    for m in micro[:-1]:  # the last micro-batch may come with the call itself
+        c.accumulate(*m)
+    pc = c.on_step_end(7, *micro[-1])
+    for cb in (a, b, c):
+        assert cb.tracker.num_updates == 1 and cb.last_step == 7 and not cb._buffer
+    np.testing.assert_array_equal(a.tracker.s1, b.tracker.s1)
+    np.testing.assert_array_equal(c.tracker.s1, b.tracker.s1)
+    assert pa.tolist() == pb.tolist() == pc.tolist()
+    assert a.sampler.consumed == c.sampler.consumed == 3 and b.sampler.consumed == 1  # one per micro-batch
+
+
+def test_on_step_end_with_nothing_buffered_is_an_update_without_samples():
+    cb = _objects(warmup=0)
+    probs = cb.on_step_end(1)
+    assert cb.tracker.num_updates == 1 and cb.tracker.counts().sum() == 0
+    np.testing.assert_array_equal(probs, cb.policy.prior)
+
+
+def test_accumulation_logs_once_at_the_optimizer_step():
+    acc = _Recorder()
+    cb = _objects(acc)
+    for step in (1, 2):  # two micro-batches per optimizer step, 1-based like a diffusers global_step
+        for reg, loss, t in _ga_micro_batches(0, step):
+            cb.accumulate(reg, loss, t)
+        cb.on_step_end(step)
+    assert [s for s, _ in acc.logged] == [1, 2]
+    assert cb.tracker.num_updates == 2 and cb.history_steps == [1, 2]
+
+
+def test_accumulate_refuses_inconsistent_input():
+    cb = _objects()
+    with pytest.raises(ValueError, match="region_ids has 2 entries but losses has 3"):
+        cb.accumulate(np.array([0, 1]), np.array([1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="region_ids and losses together"):
+        cb.on_step_end(0, np.array([0, 1]))
+    cb.accumulate(np.array([0, 1]), np.array([1.0, 1.0]), np.array([5, 6]))
+    cb.accumulate(np.array([0, 1]), np.array([1.0, 1.0]))
+    with pytest.raises(ValueError, match="some micro-batches came with timesteps and some without"):
+        cb.on_step_end(0)
+
+
 def test_save_load_state_continues_identical_stream(two_process_run):
     (r0, r1), out = two_process_run
     for r in (r0, r1):
@@ -135,29 +223,32 @@ def test_state_dict_loads_with_weights_only(tmp_path):
     assert np.array_equal(cb2.policy.probabilities, cb.policy.probabilities)
 
 
+class _Recorder:
+    """The parts of an Accelerator the callback uses in one process: logging and the checkpoint hooks."""
+
+    is_main_process = True
+    num_processes = 1
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, values, step=None):
+        self.logged.append((step, values))
+
+    def register_save_state_pre_hook(self, hook):
+        self.save_hook = hook
+
+    def register_load_state_pre_hook(self, hook):
+        self.load_hook = hook
+
+
 def test_logging_summary_report_and_nonfinite(tmp_path):
-    class Recorder:
-        is_main_process = True
-        num_processes = 1
-
-        def __init__(self):
-            self.logged = []
-
-        def log(self, values, step=None):
-            self.logged.append((step, values))
-
-        def register_save_state_pre_hook(self, hook):
-            self.save_hook = hook
-
-        def register_load_state_pre_hook(self, hook):
-            self.load_hook = hook
-
-    acc = Recorder()
+    acc = _Recorder()
     cb = _objects(acc)
     _run_steps(cb, range(4), 0, 1, [])
     step, values = acc.logged[-1]
     assert step == 3
-    for key in ("aria/entropy", "aria/effective_regions", "aria/kl_to_prior", "aria/prob/region_004",
+    for key in ("aria/entropy", "aria/effective_regions", "aria/kl_to_prompt_share", "aria/prob/region_004",
                 "aria/estimate/region_004", "aria/draw_share/region_004"):
         assert key in values
     assert values["aria/effective_regions"] == pytest.approx(np.exp(values["aria/entropy"]))
@@ -189,3 +280,27 @@ def test_mismatched_components_raise():
     sampler = AdaptiveRegionSampler(REGION_IDS)
     with pytest.raises(ValueError, match="same number of regions"):
         ARIACallback(None, sampler, DiscrepancyTracker(K + 1), make_policy("rc", SIZES))
+
+
+@pytest.mark.parametrize("num_regions", [6, 40])
+def test_allocation_plot_names_regions_and_says_why_probability_is_not_the_estimate(tmp_path, num_regions):
+    from PIL import Image
+
+    ids = np.arange(num_regions * 5) % num_regions
+    sampler = AdaptiveRegionSampler(ids, seed=0)
+    tracker = DiscrepancyTracker(num_regions, half_life=50)
+    policy = ARIAAllocation(sampler.sizes, warmup_steps=1, damping=0.5)
+    names = [f"topic{j} (90%)" for j in range(num_regions)]
+    cb = ARIACallback(None, sampler, tracker, policy, region_names=names)
+    rng = np.random.default_rng(0)
+    for step in range(1, 30):
+        reg = rng.integers(0, num_regions, 64)
+        cb.on_step_end(step, reg, 1.0 + 0.5 * (reg == 1) + 0.05 * rng.standard_normal(64))
+    from diffusers_aria.reporting import plot_caption
+
+    caption = plot_caption(cb)
+    assert "Probability is not the estimate" in caption and "exp(credible excess / 0.1)" in caption
+    assert "4x its prior" in caption and "50% of the way" in caption
+    path = cb.plot(str(tmp_path / "aria_allocation.png"))
+    width, height = Image.open(path).size
+    assert width >= 1200 and height >= 600

@@ -137,3 +137,70 @@ def test_image_interpolation_mode_picks_the_resize_filter():
     assert Image.Resampling.LANCZOS  # the filter exists in this Pillow
     with pytest.raises(ValueError, match="image interpolation 'cubic' is not valid; choose one of nearest"):
         _image_dataset(interpolation="cubic")
+
+
+class _FakePipeline:
+    """What `load_or_generate_teacher_latents` uses of a StableDiffusionPipeline: unet, text_encoder, scheduler, call."""
+
+    def __init__(self, weight: float = 1.0):
+        from types import SimpleNamespace
+
+        self.unet, self.text_encoder = torch.nn.Linear(2, 2), torch.nn.Linear(3, 3)
+        with torch.no_grad():
+            self.unet.weight.fill_(weight)
+        self.scheduler = SimpleNamespace(config={"num_train_timesteps": 1000, "_class_name": "DDPMScheduler"})
+        self.calls = 0
+
+    def __call__(self, prompts, num_inference_steps, guidance_scale, generator, output_type, height, width):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        return SimpleNamespace(images=torch.randn(len(prompts), 4, 2, 2, generator=generator))
+
+
+def test_teacher_latents_are_reused_only_with_every_setting_the_same(tmp_path):
+    from diffusers_aria.data import StaleCacheError, load_or_generate_teacher_latents
+
+    prompts, idx = ["a cat", "a dog", "a car"], np.array([0, 4, 9])
+    kw = {"num_inference_steps": 15, "guidance_scale": 5.0, "height": 32, "width": 32, "seed": 0, "progress": False}
+    cache = str(tmp_path / "teacher_latents")
+    pipe = _FakePipeline()
+    first = load_or_generate_teacher_latents(cache, pipe, prompts, idx, fingerprint={"pool": "p1"}, **kw)
+    again = load_or_generate_teacher_latents(cache, pipe, prompts, idx, fingerprint={"pool": "p1"}, **kw)
+    assert pipe.calls == 1 and torch.equal(first, again)  # reused
+    changes = [
+        ({**kw, "num_inference_steps": 20}, prompts, {"pool": "p1"}, pipe, "num_inference_steps 15 (this run: 20)"),
+        ({**kw, "seed": 1}, prompts, {"pool": "p1"}, pipe, "seed 0 (this run: 1)"),
+        ({**kw, "guidance_scale": 3.0}, prompts, {"pool": "p1"}, pipe, "guidance_scale 5.0 (this run: 3.0)"),
+        ({**kw, "height": 64, "width": 64}, prompts, {"pool": "p1"}, pipe, "height 32 (this run: 64)"),
+        (kw, ["a cat", "a dog", "a boat"], {"pool": "p1"}, pipe, "prompts '"),
+        (kw, prompts, {"pool": "p2"}, pipe, "pool 'p1' (this run: 'p2')"),
+        (kw, prompts, {"pool": "p1"}, _FakePipeline(weight=2.0), "teacher_unet '"),
+    ]
+    for args, ps, fp, other, named in changes:
+        with pytest.raises(StaleCacheError, match="were made with other settings than this run's: .*"
+                                                  + named.replace("(", r"\(").replace(")", r"\)")):
+            load_or_generate_teacher_latents(cache, other, ps, idx, fingerprint=fp, **args)
+    assert pipe.calls == 1
+    # asked to overwrite: made again with the new settings, then reused with them
+    new = load_or_generate_teacher_latents(cache, pipe, prompts, idx, fingerprint={"pool": "p1"}, overwrite=True,
+                                           **{**kw, "seed": 1})
+    assert pipe.calls == 2 and not torch.equal(new, first)
+    load_or_generate_teacher_latents(cache, pipe, prompts, idx, fingerprint={"pool": "p1"}, **{**kw, "seed": 1})
+    assert pipe.calls == 2
+
+
+def test_teacher_latents_cache_of_an_earlier_version_or_damaged_is_made_again(tmp_path):
+    import json
+
+    from diffusers_aria.data import load_or_generate_teacher_latents
+
+    cache = tmp_path / "teacher_latents"
+    pipe = _FakePipeline()
+    load_or_generate_teacher_latents(str(cache), pipe, ["a", "b"], np.array([0, 1]), progress=False)
+    (cache / "teacher_latents.json").write_text(json.dumps({"meta": {"fingerprint": "old"}}))  # no settings
+    load_or_generate_teacher_latents(str(cache), pipe, ["a", "b"], np.array([0, 1]), progress=False)
+    assert pipe.calls == 2 and "settings" in json.loads((cache / "teacher_latents.json").read_text())
+    (cache / "teacher_latents.safetensors").write_bytes(b"\x00" * 10)  # damaged
+    out = load_or_generate_teacher_latents(str(cache), pipe, ["a", "b"], np.array([0, 1]), progress=False)
+    assert pipe.calls == 3 and out.shape == (2, 4, 2, 2)

@@ -206,7 +206,27 @@ def test_unsupported_source_type_raises():
 
 
 def test_pool_error_is_a_value_error():
-    assert issubclass(PromptPoolError, ValueError)
+    from diffusers_aria.errors import UserError
+
+    assert issubclass(PromptPoolError, ValueError) and issubclass(PromptPoolError, UserError)
+
+
+def test_a_folder_that_is_not_a_saved_dataset_raises(tmp_path):
+    (tmp_path / "regions").mkdir()
+    (tmp_path / "regions" / "regions_config.json").write_text("{}")
+    with pytest.raises(PromptPoolError, match=r"is not a datasets.save_to_disk folder \(state.json missing\)"):
+        load_prompt_pool(str(tmp_path / "regions"))
+
+
+@pytest.mark.parametrize("source", ["nosuch.txt", "data/prompts", "./pool", "/no/such/pool.csv"])
+def test_a_missing_local_path_never_reaches_the_hub(tmp_path, monkeypatch, source):
+    from diffusers_aria.run_setup import load_pool
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # "data/prompts" is a path in ./data, not a Hub dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail(f"{source!r} was sent to the Hub"))
+    with pytest.raises(PromptPoolError, match=r"does not exist \(looked for "):
+        load_pool(source)
 
 
 # ------------------------------------------------------------------------------------------- fingerprint

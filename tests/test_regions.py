@@ -364,3 +364,16 @@ def test_partiprompts_regions_follow_categories(tmp_path, minilm_embedder):
     rng = np.random.default_rng(0)
     random_purity = float(np.mean([_purity(rng.permutation(ids), categories) for _ in range(20)]))
     assert purity > random_purity + 0.15, (purity, random_purity)
+
+
+def test_an_embeddings_cache_that_does_not_match_is_embedded_again(tmp_path, topic_pool):
+    prompts, _ = topic_pool
+    cache = tmp_path / "emb"
+    first = np.array(embed_pool(prompts[:8], DEFAULT_EMBEDDER, cache_dir=str(cache), progress=False))
+    [meta_file] = [f for f in cache.iterdir() if f.name.endswith(".json")]
+    meta = json.loads(meta_file.read_text())
+    assert meta["num"] == 8 and meta["normalized"] and meta["embedder"] == DEFAULT_EMBEDDER
+    npy = Path(str(meta_file)[: -len(".json")])
+    np.save(npy, np.zeros((5, 384), np.float32))  # a damaged file under the right name
+    again = embed_pool(prompts[:8], DEFAULT_EMBEDDER, cache_dir=str(cache), progress=False)
+    np.testing.assert_allclose(again, first, atol=1e-6)

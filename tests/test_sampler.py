@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
+import pickle
 
 import datasets
 import numpy as np
@@ -13,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from diffusers_aria.sampler import AdaptiveRegionSampler, keyed_permutation
+from diffusers_aria.regions import RegionCollate, RegionsMismatchError
+from diffusers_aria.sampler import AdaptiveRegionSampler, keyed_permutation, region_dataloader
 
 # 60 prompts in 4 regions of sizes 7, 13, 25, 15, interleaved in pool order
 REGION_IDS = np.random.default_rng(0).permutation(np.repeat([0, 1, 2, 3], [7, 13, 25, 15]))
@@ -171,16 +174,19 @@ def test_different_seeds_differ():
     assert not np.array_equal(da, db)
 
 
-def test_set_epoch_changes_the_stream():
+def test_set_epoch_does_not_change_the_stream():
+    # accelerate calls set_epoch with its own counter, which restarts at 0 in a resumed process: the draws are
+    # keyed by the step alone (steps never repeat), so the epoch must not change them
     a, b = _sampler(seed=1), _sampler(seed=1)
     b.set_epoch(1)
+    assert b.epoch == 1
     ra = np.concatenate([a.draw_regions(step, 12) for step in range(5)])
     rb = np.concatenate([b.draw_regions(step, 12) for step in range(5)])
-    assert not np.array_equal(ra, rb)
+    assert np.array_equal(ra, rb)
     ia = list(itertools.islice(iter(_sampler(seed=1, batch_size=8)), 40))
     s = _sampler(seed=1, batch_size=8)
     s.set_epoch(3)
-    assert ia != list(itertools.islice(iter(s), 40))
+    assert ia == list(itertools.islice(iter(s), 40))
 
 
 def test_rank_slices_are_disjoint_pieces_of_the_global_draw():
@@ -300,6 +306,173 @@ def test_finite_num_samples_truncates_iteration():
     s = _sampler(seed=17, batch_size=4, num_samples=10)
     assert len(s) == 10
     assert len(list(s)) == 10
+
+
+# ------------------------------------------------------------------------------------------- read-ahead, resume
+
+
+def test_read_ahead_delays_new_probabilities_by_that_many_draws():
+    s = _sampler(seed=18, batch_size=4, read_ahead=3)
+    s.set_probabilities([1, 0, 0, 0])  # before the first draw: at once
+    it = iter(s)
+    first = [next(it) for _ in range(8)]  # draws 0 and 1
+    assert all(REGION_IDS[i] == 0 for i in first)
+    s.mark_consumed()  # draw 0 trained on
+    s.set_probabilities([0, 0, 0, 1])  # applies from draw 1 + 3 = 4
+    rest = [next(it) for _ in range(16)]  # draws 2..5
+    assert [int(REGION_IDS[i]) for i in rest] == [0] * 8 + [3] * 8
+    np.testing.assert_array_equal(s.probabilities, [0, 0, 0, 1])  # the latest set, as the callback logs it
+
+
+def _rows_dataset(n: int = len(REGION_IDS)) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"idx": list(range(n)), "prompt": [f"prompt {i}" for i in range(n)]})
+
+
+def _collate(examples):  # like diffusers' collate_fn: a dict literal that keeps only what it knows
+    return {"idx": torch.tensor([e["idx"] for e in examples])}
+
+
+def _loader(num_workers: int, batch_size: int = 4, read_ahead: int | None = None, num_processes: int = 1):
+    base = DataLoader(_rows_dataset(), shuffle=True, collate_fn=_collate, batch_size=batch_size,
+                      num_workers=num_workers)
+    return region_dataloader(base, REGION_IDS, num_processes=num_processes, seed=21, read_ahead=read_ahead)
+
+
+def _train(loader, micro_batches: int, accum: int = 2, seen=None, save_at: int | None = None):
+    """A training loop's use of the sampler: one mark per micro-batch, new probabilities every `accum`; the
+    probabilities depend on everything trained so far, as ARIA's do. Returns (trained indices, saved state)."""
+    sampler, trained, saved = loader.sampler, [], None
+    seen = np.zeros(len(SIZES)) if seen is None else seen.copy()
+    done = sampler.consumed
+    while done < micro_batches:  # epochs, restarted like a resumed diffusers script restarts its epoch
+        for batch in loader:
+            idx = batch["idx"].tolist()
+            assert batch["aria_region"].tolist() == REGION_IDS[idx].tolist()
+            trained.append(idx)
+            sampler.mark_consumed()
+            done += 1
+            np.add.at(seen, REGION_IDS[idx], 1.0)
+            if done % accum == 0:
+                sampler.set_probabilities(1.0 / (1.0 + seen) ** 2)
+                if done == save_at:
+                    saved = (copy.deepcopy(sampler.state_dict()), seen.copy())
+            if done == micro_batches:
+                break
+    return trained, saved
+
+
+def test_index_stream_does_not_depend_on_when_the_dataloader_reads(caplog):
+    # the same read_ahead with and without workers: the same stream across three epochs (15 draws each)
+    a, _ = _train(_loader(num_workers=0, read_ahead=6), 40)
+    b, _ = _train(_loader(num_workers=2), 40)  # default read_ahead: 2 * 2 + 2 = 6
+    assert a == b
+    assert "not exact" not in caplog.text
+    # without the delay the probabilities reach the draws at read-time, which differs with workers
+    c, _ = _train(_loader(num_workers=2, read_ahead=0), 40)
+    assert c != a
+
+
+def test_resume_continues_the_stream_and_the_state_does_not_depend_on_read_ahead(caplog):
+    # saved mid-epoch 2, with prefetch_factor * num_workers = 4 draws requested but not trained on
+    full, saved = _train(_loader(num_workers=2), 40, save_at=18)
+    state, seen = saved
+    assert state["step"] == state["consumed"] == 18 and state["read_ahead"] == 6
+    # the same position reached without workers (1 draw read ahead) saves the same state
+    _, same = _train(_loader(num_workers=0, read_ahead=6), 40, save_at=18)
+    assert same[0].keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(value, same[0][key]) if torch.is_tensor(value) else value == same[0][key], key
+    state = torch.load(_roundtrip(state), weights_only=True)
+    for workers in (0, 2):  # resumed with or without workers (the saved read_ahead is kept)
+        loader = _loader(num_workers=workers)
+        loader.sampler.load_state_dict(copy.deepcopy(state))
+        assert loader.sampler.read_ahead == 6
+        resumed, _ = _train(loader, 40, seen=seen)
+        assert resumed == full[18:]
+    assert "not exact" not in caplog.text
+
+
+def _roundtrip(state):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_reading_further_ahead_than_read_ahead_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="diffusers_aria.sampler"):
+        _train(_loader(num_workers=2, read_ahead=1), 6)
+    assert "more than read_ahead=1 ahead" in caplog.text and "not exact under resume" in caplog.text
+
+
+def test_old_states_without_read_ahead_still_load():
+    s = _sampler(seed=3, batch_size=4)
+    state = s.state_dict()
+    for key in ("consumed", "read_ahead", "schedule_steps", "schedule_probabilities"):
+        state.pop(key)
+    t = _sampler(seed=0, batch_size=4, read_ahead=2)
+    state["epoch"] = 3  # older states recorded it
+    t.load_state_dict(state)
+    assert t.consumed == t.step == 0 and t.read_ahead == 2
+
+
+# ------------------------------------------------------------------------------------------- region_dataloader
+
+
+def test_region_dataloader_keeps_the_arguments_and_adds_the_region():
+    base = DataLoader(_rows_dataset(), shuffle=True, collate_fn=_collate, batch_size=4, num_workers=2,
+                      prefetch_factor=3, drop_last=True, timeout=30)
+    dl = region_dataloader(base, REGION_IDS, num_processes=2, seed=5)
+    assert (dl.num_workers, dl.prefetch_factor, dl.drop_last, dl.timeout, dl.batch_size) == (2, 3, True, 30, 4)
+    s = dl.sampler
+    assert isinstance(s, AdaptiveRegionSampler) and s.seed == 5 and s.read_ahead == 3 * 2 + 2
+    # the global draw is shared by 2 processes: 8 indices a step, 56 a "epoch" (60 rounded down to whole draws)
+    assert s.batch_size == 8 and len(s) == 56 and len(dl) == 14
+    assert isinstance(dl.collate_fn, RegionCollate) and dl.collate_fn.collate_fn is _collate
+    batch = next(iter(dl))
+    assert set(batch) == {"idx", "aria_region"}
+    assert batch["aria_region"].tolist() == REGION_IDS[batch["idx"].numpy()].tolist()
+
+
+def test_region_dataloader_keeps_a_with_transform_and_seed_none():
+    def transform(examples):  # diffusers' preprocess_train: add keys, return the input dict
+        examples["double"] = [2 * i for i in examples["idx"]]
+        return examples
+
+    base = DataLoader(_rows_dataset().with_transform(transform), shuffle=True, batch_size=3)
+    dl = region_dataloader(base, REGION_IDS, seed=None)
+    batch = next(iter(dl))
+    assert dl.sampler.seed == 0 and dl.sampler.read_ahead == 2
+    assert batch["double"].tolist() == [2 * i for i in batch["idx"].tolist()]
+    assert batch["aria_region"].tolist() == REGION_IDS[batch["idx"].numpy()].tolist()
+
+
+def test_region_collate_is_picklable_and_explains_a_missing_column():
+    collate = pickle.loads(pickle.dumps(RegionCollate(_collate)))
+    out = collate([{"idx": 3, "aria_region": 1}, {"idx": 4, "aria_region": 0}])
+    assert out["idx"].tolist() == [3, 4] and out["aria_region"].dtype == torch.long
+    with pytest.raises(KeyError, match="no 'aria_region' column .*add_to_dataset"):
+        collate([{"idx": 3}])
+    with pytest.raises(TypeError, match="return a dict, got list"):
+        RegionCollate(lambda ex: [e["idx"] for e in ex])([{"idx": 1, "aria_region": 0}])
+
+
+def test_region_dataloader_refusals():
+    ds = _rows_dataset()
+    with pytest.raises(RegionsMismatchError, match="regions cover 59 rows but the DataLoader's dataset has 60"):
+        region_dataloader(DataLoader(ds, batch_size=2), REGION_IDS[:59])
+    with pytest.raises(ValueError, match="already has a custom sampler"):
+        region_dataloader(DataLoader(ds, batch_size=2, sampler=_sampler()), REGION_IDS)
+    with pytest.raises(ValueError, match="custom batch_sampler"):
+        region_dataloader(DataLoader(ds, batch_sampler=[[0, 1]]), REGION_IDS)
+    with pytest.raises(TypeError, match="needs a datasets.Dataset"):
+        region_dataloader(DataLoader(list(range(60)), batch_size=2), REGION_IDS)
+    with pytest.raises(ValueError, match="num_processes=0"):
+        region_dataloader(DataLoader(ds, batch_size=2), REGION_IDS, num_processes=0)
+    with pytest.raises(ValueError, match="read_ahead=-1"):
+        _sampler(read_ahead=-1)
 
 
 # ------------------------------------------------------------------------------------------- errors

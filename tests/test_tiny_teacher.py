@@ -1,4 +1,9 @@
-"""Tests for the embedded tiny offline teacher."""
+"""Tests for the embedded tiny offline teacher and the modules it is built from.
+
+`tiny_teacher.py` (configs, training, building, caching), `minilm.py` (its text encoder), `sensitivity.py` (the
+text-sensitivity metric), `synthetic_latents.py` (its training latents) and `latent_renderer.py` (drawing its
+latents) are tested together: they share one small teacher build.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +20,22 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from diffusers_aria import tiny_teacher  # noqa: E402
-from diffusers_aria.tiny_teacher import (  # noqa: E402
+from diffusers_aria.latent_renderer import ANCHORS_NAME, LatentRenderer, load_latent_renderer  # noqa: E402
+from diffusers_aria.minilm import (  # noqa: E402
     CROSS_ATTENTION_DIM,
-    REPORT_NAME,
     TOKEN_LENGTH,
     encode_prompts,
     load_minilm_text_encoder,
+)
+from diffusers_aria.sensitivity import DEFAULT_SENSITIVITY_TIMESTEPS, text_sensitivity  # noqa: E402
+from diffusers_aria.synthetic_latents import (  # noqa: E402
+    DEFAULT_NUM_ANCHORS,
+    synthetic_latents_and_anchors,
+    teacher_latents,
+)
+from diffusers_aria.tiny_teacher import (  # noqa: E402
+    REPORT_NAME,
     make_tiny_teacher,
-    text_sensitivity,
     tiny_scheduler,
     tiny_unet_config,
 )
@@ -58,8 +71,8 @@ def test_report_and_folder(teacher):
     out, report = teacher
     assert report.path == out and not report.cached
     assert report.train_steps == STEPS and report.seconds > 0
-    assert set(report.sensitivity_before) == set(tiny_teacher.DEFAULT_SENSITIVITY_TIMESTEPS)
-    assert set(report.sensitivity_after) == set(tiny_teacher.DEFAULT_SENSITIVITY_TIMESTEPS)
+    assert set(report.sensitivity_before) == set(DEFAULT_SENSITIVITY_TIMESTEPS)
+    assert set(report.sensitivity_after) == set(DEFAULT_SENSITIVITY_TIMESTEPS)
     saved = json.loads((out / REPORT_NAME).read_text())
     assert saved["train_steps"] == STEPS
     assert saved["settings"]["resolution"] == RESOLUTION
@@ -141,10 +154,9 @@ def test_report_sensitivity_is_a_real_measurement(teacher, minilm):
     text_encoder, tokenizer = minilm
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     prompts = list(dict.fromkeys(PROMPTS))
-    latents = tiny_teacher.teacher_latents(text_encoder, tokenizer, prompts, unet.config.in_channels,
-                                           unet.config.sample_size, 0)
+    latents = teacher_latents(text_encoder, tokenizer, prompts, unet.config.in_channels, unet.config.sample_size, 0)
     again = text_sensitivity(unet, text_encoder, tokenizer, tiny_scheduler(), prompts,
-                             tiny_teacher.DEFAULT_SENSITIVITY_TIMESTEPS, seed=0, clean_latents=latents)
+                             DEFAULT_SENSITIVITY_TIMESTEPS, seed=0, clean_latents=latents)
     for t, value in report.sensitivity_after.items():
         assert again[t] == pytest.approx(value, rel=1e-3, abs=1e-7)
     assert all(v > 0 for v in report.sensitivity_before.values())
@@ -234,3 +246,78 @@ def test_text_sensitivity_zero_for_text_blind_unet(minilm):
     assert seeing[100] > 1e-4
     with pytest.raises(ValueError, match="timesteps"):
         text_sensitivity(Blind(False), text_encoder, tokenizer, scheduler, PROMPTS, (1000,))
+
+
+def test_anchors_are_saved_and_the_renderer_reads_them(teacher, tmp_path):
+    """The teacher folder holds its anchors; the renderer finds an anchor's own pattern as weight 1."""
+    out, _ = teacher
+    renderer = load_latent_renderer(out)
+    k = renderer.num_anchors
+    assert k == min(DEFAULT_NUM_ANCHORS, len(PROMPTS)) and set(renderer.anchor_prompts) <= set(PROMPTS)
+    assert tuple(renderer.patterns.shape) == (k, 4, RESOLUTION // 2, RESOLUTION // 2)
+    coef, unexplained = renderer.coefficients(renderer.patterns)
+    torch.testing.assert_close(coef, torch.eye(k), atol=1e-4, rtol=0)
+    assert float(unexplained.max()) < 1e-4
+    assert renderer.describe(renderer.patterns[2:3]) == ["#2 1.00\nunexplained 0%"]
+    _, noise_share = renderer.coefficients(torch.randn(3, 4, RESOLUTION // 2, RESOLUTION // 2))
+    assert float(noise_share.min()) > 0.5  # white noise is mostly not an anchor
+    pictures = renderer.render(renderer.patterns[:2])
+    assert [p.size for p in pictures] == [(128, 128)] * 2 and pictures[0].getpixel((64, 64)) != (255, 255, 255)
+    [(glyph, text)] = renderer.legend(renderer.patterns[:1])  # the anchors a picture shows, named by their prompt
+    assert glyph.size == (24, 24) and text.startswith("#0 ") and renderer.anchor_prompts[0].startswith(
+        text[3:].removesuffix("..."))
+    assert load_latent_renderer(tmp_path) is None  # any other teacher
+    with pytest.raises(FileNotFoundError, match=ANCHORS_NAME):
+        LatentRenderer.from_pretrained(tmp_path)
+
+
+def test_the_teachers_training_latents_are_mixtures_of_its_anchors(teacher, minilm):
+    """What the renderer draws is what the teacher learnt: its training latents are explained by the anchors."""
+    out, _ = teacher
+    text_encoder, tokenizer = minilm
+    renderer = load_latent_renderer(out)
+    latents = teacher_latents(text_encoder, tokenizer, list(dict.fromkeys(PROMPTS)), 4, RESOLUTION // 2, 0)
+    _, unexplained = renderer.coefficients(latents)
+    assert float(unexplained.max()) < 1e-4
+    for i, prompt in enumerate(renderer.anchor_prompts):  # an anchor prompt's latent is mostly its own anchor
+        coef, _ = renderer.coefficients(latents[PROMPTS.index(prompt)])
+        assert int(coef.argmax()) == i
+
+
+def test_a_cached_teacher_without_anchors_gets_them(teacher):
+    out, _ = teacher
+    before = load_latent_renderer(out)
+    (out / ANCHORS_NAME).unlink()  # a teacher made before the anchors were saved
+    again = make_tiny_teacher(out, prompts=PROMPTS, train_steps=STEPS, seed=0, resolution=RESOLUTION, progress=False)
+    assert again.cached
+    after = load_latent_renderer(out)
+    assert after.anchor_prompts == before.anchor_prompts and torch.equal(after.patterns, before.patterns)
+
+
+def test_the_split_out_names_are_still_importable_from_tiny_teacher():
+    """`tiny_teacher` re-exports what moved to its own modules, so older imports keep working."""
+    from diffusers_aria import latent_renderer, minilm, sensitivity, synthetic_latents
+
+    moved = {minilm: ["CROSS_ATTENTION_DIM", "TOKEN_LENGTH", "encode_prompts", "load_minilm_text_encoder"],
+             sensitivity: ["DEFAULT_SENSITIVITY_TIMESTEPS", "text_sensitivity"],
+             synthetic_latents: ["teacher_latents"],
+             latent_renderer: ["ANCHORS_NAME", "LatentRenderer", "load_latent_renderer"]}
+    for module, names in moved.items():
+        for name in names:
+            assert getattr(tiny_teacher, name) is getattr(module, name), name
+            assert name in tiny_teacher.__all__, name
+
+
+def test_synthetic_latents_are_unit_variance_mixtures_of_their_anchors():
+    gen = torch.Generator().manual_seed(3)
+    emb = torch.nn.functional.normalize(torch.randn(30, 8, generator=gen), dim=-1)
+    latents, idx, patterns = synthetic_latents_and_anchors(emb, 4, 6, torch.Generator().manual_seed(0), num_anchors=5)
+    assert latents.shape == (30, 4, 6, 6) and idx.shape == (5,) and patterns.shape == (5, 4, 6, 6)
+    torch.testing.assert_close(latents.flatten(1).std(1), torch.ones(30))
+    torch.testing.assert_close(patterns.flatten(1).std(1), torch.ones(5))  # the tiny teacher scales its anchors
+    # the benchmarks' variant mixes the raw draws: the same anchors and weights, patterns not rescaled
+    raw_latents, raw_idx, raw = synthetic_latents_and_anchors(emb, 4, 6, torch.Generator().manual_seed(0),
+                                                              num_anchors=5, unit_patterns=False)
+    assert torch.equal(raw_idx, idx)
+    torch.testing.assert_close(raw / raw.flatten(1).std(1).view(-1, 1, 1, 1), patterns)
+    assert not torch.equal(raw_latents, latents)

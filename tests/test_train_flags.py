@@ -38,8 +38,44 @@ def paired_disk_dataset(tmp_path_factory):
     return str(path)
 
 
-def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path):
+def _spy_on_the_loop(monkeypatch) -> dict:
+    """Record what the script hands to the noise sampler, the KD step, the image dataset and the student
+    builder, so that a flag the script ignored fails the test."""
+    import diffusers_aria.data as data
+    import diffusers_aria.run_setup as run_setup
+    import diffusers_aria.training as training
+
+    seen: dict = {}
+    real_noise, real_kd = training.sample_step_noise, training.KDStep.__init__
+    real_ds, real_init = data.ImageCaptionDataset.__init__, run_setup.student_init_unet
+
+    def noise(*a, **kw):
+        seen["noise"] = kw
+        return real_noise(*a, **kw)
+
+    def kd(self, *a, **kw):
+        seen["kd"] = kw
+        real_kd(self, *a, **kw)
+
+    def ds(self, *a, **kw):
+        seen["interpolation"] = kw.get("interpolation")
+        real_ds(self, *a, **kw)
+
+    def init(parts, revision=None):
+        seen["non_ema_revision"] = revision
+        return real_init(parts, revision)
+
+    monkeypatch.setattr(training, "sample_step_noise", noise)
+    monkeypatch.setattr(training.KDStep, "__init__", kd)
+    monkeypatch.setattr(data.ImageCaptionDataset, "__init__", ds)
+    monkeypatch.setattr(run_setup, "student_init_unet", init)
+    return seen
+
+
+def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path, monkeypatch):
     from diffusers_aria.regions import ConditionRegions, resolve_embedder_path
+
+    seen = _spy_on_the_loop(monkeypatch)
 
     pool_csv = tmp_path / "pool.csv"
     with open(pool_csv, "w", newline="") as fh:
@@ -73,6 +109,8 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path):
         "--teacher_guidance_scale", "3.0", "--teacher_inference_steps", "2", "--num_teacher_latents", "4",
         "--dataloader_num_workers", "0", "--write_stream", str(tmp_path / "stream.jsonl"),
         "--license", "creativeml-openrail-m",
+        "--snr_gamma", "5", "--noise_offset", "0.05", "--input_perturbation", "0.1", "--prediction_type", "v_prediction",
+        "--image_interpolation_mode", "bilinear", "--non_ema_revision", "main",
     ])
     _script().main(args)
     report = json.load(open(out / "aria_report.json"))
@@ -86,6 +124,13 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path):
     assert (out / "validation" / "step-1.png").exists() and (out / "validation" / "step-2.png").exists()
     assert any((out / "tb").rglob("events.out.tfevents*"))
     assert json.load(open(out / "run_info.json"))["global_step"] == 2
+    # diffusers' flags reach the loop
+    assert seen["noise"] == {"noise_offset": 0.05, "input_perturbation": 0.1}
+    assert seen["kd"]["snr_gamma"] == 5.0 and seen["kd"]["teacher_prediction_type"] == "epsilon"
+    assert seen["interpolation"] == "bilinear" and seen["non_ema_revision"] == "main"
+    assert json.load(open(out / "scheduler" / "scheduler_config.json"))["prediction_type"] == "v_prediction"
+    # one ARIA update per optimizer step (2), not per micro-batch (4), logged at the 1-based global step
+    assert report["metrics"]["aria/tracker_updates"] == 2 and report["step"] == 2
     # gradient accumulation: two draw steps per optimizer step, each of batch 2
     lines = (tmp_path / "stream.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 1, 2, 3]
@@ -97,7 +142,46 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path):
     assert sum(student.config.block_out_channels) < sum(teacher.config.block_out_channels)  # width 0.5
     card = (out / "README.md").read_text()
     assert "bk_small" in card
-    assert "license: \"creativeml-openrail-m\"" in card  # --license wins over the teacher's card
+    assert "license: creativeml-openrail-m" in card  # --license wins over the teacher's card
+
+
+def _image_free(teacher, regions, out, *extra):
+    return _script().parse_args(["--pretrained_model_name_or_path", teacher, "--output_dir", str(out),
+                                 "--regions_dir", regions, "--image_free", "--num_teacher_latents", "4",
+                                 "--teacher_inference_steps", "2", "--builtin_pool_size", "200", "--num_regions", "6",
+                                 "--resolution", "32", "--train_batch_size", "2", "--report_to", "none", *extra])
+
+
+def test_epochs_validation_epochs_and_ema_in_unet_ema(tiny_teacher, shared_regions, tmp_path):
+    """No --max_train_steps: 2 epochs of 4 latents at batch 2 are 4 steps; validation after epochs 0 and 1;
+    the EMA (offloaded, foreach) is checkpointed as diffusers' unet_ema/ folder."""
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "epochs"
+    _script().main(_image_free(tiny_teacher, shared_regions, out, "--num_train_epochs", "2", "--validation_epochs", "1",
+                               "--validation_prompts", "a koala", "--validation_inference_steps", "2",
+                               "--use_ema", "--offload_ema", "--foreach_ema", "--checkpointing_steps", "4"))
+    assert json.load(open(out / "run_info.json"))["global_step"] == 4
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2.png", "step-4.png"]
+    ema = UNet2DConditionModel.from_pretrained(str(out / "checkpoint-4" / "unet_ema"))
+    assert ema.config["optimization_step"] == 4
+    assert not (out / "checkpoint-4" / "ema.safetensors").exists()
+
+
+def test_missing_optional_packages_fail_before_loading(tiny_teacher, shared_regions, tmp_path, monkeypatch):
+    import diffusers.utils
+
+    import diffusers_aria.run_setup as run_setup
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setattr(diffusers.utils, "is_xformers_available", lambda: False)
+    monkeypatch.setattr(run_setup, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    with pytest.raises(ImportError, match="--use_8bit_adam needs bitsandbytes"):
+        _script().main(_image_free(tiny_teacher, shared_regions, tmp_path / "a", "--use_8bit_adam"))
+    with pytest.raises(ValueError, match="xformers is not installed"):
+        _script().main(_image_free(tiny_teacher, shared_regions, tmp_path / "b",
+                                   "--enable_xformers_memory_efficient_attention"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_bad_flag_values_give_clear_errors():

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--pretrained_model_name_or_path", required=True, help="teacher pipeline (hub id or folder)")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weights variant of the teacher, e.g. fp16")
+    g.add_argument("--non_ema_revision", default=None,
+                   help="revision of the teacher repository whose UNet the student is built from (e.g. its non-EMA "
+                        "weights); the frozen teacher keeps --revision (default: --revision)")
     g.add_argument("--student_architecture", default="bk_small", choices=["bk_base", "bk_small", "bk_tiny"])
     g.add_argument("--student_width_scale", type=float, default=1.0, help="scale of the student's channel widths")
     g.add_argument("--student_model_name_or_path", default=None, help="start from this student UNet instead of building one")
@@ -50,6 +53,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lambda_kd_output", type=float, default=1.0)
     g.add_argument("--lambda_kd_feat", type=float, default=1.0)
     g.add_argument("--lambda_sd", type=float, default=0.0, help="task (denoising) loss weight on paired samples")
+    g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction", "sample"],
+                   help="what the student predicts (default: the teacher's); the teacher's output is converted to it "
+                        "for output KD, and the saved pipeline's scheduler records it")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR-gamma weighting of each sample's loss (arXiv 2303.09556; 5.0 is the usual value)")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="scale of offset noise (0: off)")
+    g.add_argument("--input_perturbation", type=float, default=0.0,
+                   help="scale of input perturbation (arXiv 2301.11706; 0.1 is the usual value; 0: off)")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention in teacher and student (needs xformers)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None, help="image/caption dataset (hub name or save_to_disk folder)")
@@ -63,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--teacher_inference_steps", type=int, default=25)
     g.add_argument("--teacher_guidance_scale", type=float, default=5.0)
     g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--image_interpolation_mode", default="lanczos",
+                   choices=["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"],
+                   help="filter for resizing training images")
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
@@ -75,12 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--prompt_pool_split", default="train")
     g.add_argument("--builtin_pool_size", type=int, default=4000)
     g.add_argument("--regions_dir", default=None, help="regions folder (built when missing; default OUTPUT_DIR/regions)")
-    g.add_argument("--num_regions", type=int, default=64)
+    g.add_argument("--num_regions", type=int, default=None,
+                   help="K when the regions are built (default 64); with a prebuilt --regions_dir, checked if given")
     g.add_argument("--embedder", default="sentence-transformers/all-MiniLM-L6-v2")
     g.add_argument("--clustering", default="auto", choices=["auto", "faiss", "sklearn"])
 
     from diffusers_aria.allocation import POLICIES, SCORES
-    from diffusers_aria.training import AriaSettings
+    from diffusers_aria.settings import AriaSettings  # light: parsing does not load diffusers
 
     d = AriaSettings()  # the library's defaults, in one place
     g = p.add_argument_group("ARIA allocation and Random Conditioning")
@@ -121,13 +138,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=8, help="per device")
-    g.add_argument("--max_train_steps", type=int, default=1000)
+    g.add_argument("--num_train_epochs", type=int, default=100,
+                   help="epochs over the paired data (teacher latents with --image_free); --max_train_steps overrides")
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--learning_rate", type=float, default=5e-5)
     g.add_argument("--scale_lr", action="store_true")
     g.add_argument("--lr_scheduler", default="constant")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs bitsandbytes)")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -137,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--use_ema", action="store_true")
     g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--offload_ema", action="store_true", help="keep the EMA weights on the CPU between updates")
+    g.add_argument("--foreach_ema", action="store_true", help="the EMA's faster foreach update")
     g.add_argument("--max_nonfinite_steps", type=int, default=10,
                    help="a step with a non-finite loss is skipped; stop after this many in a row")
     g.add_argument("--seed", type=int, default=0)
@@ -151,7 +173,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
     g.add_argument("--validation_prompts", nargs="*", default=None)
-    g.add_argument("--validation_steps", type=int, default=0, help="validate every N steps (0: only at the end)")
+    g.add_argument("--validation_steps", type=int, default=0, help="validate every N steps (0: off)")
+    g.add_argument("--validation_epochs", type=int, default=5,
+                   help="validate at the end of every N-th epoch, as diffusers does (0: off); the final validation "
+                        "always runs")
     g.add_argument("--validation_inference_steps", type=int, default=25)
     g.add_argument("--validation_guidance_scale", type=float, default=5.0)
     g.add_argument("--push_to_hub", action="store_true")
@@ -161,6 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--license", default=None,
                    help="the model card's license (default: the teacher's card's; e.g. creativeml-openrail-m for "
                         "Stable Diffusion v1 teachers)")
+    g.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
     g.add_argument("--write_stream", default=None, help="append every step's drawn pool indices to this JSONL (debug)")
     args = p.parse_args(argv)
     if not args.image_free and args.dataset_name is None and args.train_data_dir is None:
@@ -183,6 +209,13 @@ def aria_settings(args):
 
 
 def main(args: argparse.Namespace) -> None:
+    from diffusers_aria.checkpointing import OutputDirGuard
+
+    with OutputDirGuard(args.output_dir):  # a run that fails before its first checkpoint leaves nothing behind
+        _main(args)
+
+
+def _main(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -191,16 +224,28 @@ def main(args: argparse.Namespace) -> None:
 
     from diffusers_aria import checkpointing as ckpt
     from diffusers_aria import run_setup
-    from diffusers_aria.callback import effective_regions
     from diffusers_aria.data import StepBatchSampler, collate
     from diffusers_aria.distillation import DistillationLoss, add_lora, cast_trainable_to_fp32
-    from diffusers_aria.training import KDStep, build_aria, encode_prompts, sample_noise_and_timesteps
+    from diffusers_aria.latent_renderer import load_latent_renderer
+    from diffusers_aria.reporting import effective_regions
+    from diffusers_aria.training import (
+        KDStep,
+        build_aria,
+        encode_prompts,
+        sample_step_noise,
+        train_length,
+        validation_due,
+    )
     from diffusers_aria.validation import run_validation
 
     logger = get_logger("aria", log_level="INFO")
     from diffusers_aria.hub import resolve_license
 
     args.license = resolve_license(args.pretrained_model_name_or_path, args.license)  # fail now, not after training
+    if args.use_8bit_adam:  # missing optional packages fail now, before the models load
+        run_setup.require_bitsandbytes()
+    if args.enable_xformers_memory_efficient_attention:
+        run_setup.require_xformers()
     resume_path = ckpt.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     run_setup.check_output_dir(args.output_dir, resuming=args.resume_from_checkpoint is not None,
                                overwrite=args.overwrite_output_dir)
@@ -209,7 +254,8 @@ def main(args: argparse.Namespace) -> None:
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+                                            logging_dir=ckpt.run_logging_dir(args.output_dir, args.logging_dir,
+                                                                             resume_path)))
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         ckpt.remove_partial_checkpoints(args.output_dir)
@@ -222,11 +268,16 @@ def main(args: argparse.Namespace) -> None:
     teacher_parts = run_setup.load_teacher(args.pretrained_model_name_or_path, revision=args.revision,
                                            variant=args.variant)
     teacher, noise_scheduler = teacher_parts.unet, teacher_parts.scheduler
+    teacher_prediction_type = noise_scheduler.config.prediction_type
+    if args.prediction_type is not None:  # the student's parametrisation; the saved scheduler records it
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     # the student (float32 master weights) is built from the full-precision teacher, then the frozen parts
     # go to the weight dtype together, so that every pipeline made of them has one dtype
-    student, init_report = run_setup.make_student(teacher_parts.unet.to(accelerator.device),
+    init_unet = run_setup.student_init_unet(teacher_parts, args.non_ema_revision)
+    student, init_report = run_setup.make_student(init_unet.to(accelerator.device),
                                                   args.student_architecture, args.student_width_scale,
                                                   args.student_model_name_or_path)
+    del init_unet
     student.to(accelerator.device)
     teacher_parts.to_weight_dtype(accelerator.device, weight_dtype)
     logger.info(f"student: {init_report}")
@@ -238,16 +289,26 @@ def main(args: argparse.Namespace) -> None:
         cast_trainable_to_fp32(student)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        run_setup.enable_xformers(teacher, student)
     student.train()
-    ema = run_setup.make_ema(student, args.ema_decay) if args.use_ema else None
+    ema = (run_setup.make_ema(student, args.ema_decay, foreach=args.foreach_ema, offload=args.offload_ema)
+           if args.use_ema else None)
 
     # --- prompt pool, regions, ARIA ---------------------------------------------------------------------
     with accelerator.main_process_first():
         pool, groups = run_setup.load_pool(args.prompt_pool, args.prompt_pool_column, args.prompt_pool_split,
                                            args.builtin_pool_size, args.seed)
-        regions = run_setup.load_regions(args.regions_dir or os.path.join(args.output_dir, "regions"), pool,
-                                         num_regions=args.num_regions, embedder=args.embedder, seed=args.seed,
-                                         method=args.clustering, progress=accelerator.is_local_main_process)
+        # the run's own cache (OUTPUT_DIR/regions) must match every build setting and is rebuilt on
+        # --overwrite_output_dir; regions the user names are never rebuilt and only need the same pool (and K,
+        # when --num_regions is given)
+        own = args.regions_dir is None
+        regions = run_setup.load_regions(
+            args.regions_dir or os.path.join(args.output_dir, "regions"), pool,
+            overwrite=args.overwrite_output_dir and own,
+            check=None if own else (("num_regions",) if args.num_regions is not None else ()),
+            num_regions=args.num_regions or 64, embedder=args.embedder, seed=args.seed, method=args.clustering,
+            progress=accelerator.is_local_main_process)
     run_setup.check_ranks_agree(accelerator, pool, regions, args.seed)
     from diffusers_aria.training import region_names_from_groups
 
@@ -264,14 +325,19 @@ def main(args: argparse.Namespace) -> None:
     loss_fn = DistillationLoss(args.lambda_kd_output, args.lambda_kd_feat, args.lambda_sd)
     mapping = run_setup.feature_mapping(teacher, student, args.student_architecture) if args.lambda_kd_feat else {}
     projections = run_setup.feature_projections(teacher, student, mapping, accelerator.device)
-    kd = KDStep(teacher, student, noise_scheduler, loss_fn, feature_mapping=mapping, projections=projections)
+    kd = KDStep(teacher, student, noise_scheduler, loss_fn, feature_mapping=mapping, projections=projections,
+                teacher_prediction_type=teacher_prediction_type, snr_gamma=args.snr_gamma)
     params = [p for p in student.parameters() if p.requires_grad]
     if projections is not None:
         params += list(projections.parameters())
     lr = args.learning_rate * (args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
                                if args.scale_lr else 1)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = run_setup.make_optimizer(params, lr, (args.adam_beta1, args.adam_beta2), args.adam_weight_decay,
+                                         args.adam_epsilon, use_8bit_adam=args.use_8bit_adam)
+    length = train_length(len(paired), args.train_batch_size, accelerator.num_processes,
+                          args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs)
+    # a copy with the resolved length, so that trackers, the card and the loop all see it
+    args = argparse.Namespace(**{**vars(args), "max_train_steps": length.max_train_steps})
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
@@ -281,10 +347,14 @@ def main(args: argparse.Namespace) -> None:
     else:
         student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     if ema is not None:
-        run_setup.register_ema_hooks(accelerator, ema)
+        run_setup.register_ema_hooks(accelerator, ema, foreach=args.foreach_ema)
+        if not args.offload_ema:
+            ema.to(accelerator.device)
 
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=run_setup.loggable_config(args))
+    logger.info(f"{args.max_train_steps} optimizer steps, {length.steps_per_epoch} per epoch of {len(paired)} rows "
+                f"({length.num_train_epochs} epochs)")
 
     global_step = 0
     if resume_path is not None:
@@ -302,6 +372,7 @@ def main(args: argparse.Namespace) -> None:
         collate_fn=collate, num_workers=args.dataloader_num_workers)
     batches = iter(loader)
     components = teacher_parts.pipeline_components()
+    renderer = load_latent_renderer(args.pretrained_model_name_or_path)  # the tiny teacher's latents, made legible
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="distilling",
                     disable=not accelerator.is_local_main_process)
     nonfinite_run = 0
@@ -319,13 +390,16 @@ def main(args: argparse.Namespace) -> None:
                     else:
                         pix = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
                         latents = teacher_parts.vae.encode(pix).latent_dist.sample() * vae_scale
-                    noise, timesteps = sample_noise_and_timesteps(latents, noise_scheduler.config.num_train_timesteps,
-                                                                  args.seed, draw_step, rank)
+                    step_noise = sample_step_noise(latents, noise_scheduler.config.num_train_timesteps, args.seed,
+                                                   draw_step, rank, noise_offset=args.noise_offset,
+                                                   input_perturbation=args.input_perturbation)
+                    timesteps = step_noise.timesteps
                     cond = aria.conditioning(draw_step, timesteps.cpu(), batch["caption"],
                                              caption_region_ids=batch["region"], rank=rank, num_replicas=world)
                     hidden = encode_prompts(teacher_parts.text_encoder, teacher_parts.tokenizer, cond.prompts,
                                             accelerator.device)
-                terms = kd(student, latents, noise, timesteps, hidden, paired_mask=~cond.swapped.to(latents.device))
+                terms = kd(student, latents, step_noise.noise, timesteps, hidden,
+                           paired_mask=~cond.swapped.to(latents.device), input_noise=step_noise.input_noise)
                 loss = terms.total.mean()
                 finite = bool(accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0)
                 if finite:
@@ -336,7 +410,7 @@ def main(args: argparse.Namespace) -> None:
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             feed_mask = cond.swapped if settings.feed == "swapped" else None
-            aria.callback.on_step_end(draw_step, cond.region_ids, terms.total.detach(), timesteps, mask=feed_mask)
+            aria.callback.accumulate(cond.region_ids, terms.total.detach(), timesteps, mask=feed_mask)
             if stream is not None:
                 glob = accelerator.gather(cond.pool_indices.to(accelerator.device)).cpu().tolist()
                 stream.write(json.dumps({"step": draw_step, "pool_indices": glob}) + "\n")
@@ -354,8 +428,10 @@ def main(args: argparse.Namespace) -> None:
             else:
                 nonfinite_run = 0
         global_step += 1
+        aria.callback.on_step_end(global_step)  # one ARIA update per optimizer step, logged at global_step
         if ema is not None:
-            ema.step([p for p in accelerator.unwrap_model(student).parameters() if p.requires_grad])
+            run_setup.ema_step(ema, [p for p in accelerator.unwrap_model(student).parameters() if p.requires_grad],
+                               accelerator.device, offload=args.offload_ema)
         progress.update(1)
         logs = {"loss": float(loss.detach()), "loss/output_kd": float(terms.output.detach().mean()),
                 "loss/feature_kd": float(terms.feature.detach().mean()), "loss/task": float(terms.task.detach().mean()),
@@ -364,11 +440,12 @@ def main(args: argparse.Namespace) -> None:
         accelerator.log(logs, step=global_step)
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
             ckpt.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-        if (args.validation_prompts and args.validation_steps and global_step % args.validation_steps == 0
-                and accelerator.is_main_process):  # as diffusers does: the other ranks do not wait on images
+        if (args.validation_prompts and accelerator.is_main_process  # as diffusers: the other ranks do not wait
+                and validation_due(global_step, length.steps_per_epoch, args.validation_steps, args.validation_epochs)):
             run_validation(accelerator, components, teacher, student, args.validation_prompts, args.output_dir,
                            global_step, seed=args.seed, num_inference_steps=args.validation_inference_steps,
-                           guidance_scale=args.validation_guidance_scale, resolution=args.resolution)
+                           guidance_scale=args.validation_guidance_scale, resolution=args.resolution,
+                           renderer=renderer)
     progress.close()
     if stream is not None:
         stream.close()
@@ -384,7 +461,7 @@ def main(args: argparse.Namespace) -> None:
                               args.output_dir, global_step, seed=args.seed,
                               num_inference_steps=args.validation_inference_steps,
                               guidance_scale=args.validation_guidance_scale, resolution=args.resolution,
-                              name="validation_final.png")
+                              name="validation_final.png", renderer=renderer)
     state_hashes = run_setup.gather_state_hashes(accelerator, aria.callback)
     if accelerator.is_main_process:
         run_setup.save_student_pipeline(args.output_dir, final_student, teacher_parts, lora=args.student_mode == "lora")
@@ -404,4 +481,9 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    from diffusers_aria.errors import parse_briefly, run_main, split_debug_flag
+    from diffusers_aria.preflight import check_train_args
+
+    # a mistake in the arguments ends in one line and exit code 2 before the models load; --debug: the traceback
+    argv, debug = split_debug_flag(sys.argv[1:])
+    sys.exit(run_main(lambda a: main(check_train_args(parse_briefly(parse_args, a))), argv, debug=debug))

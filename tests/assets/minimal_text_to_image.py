@@ -1,107 +1,255 @@
-"""A minimal script of the same shape as diffusers' examples/text_to_image/train_text_to_image.py, with ARIA added.
+"""A small training script shaped like diffusers' examples/text_to_image/train_text_to_image.py, with ARIA added.
 
-Every line between `# --- ARIA` markers is the snippet of docs/add-to-your-script.md (a test checks they agree).
-Usage: accelerate launch minimal_text_to_image.py PIPELINE_DIR IMAGEFOLDER OUTPUT_DIR STEPS
+It keeps that script's argument names, variable names and statements around every place ARIA goes: the
+dataset as `dataset["train"]` until `train_dataset = dataset["train"].with_transform(preprocess_train)`, a
+`collate_fn` that returns a dict literal, the DataLoader with `shuffle=True` and `num_workers`, the
+`snr_gamma` loss branch, `train_loss += ...`, clipping inside `if accelerator.sync_gradients:`,
+`lr_scheduler.step()`, `global_step`, checkpoints saved by the main process and `--resume_from_checkpoint`.
+Everything else is shortened (no VAE/EMA/validation/hub options). It is written for the tests; it is not a
+copy of the diffusers file.
+
+The blocks between `# --- ARIA` markers are those of docs/add-to-your-script.md, verbatim, each right after the
+line the page names (tests/test_add_to_your_script.py checks both). Lines marked `# test only` are not part of
+the stock shape: they make a resumed run see the same noise as an uninterrupted one (diffusers' script does
+not promise that), let ARIA move from the first step, and write what the test compares.
 """
 
+import argparse
 import json
+import math
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
 from datasets import load_dataset
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
+from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-model_dir, data_dir, output_dir, max_train_steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-train_batch_size, caption_column, seed = 2, "text", 0
-accelerator = Accelerator()
-tokenizer = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-text_encoder = AutoModel.from_pretrained(model_dir, subfolder="text_encoder").requires_grad_(False)
-unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-noise_scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-dataset = load_dataset("imagefolder", data_dir=data_dir)
-train_dataset = dataset["train"]
 
-# --- ARIA (1/4): regions over the captions, a region column, and the sampler
-from diffusers_aria import AdaptiveRegionSampler, ARIAAllocation, ARIACallback, DiscrepancyTracker, build_regions
-
-regions = build_regions(train_dataset, column=caption_column, num_regions=4, seed=seed)
-train_dataset = regions.add_to_dataset(train_dataset, column="aria_region")
-sampler = AdaptiveRegionSampler(regions.region_ids, batch_size=train_batch_size * accelerator.num_processes,
-                                seed=seed, num_samples=len(train_dataset))
-# --- end ARIA
-
-
-def preprocess_train(examples):
-    examples["pixel_values"] = [torch.from_numpy(np.asarray(im.convert("RGB").resize((32, 32)), dtype=np.float32)
-                                                 ).permute(2, 0, 1) / 127.5 - 1 for im in examples["image"]]
-    examples["input_ids"] = tokenizer(examples[caption_column], padding="max_length", truncation=True,
-                                      max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    return examples
-
-
-train_dataset = train_dataset.with_transform(preprocess_train)
+def parse_args():
+    parser = argparse.ArgumentParser(description="text-to-image fine-tuning with ARIA (test asset)")
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True)
+    parser.add_argument("--train_data_dir", type=str, required=True)
+    parser.add_argument("--image_column", type=str, default="image")
+    parser.add_argument("--caption_column", type=str, default="text")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--train_batch_size", type=int, default=2)
+    parser.add_argument("--num_train_epochs", type=int, default=100)
+    parser.add_argument("--max_train_steps", type=int, default=None)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--lr_scheduler", type=str, default="constant")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--snr_gamma", type=float, default=None)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None)
+    parser.add_argument("--aria_test_warmup", type=int, default=None)  # test only
+    return parser.parse_args()
 
 
-def collate_fn(examples):
-    batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-             "input_ids": torch.stack([e["input_ids"] for e in examples])}
-    # --- ARIA (2/4): carry each row's region into the batch
-    batch["aria_region"] = torch.tensor([e["aria_region"] for e in examples])
+def main():
+    args = parse_args()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=args.output_dir),
+    )
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    # the stock script's CLIPTokenizer / CLIPTextModel; the tiny test teacher's text encoder is a small BERT
+    tokenizer = AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer")
+    text_encoder = AutoModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet")
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.train()
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate)
+
+    dataset = load_dataset("imagefolder", data_files={"train": os.path.join(args.train_data_dir, "**")})
+    column_names = dataset["train"].column_names
+    image_column, caption_column = args.image_column, args.caption_column
+    if caption_column not in column_names:
+        raise ValueError(f"--caption_column {caption_column!r} is not one of {column_names}")
+
+    def tokenize_captions(examples):
+        captions = list(examples[caption_column])
+        return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                         return_tensors="pt").input_ids
+
+    def to_pixels(image):
+        image = image.convert("RGB").resize((args.resolution, args.resolution))
+        return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+    def preprocess_train(examples):
+        examples["pixel_values"] = [to_pixels(image) for image in examples[image_column]]
+        examples["input_ids"] = tokenize_captions(examples)
+        return examples
+
+    with accelerator.main_process_first():
+        if args.max_train_samples is not None:
+            dataset["train"] = dataset["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))
+        train_dataset = dataset["train"].with_transform(preprocess_train)
+
+    def collate_fn(examples):
+        pixel_values = torch.stack([example["pixel_values"] for example in examples]).float()
+        input_ids = torch.stack([example["input_ids"] for example in examples])
+        return {"pixel_values": pixel_values, "input_ids": input_ids}
+
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        shuffle=True,
+        collate_fn=collate_fn,
+        batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+    )
+    # --- ARIA (1/3): regions of the captions (built once, then loaded from output_dir), ARIA's sampler in place
+    # of shuffle=True (every other DataLoader argument is kept), and the callback
+    from diffusers_aria import ARIAAllocation, ARIACallback, DiscrepancyTracker, load_or_build_regions, region_dataloader
+
+    with accelerator.main_process_first():
+        regions = load_or_build_regions(os.path.join(args.output_dir, "aria_regions"), dataset["train"],
+                                        column=caption_column, num_regions=64, seed=args.seed)
+    train_dataloader = region_dataloader(train_dataloader, regions, accelerator.num_processes, seed=args.seed)
+    aria = ARIACallback(accelerator, train_dataloader.sampler, DiscrepancyTracker(regions.num_regions),
+                        ARIAAllocation(regions.sizes))
     # --- end ARIA
-    return batch
+    if args.aria_test_warmup is not None:  # test only: ARIA moves from the first steps (and on noise: z-scores)
+        aria.policy = ARIAAllocation(regions.sizes, warmup_steps=args.aria_test_warmup, score="zscore", damping=0.5)
+
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
+    weight_dtype = torch.float32
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    global_step = 0
+    first_epoch = 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint != "latest":
+            path = os.path.basename(args.resume_from_checkpoint)
+        else:
+            dirs = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint")),
+                          key=lambda d: int(d.split("-")[1]))
+            path = dirs[-1] if dirs else None
+        if path is None:
+            args.resume_from_checkpoint = None
+        else:
+            accelerator.load_state(os.path.join(args.output_dir, path))
+            global_step = int(path.split("-")[1])
+            first_epoch = global_step // num_update_steps_per_epoch
+    initial_global_step = global_step
+    micro_step = global_step * args.gradient_accumulation_steps  # test only
+    trained = []  # test only: (global step, this rank's regions, loss) of every micro-batch
+
+    progress_bar = tqdm(range(0, args.max_train_steps), initial=initial_global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+
+    for epoch in range(first_epoch, args.num_train_epochs):  # noqa: B007 (the stock loop)
+        train_loss = 0.0
+        for step, batch in enumerate(train_dataloader):  # noqa: B007
+            with accelerator.accumulate(unet):
+                torch.manual_seed(1000 * micro_step + accelerator.process_index)  # test only
+                micro_step += 1  # test only
+                latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
+                latents = latents * vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                bsz = latents.shape[0]
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
+                timesteps = timesteps.long()
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+
+                if args.snr_gamma is None:
+                    loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+                else:
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    mse_loss_weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+                    mse_loss_weights = mse_loss_weights / snr
+                    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+                    loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
+                    loss = loss.mean()
+
+                avg_loss = accelerator.gather(loss.repeat(args.train_batch_size)).mean()
+                train_loss += avg_loss.item() / args.gradient_accumulation_steps
+                # --- ARIA (2/3): this micro-batch's per-sample losses (a detached copy: the loss you back-propagate
+                # is unchanged), with each row's region and timestep
+                per_sample = F.mse_loss(model_pred.detach().float(), target.float(), reduction="none").flatten(1).mean(1)
+                aria.accumulate(batch["aria_region"], per_sample, timesteps)
+                # --- end ARIA
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            trained.append([global_step, batch["aria_region"].tolist(), loss.item()])  # test only
+
+            if accelerator.sync_gradients:
+                progress_bar.update(1)
+                global_step += 1
+                # --- ARIA (3/3): one ARIA update per optimizer step (all processes), logged at global_step
+                aria.on_step_end(global_step)
+                # --- end ARIA
+                accelerator.log({"train_loss": train_loss}, step=global_step)
+                train_loss = 0.0
+
+                if global_step % args.checkpointing_steps == 0:
+                    if accelerator.is_main_process:
+                        save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+                        accelerator.save_state(save_path)
+
+            progress_bar.set_postfix(step_loss=loss.detach().item(), lr=lr_scheduler.get_last_lr()[0])
+            if global_step >= args.max_train_steps:
+                break
+
+    with open(os.path.join(args.output_dir, f"trained_rank{accelerator.process_index}.json"), "w") as fh:  # test only
+        json.dump({"world": accelerator.num_processes, "trained": trained, "history_steps": aria.history_steps,
+                   "tracker_updates": aria.tracker.num_updates, "probs": aria.sampler.probabilities.tolist(),
+                   "sizes": regions.sizes.tolist(), "read_ahead": aria.sampler.read_ahead}, fh)
+    aria.write_report(args.output_dir)
+    # the prepared model goes before the process group, or a gloo rank can hang at exit (docs/reliability.md)
+    from diffusers_aria.run_setup import end_run
+
+    del unet, optimizer, train_dataloader, lr_scheduler
+    end_run(accelerator)
 
 
-# stock script: DataLoader(train_dataset, shuffle=True, collate_fn=collate_fn, batch_size=train_batch_size)
-# --- ARIA (3/4): the sampler replaces shuffle=True; the callback follows the per-sample losses
-train_dataloader = torch.utils.data.DataLoader(train_dataset, sampler=sampler, collate_fn=collate_fn,
-                                               batch_size=train_batch_size)
-aria = ARIACallback(accelerator, sampler, DiscrepancyTracker(regions.num_regions),
-                    ARIAAllocation(sampler.sizes, warmup_steps=1))
-# --- end ARIA
-optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
-
-global_step, seen = 0, []
-for epoch in range(100):
-    sampler.set_epoch(epoch)
-    for batch in train_dataloader:
-        with accelerator.accumulate(unet):
-            # the image latents stand in for the VAE here
-            latents = F.avg_pool2d(batch["pixel_values"], 2)
-            latents = torch.cat([latents, latents[:, :1]], dim=1)
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
-            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-            encoder_hidden_states = text_encoder(batch["input_ids"])[0]
-            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-            target = noise
-            # stock script: loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-            # --- ARIA (4/4): per-sample losses, their mean for backward, then the callback
-            per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
-            loss = per_sample.mean()
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            aria.on_step_end(global_step, batch["aria_region"], per_sample, timesteps)
-            # --- end ARIA
-        seen.append(batch["aria_region"].tolist())
-        global_step += 1
-        if global_step >= max_train_steps:
-            break
-    if global_step >= max_train_steps:
-        break
-
-os.makedirs(output_dir, exist_ok=True)
-with open(os.path.join(output_dir, f"rank{accelerator.process_index}.json"), "w") as fh:
-    json.dump({"world": accelerator.num_processes, "regions_seen": seen, "probs": aria.sampler.probabilities.tolist(),
-               "updates": aria.tracker.num_updates}, fh)
-# the prepared model goes before the process group, or a gloo rank can hang at exit (docs/reliability.md)
-from diffusers_aria.run_setup import end_run  # noqa: E402
-
-del unet, optimizer, train_dataloader
-end_run(accelerator)
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Atomic file writes: a file is either its old self or complete, never half-written.
+
+Every write goes to a fresh temporary name in the target's folder (unique per process and call, so two
+processes writing the same path never share a temporary file) and is renamed over the target with
+`os.replace` once complete; on an error the temporary file is removed and the target is untouched.
+
+    with atomic_write("report.json") as fh:        # text (mode "w") or bytes (mode "wb")
+        json.dump(report, fh)
+    atomic_write_json("state.json", state)
+    atomic_save("ids.npy", lambda tmp: np.save(tmp, ids))   # any writer that takes a path
+    atomic_copy("grid.png", "out/images/grid.png")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+
+def _temp_path(path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def atomic_save(path: str | os.PathLike, write: Callable[[str], Any], suffix: str = "") -> None:
+    """Call `write(tmp_path)`, then rename the result to `path`. `suffix` is appended to the temporary name
+    for writers that insist on an extension (e.g. `np.save` adds `.npy` unless the name has it)."""
+    path = os.fspath(path)
+    tmp = _temp_path(path)
+    target = tmp + suffix
+    try:
+        write(target)
+        os.replace(target, path)
+    finally:
+        for leftover in {tmp, target}:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temporary file for writing; on a clean exit it replaces `path`, on an error it is removed."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode {mode!r} is not valid; use 'w' (text) or 'wb' (bytes)")
+    path = os.fspath(path)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, mode, **({"encoding": encoding} if mode == "w" else {})) as fh:
+            yield fh
+            fh.flush()
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path) as fh:
+        fh.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 1, **dump_kwargs) -> None:
+    with atomic_write(path) as fh:
+        json.dump(data, fh, indent=indent, **dump_kwargs)
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy `src` to `dst` (contents and permission bits) through a temporary file."""
+    atomic_save(dst, lambda tmp: shutil.copyfile(src, tmp))
