@@ -141,14 +141,14 @@ class ARIACallback:
         local = (torch.cat([r.to(self._buffer[0].device) for r in self._buffer]) if self._buffer
                  else torch.zeros((0, 3), dtype=torch.float64))
         self._buffer.clear()
-        rows = self.gather(local[:, 0], local[:, 1], local[:, 2])  # t stays NaN where none was given
+        rows = self._gather_rows(local)  # t stays NaN where none was given
         regions, t = rows[:, 0].long(), rows[:, 2]
-        valid = regions >= 0
-        has_t = ~torch.isnan(t[valid])
-        if bool(has_t.any()) and not bool(has_t.all()):
+        has_t = ~torch.isnan(t[regions >= 0])
+        any_t = bool(has_t.any())
+        if any_t and not bool(has_t.all()):
             raise ValueError(f"step {step}: some micro-batches came with timesteps and some without; "
                              "pass timesteps always or never")
-        self.tracker.update(regions, rows[:, 1], torch.nan_to_num(t, nan=0.0) if bool(has_t.any()) else None)
+        self.tracker.update(regions, rows[:, 1], torch.nan_to_num(t, nan=0.0) if any_t else None)
         probs = self.policy.step(step, self.tracker)
         self.sampler.set_probabilities(probs)
         self.last_step = int(step)

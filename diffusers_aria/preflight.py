@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from .checkpointing import list_checkpoints
 from .errors import UserError
 
 POOL_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".json", ".parquet")
@@ -388,12 +389,6 @@ def check_regions_output(path: str, flag: str = "--output") -> None:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    from .checkpointing import list_checkpoints
-
-    return list_checkpoints(output_dir)
-
-
 def checkpoint_problems(path: str) -> list[str]:
     """What is missing or damaged in a checkpoint folder, each as 'file: what is wrong' with the file named
     relative to the folder (`checkpointing.checkpoint_problems` reads every file's structure, no weights)."""
@@ -408,7 +403,7 @@ def check_checkpoint(path: str, flag: str = "--resume_from_checkpoint") -> None:
     problems = checkpoint_problems(path)
     if problems:
         name = os.path.basename(os.path.normpath(path))
-        sound = [os.path.basename(p) for _, p in _checkpoints(os.path.dirname(os.path.abspath(path)))
+        sound = [os.path.basename(p) for _, p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
                  if os.path.basename(p) != name and not checkpoint_problems(p)]
         hint = (f"resume from another one ({flag} {sound[-1]}, or 'latest', which skips damaged ones) or delete it"
                 if sound else "delete it, or start a new run in another --output_dir")
@@ -544,7 +539,7 @@ def check_train_args(args, check_teacher: bool = True):
 def _check_resume(output_dir: str, resume: str, regions_config: dict | None, pool: PoolInfo) -> None:
     flag = "--resume_from_checkpoint"
     if resume == "latest":  # the newest undamaged checkpoint, as checkpointing.resolve_resume_checkpoint takes it
-        found = _checkpoints(output_dir)
+        found = list_checkpoints(output_dir)
         if not found:
             return  # the script starts a new run and says so
         sound = [p for _, p in found if not checkpoint_problems(p)]
@@ -556,7 +551,7 @@ def _check_resume(output_dir: str, resume: str, regions_config: dict | None, poo
     else:
         path = resume if os.path.isabs(resume) or os.path.isdir(resume) else os.path.join(output_dir, resume)
         if not os.path.isdir(path) or not _CHECKPOINT.match(os.path.basename(os.path.normpath(path))):
-            have = [os.path.basename(p) for _, p in _checkpoints(output_dir)]
+            have = [os.path.basename(p) for _, p in list_checkpoints(output_dir)]
             raise UserError(f"{flag} {resume!r} is not a checkpoint-N folder; use 'latest' or one of "
                             f"{have or '(none in ' + repr(output_dir) + ')'}")
     check_checkpoint(path, flag)

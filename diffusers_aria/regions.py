@@ -401,6 +401,36 @@ class ConditionRegions:
 
     from_pretrained = load
 
+    def setting_differences(self, build_kwargs: dict, keys=None) -> list[str]:
+        """The build settings (K, embedder, seed, method, min_region_size; only `keys` when given) in which these
+        regions differ from `build_kwargs` (missing ones: `build_regions`' defaults), each as
+        "name saved (this run: value)". A setting the folder does not record, and method "auto", match anything."""
+        import inspect
+
+        metadata = self.metadata
+        defaults = {k: p.default for k, p in inspect.signature(build_regions).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        asked = {**defaults, **build_kwargs}
+        saved = {"num_regions": metadata.get("requested_num_regions", metadata.get("num_regions")),
+                 "embedder": metadata.get("embedder"), "seed": metadata.get("seed"), "method": metadata.get("method"),
+                 "min_region_size": metadata.get("min_region_size")}
+        differ = []
+        for key, old in saved.items():
+            if keys is not None and key not in keys:
+                continue
+            new = asked.get(key)
+            if old is None or new is None or (key == "method" and new == "auto"):
+                continue
+            if key == "embedder" and isinstance(new, str):
+                same = old == new or resolve_embedder_path(str(old)) == resolve_embedder_path(new)
+            elif key == "embedder":
+                same = True  # a loaded model object: its name is not comparable
+            else:
+                same = old == new
+            if not same:
+                differ.append(f"{key} {old!r} (this run: {new!r})")
+        return differ
+
     def summary(self, pool=None, max_examples: int = 3) -> str:
         """A readable table: region, size, share, and example prompts when the pool is given."""
         sizes = self.sizes
@@ -491,14 +521,11 @@ def load_or_build_regions(regions_dir: str, pool, **build_kwargs) -> ConditionRe
         regions = ConditionRegions.load(regions_dir)
         regions.check_pool(pool if isinstance(pool, (list, tuple))
                            else load_prompt_pool(pool, column=build_kwargs.get("column"), validate=False))
-        saved = {"num_regions": regions.metadata.get("requested_num_regions"), "seed": regions.metadata.get("seed"),
-                 "embedder": regions.metadata.get("embedder")}
-        differ = {k: (saved[k], build_kwargs[k]) for k in saved
-                  if k in build_kwargs and isinstance(build_kwargs[k], (int, str)) and saved[k] is not None
-                  and build_kwargs[k] != saved[k]}
+        differ = regions.setting_differences(build_kwargs, [k for k in ("num_regions", "seed", "embedder")
+                                                            if k in build_kwargs])
         if differ:
             logger.warning("using the regions saved in %s as they are: %s (delete the folder to rebuild them)",
-                           regions_dir, ", ".join(f"{k}={a!r} was saved, {b!r} was asked" for k, (a, b) in differ.items()))
+                           regions_dir, "; ".join(differ))
         return regions
     regions = build_regions(pool, **build_kwargs)
     regions.save(regions_dir)

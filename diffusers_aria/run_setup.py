@@ -316,38 +316,6 @@ def load_pool(source: str, column: str | None = None, split: str = "train", buil
     return load_prompt_pool(ds, column), None
 
 
-def _regions_differences(metadata: dict, build_kwargs: dict, keys=None) -> list[str]:
-    """The build settings (K, embedder, seed, method, min_region_size) in which a saved regions folder differs
-    from `build_kwargs` (defaults: `build_regions`'), as "name saved (this run: value)". A setting the folder
-    does not record, and method "auto", match anything."""
-    import inspect
-
-    from .regions import build_regions, resolve_embedder_path
-
-    defaults = {k: p.default for k, p in inspect.signature(build_regions).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    asked = {**defaults, **build_kwargs}
-    saved = {"num_regions": metadata.get("requested_num_regions", metadata.get("num_regions")),
-             "embedder": metadata.get("embedder"), "seed": metadata.get("seed"), "method": metadata.get("method"),
-             "min_region_size": metadata.get("min_region_size")}
-    differ = []
-    for key, old in saved.items():
-        if keys is not None and key not in keys:
-            continue
-        new = asked.get(key)
-        if old is None or new is None or (key == "method" and new == "auto"):
-            continue
-        if key == "embedder" and isinstance(new, str):
-            same = old == new or resolve_embedder_path(str(old)) == resolve_embedder_path(new)
-        elif key == "embedder":
-            same = True  # a loaded model object: its name is not comparable
-        else:
-            same = old == new
-        if not same:
-            differ.append(f"{key} {old!r} (this run: {new!r})")
-    return differ
-
-
 def load_regions(regions_dir: str, pool, overwrite: bool = False, check=None, **build_kwargs):
     """The regions in `regions_dir` when they were built from `pool` with these settings, else built and saved.
 
@@ -372,7 +340,7 @@ def load_regions(regions_dir: str, pool, overwrite: bool = False, check=None, **
             raise
         differ = [f"the prompt pool ({err})"]
     else:
-        differ = _regions_differences(regions.metadata, build_kwargs, check)
+        differ = regions.setting_differences(build_kwargs, check)
         if not differ:
             return regions
         if not overwrite:
