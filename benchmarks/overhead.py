@@ -72,7 +72,7 @@ def isolated(k: int, steps: int, warmup: int, world: int = 8, per_rank: int = 32
     rng = np.random.default_rng(seed + 1)
     hardness = rng.lognormal(0.0, 0.5, size=k)  # per-region difficulty: ARIA's allocation moves away from RC
     t_comp: dict[str, list] = {n: [] for n in ("gather", "tracker_update", "policy_step", "set_probabilities", "record")}
-    cb.gather = _timed(t_comp["gather"], cb.gather)
+    cb._gather_rows = _timed(t_comp["gather"], cb._gather_rows)  # the all-gather on_step_end makes
     tracker.update = _timed(t_comp["tracker_update"], tracker.update)
     policy.step = _timed(t_comp["policy_step"], policy.step)
     samplers[0].set_probabilities = _timed(t_comp["set_probabilities"], samplers[0].set_probabilities)

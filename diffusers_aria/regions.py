@@ -401,10 +401,10 @@ class ConditionRegions:
 
     from_pretrained = load
 
-    def setting_differences(self, build_kwargs: dict, keys=None) -> list[str]:
+    def setting_differences(self, build_kwargs: dict, keys=None) -> list[tuple[str, Any, Any]]:
         """The build settings (K, embedder, seed, method, min_region_size; only `keys` when given) in which these
-        regions differ from `build_kwargs` (missing ones: `build_regions`' defaults), each as
-        "name saved (this run: value)". A setting the folder does not record, and method "auto", match anything."""
+        regions differ from `build_kwargs` (missing ones: `build_regions`' defaults), as (name, saved, asked).
+        A setting the folder does not record, and method "auto", match anything."""
         import inspect
 
         metadata = self.metadata
@@ -428,7 +428,7 @@ class ConditionRegions:
             else:
                 same = old == new
             if not same:
-                differ.append(f"{key} {old!r} (this run: {new!r})")
+                differ.append((key, old, new))
         return differ
 
     def summary(self, pool=None, max_examples: int = 3) -> str:
@@ -525,7 +525,7 @@ def load_or_build_regions(regions_dir: str, pool, **build_kwargs) -> ConditionRe
                                                             if k in build_kwargs])
         if differ:
             logger.warning("using the regions saved in %s as they are: %s (delete the folder to rebuild them)",
-                           regions_dir, "; ".join(differ))
+                           regions_dir, ", ".join(f"{k}={a!r} was saved, {b!r} was asked" for k, a, b in differ))
         return regions
     regions = build_regions(pool, **build_kwargs)
     regions.save(regions_dir)

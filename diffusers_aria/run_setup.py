@@ -340,7 +340,7 @@ def load_regions(regions_dir: str, pool, overwrite: bool = False, check=None, **
             raise
         differ = [f"the prompt pool ({err})"]
     else:
-        differ = regions.setting_differences(build_kwargs, check)
+        differ = [f"{k} {old!r} (this run: {new!r})" for k, old, new in regions.setting_differences(build_kwargs, check)]
         if not differ:
             return regions
         if not overwrite:
