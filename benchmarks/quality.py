@@ -155,14 +155,12 @@ class Evaluator:
         self.design, self.t_grid, self.batch = design, np.asarray(t_grid), batch
         self.tokens = tokens
         h = design["heldout"]
-        ac = tiny_scheduler().alphas_cumprod.float()
         g = torch.Generator().manual_seed(seed)
         self.prompt = np.repeat(h, len(t_grid))
         self.t = torch.as_tensor(np.tile(self.t_grid, len(h)), dtype=torch.long)
         x0 = latents[torch.as_tensor(self.prompt)]
         noise = torch.randn(x0.shape, generator=g)
-        a = ac[self.t].view(-1, 1, 1, 1)
-        self.x = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        self.x = tiny_scheduler().add_noise(x0, noise, self.t)
         self.group = design["groups"][self.prompt]
         self.kind = design["kinds"][self.group]
         self.t_eps = self._eps(teacher, np.arange(len(self.prompt)))
@@ -241,7 +239,7 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
         params, ema_params = list(student.parameters()), list(scored.parameters())
     else:
         scored = student
-    ac = tiny_scheduler().alphas_cumprod.float()
+    scheduler = tiny_scheduler()
     B = args.batch
     pool_t = torch.as_tensor(pool)
     shares = {k: np.zeros(args.steps) for k in KINDS}
@@ -255,8 +253,7 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
         x0 = latents[pi] + args.target_noise * torch.randn((B,) + tuple(latents.shape[1:]), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         coins = torch.rand(B, generator=g) < swap(t).float()
-        a = ac[t].view(-1, 1, 1, 1)
-        x = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x = scheduler.add_noise(x0, noise, t)
         drawn, _ = sampler.draw(step, B)  # only this differs between policies
         cond = torch.where(coins, pool_t[torch.as_tensor(drawn)], pi)
         with torch.no_grad():

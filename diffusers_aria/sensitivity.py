@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .minilm import _check_prompts, encode_prompts
+from .minilm import check_prompts, encode_prompts
 
 __all__ = ["DEFAULT_SENSITIVITY_PAIRS", "DEFAULT_SENSITIVITY_TIMESTEPS", "text_sensitivity"]
 
@@ -57,7 +57,7 @@ def text_sensitivity(
     Returns:
         ``{t: sensitivity}`` for every requested timestep.
     """
-    prompts = _check_prompts(prompts, minimum=2)
+    prompts = check_prompts(prompts, minimum=2)
     if len(set(prompts)) < 2:
         raise ValueError("text_sensitivity needs at least two different prompts")
     if num_pairs < 1:

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_save, atomic_write
 from .pool import PROMPT_COLUMN, PromptPoolError, get_prompts, load_prompt_pool, pool_fingerprint
 from .regions import (
     DEFAULT_EMBEDDER,
@@ -178,12 +179,12 @@ def _embedding_dim(model: Any, encode: Callable[[list[str]], np.ndarray], probe:
 
 
 def _write_json_atomic(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
+    """`atomic.atomic_write`, synced to disk before the rename: after a power loss a record (the proof that a
+    chunk's rows are in its shard) is absent or whole, never an empty file under the final name."""
+    with atomic_write(path) as fh:
         json.dump(payload, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _read_json(path: str) -> dict | None:
@@ -217,9 +218,10 @@ class _ShardFile:
             except (OSError, ValueError):
                 ok = False
         if not ok:  # a new (sparse) file: the header, then rows x dim zeros that are written chunk by chunk
-            tmp = f"{path}.tmp-{os.getpid()}"
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, dim)).flush()
-            os.replace(tmp, path)
+            # Only its creation is atomic; the rows are then written in place through memory maps (`write`), as
+            # a copy per chunk would rewrite the whole shard: a chunk counts once its record exists.
+            atomic_save(path, lambda tmp: np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                                                    shape=(rows, dim)).flush())
             self.created = True
         with open(path, "rb") as fh:
             np.lib.format.read_magic(fh)
@@ -456,6 +458,30 @@ def _gather_sample(shard: _ShardFile, first: int, idx: np.ndarray, comm: _Comm, 
     return np.concatenate([gathered[r * pad:r * pad + counts[r]] for r in range(comm.size)])
 
 
+def _assign_ids(path: str, shard: _ShardFile, first: int, chunks: range, centroids: np.ndarray, comm: _Comm,
+                n: int, chunk_size: int) -> None:
+    """Write every prompt's region id into a new int32 `.npy` at `path`: each process assigns its shard's chunks,
+    one per round, and every process writes all of a round's gathered ids in place through a memory map (so the
+    N ids never sit in memory). The caller gives a temporary name and renames it when complete."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(n,)).flush()
+    rounds = comm.all_max(len(chunks))
+    for j in range(rounds):
+        local = np.full(chunk_size, -1, dtype=np.int32)
+        if j < len(chunks):
+            start, stop = chunk_bounds(chunks[j], n, chunk_size)
+            local[:stop - start] = nearest_centroid(shard.read(start - first, stop - first), centroids)
+        chunk_of = np.asarray([chunks[j] if j < len(chunks) else -1], dtype=np.int64)
+        all_ids = comm.all_gather(local)
+        all_chunks = comm.all_gather(chunk_of)
+        out = np.load(path, mmap_mode="r+")
+        for r, c in enumerate(all_chunks.tolist()):
+            if c >= 0:
+                start, stop = chunk_bounds(c, n, chunk_size)
+                out[start:stop] = all_ids[r * chunk_size:r * chunk_size + stop - start]
+        out.flush()
+        del out
+
+
 def build_regions_sharded(
     pool,
     num_regions: int,
@@ -550,26 +576,8 @@ def build_regions_sharded(
         centroids = comm.broadcast(centroids if comm.is_main else np.zeros((k, dim), dtype=np.float32))
         t_fit = time.perf_counter()
         ids_path = os.path.join(work_dir, f"region_ids-rank{comm.rank:05d}.npy")
-        ids_tmp = f"{ids_path}.tmp-{os.getpid()}"
-        np.lib.format.open_memmap(ids_tmp, mode="w+", dtype=np.int32, shape=(n,)).flush()
-        rounds = comm.all_max(len(chunks))
-        for j in range(rounds):
-            local = np.full(int(chunk_size), -1, dtype=np.int32)
-            if j < len(chunks):
-                start, stop = chunk_bounds(chunks[j], n, int(chunk_size))
-                first = stats["shard_first"]
-                local[:stop - start] = nearest_centroid(shard.read(start - first, stop - first), centroids)
-            chunk_of = np.asarray([chunks[j] if j < len(chunks) else -1], dtype=np.int64)
-            all_ids = comm.all_gather(local)
-            all_chunks = comm.all_gather(chunk_of)
-            out = np.load(ids_tmp, mmap_mode="r+")
-            for r, c in enumerate(all_chunks.tolist()):
-                if c >= 0:
-                    start, stop = chunk_bounds(c, n, int(chunk_size))
-                    out[start:stop] = all_ids[r * chunk_size:r * chunk_size + stop - start]
-            out.flush()
-            del out
-        os.replace(ids_tmp, ids_path)
+        atomic_save(ids_path, lambda tmp: _assign_ids(tmp, shard, stats["shard_first"], chunks, centroids, comm, n,
+                                                      int(chunk_size)))
         t_assign = time.perf_counter()
     fingerprint = pool_fingerprint(pool) if comm.is_main else None
     fingerprint = _broadcast_str(comm, fingerprint)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .minilm import _sentence_embeddings
+from .minilm import sentence_embeddings
 
 __all__ = [
     "DEFAULT_ANCHOR_TEMPERATURE",
@@ -87,5 +87,5 @@ def teacher_latents(text_encoder, tokenizer, prompts: Sequence[str], channels: i
     """
     if isinstance(gen, int):
         gen = torch.Generator().manual_seed(gen)
-    emb = _sentence_embeddings(text_encoder, tokenizer, list(prompts))
+    emb = sentence_embeddings(text_encoder, tokenizer, list(prompts))
     return synthetic_latents_and_anchors(emb, channels, size, gen)[0]

@@ -49,15 +49,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, replace_dir
+from .file_names import TEACHER_REPORT as REPORT_NAME
 from .latent_renderer import ANCHORS_NAME, LatentRenderer, load_latent_renderer
 from .minilm import (
     CROSS_ATTENTION_DIM,
     TOKEN_LENGTH,
-    _check_prompts,
-    _sentence_embeddings,
+    check_prompts,
     encode_prompts,
     load_minilm_text_encoder,
+    sentence_embeddings,
 )
 from .sensitivity import DEFAULT_SENSITIVITY_TIMESTEPS, text_sensitivity
 from .synthetic_latents import synthetic_latents_and_anchors, teacher_latents
@@ -82,8 +83,6 @@ __all__ = [
     "tiny_vae_config",
 ]
 
-#: Name of the report / cache file written into the teacher folder.
-REPORT_NAME = "aria_teacher_report.json"
 #: Default number of training steps of :func:`make_tiny_teacher` (about 2-3 minutes on 2 CPU cores).
 DEFAULT_TRAIN_STEPS = 600
 
@@ -228,7 +227,7 @@ def tiny_scheduler():
 def _write_anchors(folder: Path, text_encoder, tokenizer, prompts: list[str], channels: int, size: int,
                    seed: int) -> LatentRenderer:
     """Recompute a build's anchors from its prompts and seed (the generator's first draws) and save them."""
-    emb = _sentence_embeddings(text_encoder, tokenizer, prompts)
+    emb = sentence_embeddings(text_encoder, tokenizer, prompts)
     _, idx, patterns = synthetic_latents_and_anchors(emb, channels, size, torch.Generator().manual_seed(seed))
     renderer = LatentRenderer(patterns, [prompts[int(i)] for i in idx])
     renderer.save_pretrained(folder)
@@ -310,8 +309,8 @@ def _write_card(folder: Path) -> None:
             "# Tiny offline teacher (diffusers-aria)\n\nA miniature Stable Diffusion pipeline made by "
             "`diffusers-aria make-tiny-teacher` for offline tests and the demo. Its VAE is random, so its decoded "
             "images look like colour noise; `diffusers_aria.tiny_teacher.LatentRenderer.from_pretrained(folder)` "
-            "draws its latents instead, as the anchors (`aria_anchors.safetensors`) they are made of. See "
-            "`aria_teacher_report.json` for how strongly it depends on its prompt.\n")
+            f"draws its latents instead, as the anchors (`{ANCHORS_NAME}`) they are made of. See "
+            f"`{REPORT_NAME}` for how strongly it depends on its prompt.\n")
     atomic_write_text(folder / "README.md", text)
 
 
@@ -355,7 +354,7 @@ def make_tiny_teacher(
         from diffusers_aria.builtin_pool import builtin_prompt_records
 
         prompts = [row["prompt"] for row in builtin_prompt_records()]
-    prompts = _check_prompts(prompts, minimum=2)
+    prompts = check_prompts(prompts, minimum=2)
     if len(set(prompts)) < 2:
         raise ValueError("make_tiny_teacher needs at least two different prompts")
 
@@ -396,13 +395,7 @@ def make_tiny_teacher(
         report_json["path"] = str(output_dir)
         (tmp_dir / REPORT_NAME).write_text(json.dumps(report_json, indent=2), encoding="utf-8")
         _write_card(tmp_dir)
-        if output_dir.exists():
-            old_dir = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(output_dir, old_dir)
-            os.replace(tmp_dir, output_dir)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, output_dir)
+        replace_dir(tmp_dir, output_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -435,7 +428,7 @@ def _build(
     embeds = encode_prompts(text_encoder, tokenizer, unique_prompts).float()
     uncond = encode_prompts(text_encoder, tokenizer, [""])[0].float()
     latents, anchor_idx, patterns = synthetic_latents_and_anchors(
-        _sentence_embeddings(text_encoder, tokenizer, unique_prompts), int(unet.config.in_channels),
+        sentence_embeddings(text_encoder, tokenizer, unique_prompts), int(unet.config.in_channels),
         int(unet.config.sample_size), gen)
 
     eval_prompts = unique_prompts

@@ -174,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     teacher = a.teacher or os.path.join(os.path.dirname(os.path.abspath(a.run)), "tiny-teacher")
     with open(os.path.join(a.run, "aria_report.json")) as fh:
         report = json.load(fh)
+    from diffusers_aria.file_names import TEACHER_REPORT
+
     teacher_report = None
-    if os.path.isfile(os.path.join(teacher, "aria_teacher_report.json")):
-        with open(os.path.join(teacher, "aria_teacher_report.json")) as fh:
+    if os.path.isfile(os.path.join(teacher, TEACHER_REPORT)):
+        with open(os.path.join(teacher, TEACHER_REPORT)) as fh:
             teacher_report = json.load(fh)
     os.makedirs(a.images, exist_ok=True)
     fig = figures(report, teacher_report)

@@ -8,7 +8,14 @@ import os
 import numpy as np
 import pytest
 
-from diffusers_aria.atomic import atomic_copy, atomic_save, atomic_write, atomic_write_json, atomic_write_text
+from diffusers_aria.atomic import (
+    atomic_copy,
+    atomic_save,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    replace_dir,
+)
 
 
 def test_text_json_bytes_and_copy(tmp_path):
@@ -50,3 +57,13 @@ def test_two_writers_of_one_path_use_different_temporary_files(tmp_path):
         first.write("1")
         second.write("2")
     assert target.read_text() in ("1", "2") and os.listdir(tmp_path) == ["same.json"]
+
+
+def test_replace_dir_moves_a_new_folder_in_and_replaces_an_old_one(tmp_path):
+    for version in ("1", "2"):
+        tmp = tmp_path / f".out.tmp-{version}"
+        tmp.mkdir()
+        (tmp / "v.txt").write_text(version)
+        replace_dir(tmp, tmp_path / "out")
+        assert (tmp_path / "out" / "v.txt").read_text() == version
+        assert os.listdir(tmp_path) == ["out"]  # neither the temporary nor the old folder stays
