@@ -5,6 +5,7 @@
     diffusers-aria report OUTPUT_OR_CHECKPOINT_DIR
     diffusers-aria evaluate --teacher T --student S [--pool builtin] [--regions DIR]
     diffusers-aria make-tiny-teacher OUTPUT_DIR [--train_steps N] [--num_prompts N] [--force]
+    diffusers-aria make-tiny-teacher OUTPUT_DIR --family {sdxl,pixart,sd3} [--seed N] [--force]
     diffusers-aria demo [--output_dir outputs/demo]
 
 A mistake in the arguments (a missing file, an empty pool, a bad column, --num_regions above the pool's size,
@@ -169,6 +170,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_make_tiny_teacher(a: argparse.Namespace) -> int:
     preflight.check_teacher_output_dir(a.output_dir, "OUTPUT_DIR")
     preflight.check_offline_minilm("make-tiny-teacher")
+    if a.family != "sd":
+        return _make_tiny_family_teacher(a)
     if a.train_steps < 0:
         raise UserError(f"--train_steps {a.train_steps} is not valid; it must be 0 or more")
     if a.num_prompts is not None and a.num_prompts < 2:
@@ -182,6 +185,18 @@ def _cmd_make_tiny_teacher(a: argparse.Namespace) -> int:
         prompts = [r["prompt"] for r in builtin_prompt_records(num_prompts=a.num_prompts, seed=0)]
     report = make_tiny_teacher(a.output_dir, prompts=prompts, train_steps=a.train_steps, seed=a.seed, force=a.force)
     _print_teacher_report(report)
+    return 0
+
+
+def _make_tiny_family_teacher(a: argparse.Namespace) -> int:
+    """`--family sdxl|pixart|sd3`: a random-weight teacher of that family (nothing to train, no prompts)."""
+    for flag, value in (("--train_steps", a.train_steps), ("--num_prompts", a.num_prompts)):
+        if value is not None:
+            raise UserError(f"{flag} applies only to --family sd; the {a.family} teacher has random weights")
+    from .tiny_families import make_tiny_family_teacher
+
+    path = make_tiny_family_teacher(a.output_dir, a.family, seed=a.seed, force=a.force)
+    print(f"tiny {a.family} teacher (random weights) at {path}")
     return 0
 
 
@@ -315,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("make-tiny-teacher", help="build the tiny offline teacher pipeline (cached)",
                        parents=[common])
     t.add_argument("output_dir")
+    t.add_argument("--family", choices=("sd", "sdxl", "pixart", "sd3"), default="sd",
+                   help="sd: the trained Stable Diffusion 1.x-style teacher (default); sdxl, pixart, sd3: a "
+                        "random-weight test teacher of that pipeline family")
     t.add_argument("--train_steps", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true")
@@ -352,7 +370,7 @@ def _main(argv: list[str]) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     a = build_parser().parse_args(argv)
-    if a.command == "make-tiny-teacher" and a.train_steps is None:
+    if a.command == "make-tiny-teacher" and a.family == "sd" and a.train_steps is None:
         from .tiny_teacher import DEFAULT_TRAIN_STEPS
 
         a.train_steps = DEFAULT_TRAIN_STEPS

@@ -222,8 +222,9 @@ def load_image_caption_dataset(dataset_name: str | None = None, train_data_dir: 
 @torch.no_grad()
 def generate_teacher_latents(pipeline, prompts: list[str], num_inference_steps: int = 25, guidance_scale: float = 5.0,
                              batch_size: int = 8, seed: int = 0, height: int | None = None, width: int | None = None,
-                             progress: bool = True) -> torch.Tensor:
-    """Clean latents the teacher generates for `prompts` (RC's teacher-generated images), float32 on CPU."""
+                             progress: bool = True, pipeline_kwargs: dict | None = None) -> torch.Tensor:
+    """Clean latents the teacher generates for `prompts` (RC's teacher-generated images), float32 on CPU;
+    `pipeline_kwargs`: the family's extra call arguments (`families.Family.call_kwargs`)."""
     from tqdm.auto import tqdm
 
     out = []
@@ -231,7 +232,7 @@ def generate_teacher_latents(pipeline, prompts: list[str], num_inference_steps: 
         chunk = prompts[start:start + batch_size]
         gen = torch.Generator(device="cpu").manual_seed(seed + start)
         res = pipeline(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                       generator=gen, output_type="latent", height=height, width=width)
+                       generator=gen, output_type="latent", height=height, width=width, **(pipeline_kwargs or {}))
         lat = res.images if hasattr(res, "images") else res[0]
         out.append(lat.float().cpu())  # output_type='latent' is already in the UNet's (scaled) latent space
     return torch.cat(out)
@@ -265,18 +266,21 @@ def teacher_latents_settings(pipeline, prompts: list[str], prompt_indices, **gen
     import inspect
 
     defaults = {k: p.default for k, p in inspect.signature(generate_teacher_latents).parameters.items()
-                if p.default is not inspect.Parameter.empty and k != "progress"}
-    unknown = set(gen_kwargs) - set(defaults) - {"progress"}
+                if p.default is not inspect.Parameter.empty and k not in ("progress", "pipeline_kwargs")}
+    unknown = set(gen_kwargs) - set(defaults) - {"progress", "pipeline_kwargs"}
     if unknown:
         raise TypeError(f"unknown generation argument(s) {sorted(unknown)}; expected some of {sorted(defaults)}")
-    gen = {**defaults, **{k: v for k, v in gen_kwargs.items() if k != "progress"}}
+    gen = {**defaults, **{k: v for k, v in gen_kwargs.items() if k not in ("progress", "pipeline_kwargs")}}
+    if gen_kwargs.get("pipeline_kwargs"):  # recorded only when given: caches of SD teachers stay valid
+        gen["pipeline_kwargs"] = dict(gen_kwargs["pipeline_kwargs"])
     scheduler = json.dumps({k: v for k, v in dict(pipeline.scheduler.config).items() if not k.startswith("_")},
                            sort_keys=True, default=str)
+    denoiser = pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer
     return {
-        "teacher_unet": _module_fingerprint(pipeline.unet),
+        "teacher_unet": _module_fingerprint(denoiser),
         "teacher_text_encoder": _module_fingerprint(pipeline.text_encoder),
         "scheduler": f"{type(pipeline.scheduler).__name__}:{hashlib.sha256(scheduler.encode()).hexdigest()[:16]}",
-        "dtype": str(getattr(pipeline.unet, "dtype", None) or next(pipeline.unet.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(getattr(denoiser, "dtype", None) or next(denoiser.parameters()).dtype).replace("torch.", ""),
         "num_prompts": len(prompts),
         "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
         "prompt_indices": hashlib.sha256(np.asarray(prompt_indices, np.int64).tobytes()).hexdigest()[:16],

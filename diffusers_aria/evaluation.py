@@ -20,26 +20,34 @@ from .atomic import atomic_write_json
 @torch.no_grad()
 def prompt_discrepancy(teacher_unet, student_unet, text_encoder, tokenizer, noise_scheduler, prompts: Sequence[str],
                        timesteps: Sequence[int] = (100, 400, 700), seed: int = 0, batch_size: int = 16,
-                       latent_shape: tuple[int, int, int] | None = None) -> np.ndarray:
-    """Normalised epsilon error per prompt and timestep, float64 [len(prompts), len(timesteps)]."""
+                       latent_shape: tuple[int, int, int] | None = None, family=None, encode=None) -> np.ndarray:
+    """Normalised prediction error per prompt and timestep, float64 [len(prompts), len(timesteps)].
+
+    `family` (`families.Family`, default SD 1.x/2.x) calls the denoisers; `encode(prompts, device)` gives their
+    conditioning (default: `text_encoder`'s hidden states, as SD pipelines make them).
+    """
+    from .families import FAMILIES
     from .training import encode_prompts
 
+    family = family or FAMILIES["sd"]
     cfg = teacher_unet.config
     shape = latent_shape or (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     device = next(student_unet.parameters()).device
+    t_dtype, s_dtype = teacher_unet.dtype, student_unet.dtype
     out = np.zeros((len(prompts), len(timesteps)))
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
-        hidden = encode_prompts(text_encoder, tokenizer, chunk, device)
+        cond = (encode(chunk, device) if encode is not None
+                else {"encoder_hidden_states": encode_prompts(text_encoder, tokenizer, chunk, device)})
         for j, t in enumerate(timesteps):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + start * 1_009 + int(t))
             x0 = torch.randn((len(chunk), *shape), generator=gen)
             noise = torch.randn((len(chunk), *shape), generator=gen)
             tt = torch.full((len(chunk),), int(t), dtype=torch.long)
             xt = noise_scheduler.add_noise(x0, noise, tt).to(device)
-            tt = tt.to(device)
-            et = teacher_unet(xt.to(teacher_unet.dtype), tt, hidden.to(teacher_unet.dtype)).sample.float()
-            es = student_unet(xt.to(student_unet.dtype), tt, hidden.to(student_unet.dtype)).sample.float()
+            tt = family.model_timesteps(noise_scheduler, tt.to(device))
+            et = family.predict(teacher_unet, xt.to(t_dtype), tt, family.cast(cond, t_dtype)).float()
+            es = family.predict(student_unet, xt.to(s_dtype), tt, family.cast(cond, s_dtype)).float()
             num = ((es - et) ** 2).flatten(1).mean(1)
             den = (et ** 2).flatten(1).mean(1).clamp_min(1e-12)
             out[start:start + len(chunk), j] = (num / den).double().cpu().numpy()
@@ -63,14 +71,23 @@ def evaluate_student(teacher_path: str, student_path: str, prompts: Sequence[str
 
     teacher = load_teacher(teacher_path)
     student = load_teacher(student_path)
-    if os.path.isfile(os.path.join(student_path, "pytorch_lora_weights.safetensors")):
-        from diffusers import StableDiffusionPipeline
+    family = teacher.fam
+    if student.fam.name != family.name:
+        raise ValueError(f"the student {student_path!r} is a {student.fam.name} pipeline but the teacher {teacher_path!r} "
+                         f"is a {family.name} one; compare a student with the teacher it was distilled from")
+    if any(os.path.isfile(os.path.join(student_path, name))
+           for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")):
+        student.unet = family.load_lora(student.make_pipeline(), student_path)
+    encode = None
+    if family.name != "sd":  # the family's conditioning, at the size of the latents compared
+        vae = teacher.vae.config
+        resolution = int(teacher.unet.config.sample_size) * 2 ** (len(vae.block_out_channels) - 1)
+        teacher.to_weight_dtype("cpu", torch.float32)
 
-        pipe = StableDiffusionPipeline(unet=student.unet, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False, **student.pipeline_components())
-        pipe.load_lora_weights(student_path)
+        def encode(chunk, device):
+            return teacher.encode(chunk, device, resolution)
     vals = prompt_discrepancy(teacher.unet.eval(), student.unet.eval(), teacher.text_encoder.eval(), teacher.tokenizer,
-                              teacher.scheduler, prompts, timesteps, seed)
+                              teacher.scheduler, prompts, timesteps, seed, family=family, encode=encode)
     per_prompt = vals.mean(axis=1)
     result: dict = {"num_prompts": len(prompts), "timesteps": list(map(int, timesteps)),
                     "overall": float(per_prompt.mean()),

@@ -39,6 +39,7 @@ from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.utils import validate_repo_id
 
 from .atomic import atomic_copy, atomic_write_text
+from .file_names import TEACHER_REPORT
 from .hub import MODEL_INDEX, scrub_secrets, would_upload
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ CARD_TAGS: tuple[str, ...] = ("stable-diffusion", "text-to-image", "diffusers", 
 MAX_REGION_ROWS = 64
 #: The `torch_dtype` values the card's usage snippet can use.
 TORCH_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
-#: Written by `tiny_teacher.make_tiny_teacher` into the teacher folder; its `hub_id` (if any) names the teacher.
-TEACHER_REPORT = "aria_teacher_report.json"
 CARD_IMAGE_DIR = "images"
 
 _DEVICE_RE = re.compile(r"[A-Za-z_]+(:[0-9]+)?")
@@ -301,14 +300,14 @@ def _description(architecture: str, student_mode: str, hub_id: str | None, local
                    else f"a local teacher model (`{local_name}`)")
     text = (
         "## Model description\n\n"
-        f"A BK-SDM-style compressed student UNet (architecture `{architecture}`) distilled from "
+        f"A compressed student (architecture `{architecture}`) distilled from "
         f"{teacher_ref} with output- and feature-level knowledge "
         "distillation. Conditioning prompts were drawn with Random Conditioning and allocated across prompt "
         "regions by ARIA (adaptive region-based importance allocation), which shifts sampling towards the "
         "regions where the student disagrees most with the teacher. "
         f"See the paper: [arXiv:{PAPER_ARXIV}](https://arxiv.org/abs/{PAPER_ARXIV}).\n\n"
         f"Student mode: `{student_mode}`"
-        + (" (LoRA adapter weights on the student UNet)." if student_mode == "lora" else " (all student weights).")
+        + (" (LoRA adapter weights on the student)." if student_mode == "lora" else " (all student weights).")
     )
     if hub_id is None:
         text += (f"\n\nThe teacher was a local model (`{local_name}`), not a Hub model, so this card has no "
@@ -316,16 +315,18 @@ def _description(architecture: str, student_mode: str, hub_id: str | None, local
     return text
 
 
-def _usage(model_ref: str, base_pipeline: str | None, torch_dtype: str, device: str) -> str:
-    """The "How to use" snippet; `base_pipeline` is where a LoRA student's base pipeline loads from (None: full)."""
+def _usage(model_ref: str, base_pipeline: str | None, torch_dtype: str, device: str,
+           pipeline_class: str = "StableDiffusionPipeline", lora_load: str | None = None) -> str:
+    """The "How to use" snippet; `base_pipeline` is where a LoRA student's base pipeline loads from (None: full);
+    `lora_load` the line that loads the adapter (default `pipe.load_lora_weights(model_ref)`)."""
     dtype = f"torch.{torch_dtype}"
     if base_pipeline is not None:
-        load = (f'pipe = StableDiffusionPipeline.from_pretrained("{base_pipeline}", torch_dtype={dtype})\n'
-                f'pipe.load_lora_weights("{model_ref}")\n')
+        load = (f'pipe = {pipeline_class}.from_pretrained("{base_pipeline}", torch_dtype={dtype})\n'
+                + (lora_load or f'pipe.load_lora_weights("{model_ref}")\n'))
     else:
-        load = f'pipe = StableDiffusionPipeline.from_pretrained("{model_ref}", torch_dtype={dtype})\n'
+        load = f'pipe = {pipeline_class}.from_pretrained("{model_ref}", torch_dtype={dtype})\n'
     return (
-        "## How to use\n\n```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+        f"## How to use\n\n```python\nimport torch\nfrom diffusers import {pipeline_class}\n\n"
         + load
         + f'pipe = pipe.to("{device}")\n'
         'image = pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=25).images[0]\n'
@@ -373,6 +374,8 @@ def write_model_card(
     base_model_id: str | None = None,
     torch_dtype: str = "float32",
     device: str = "cuda",
+    pipeline_class: str = "StableDiffusionPipeline",
+    lora_load: str | None = None,
 ) -> str:
     """Write `output_dir/README.md`: a model card for an ARIA-distilled BK-SDM-style student.
 
@@ -397,6 +400,8 @@ def write_model_card(
         base_model_id: the teacher's Hub id, overriding what is derived from `base_model`.
         torch_dtype: the dtype of the usage snippet, one of "float32", "float16", "bfloat16".
         device: the device of the usage snippet (`pipe.to(device)`), e.g. "cuda", "cuda:0", "cpu", "mps".
+        pipeline_class: the saved pipeline's class (the teacher's), named in the usage snippet.
+        lora_load: the snippet's line loading a LoRA student's adapter (default `pipe.load_lora_weights(...)`).
 
     Returns:
         The path of the written README.md. The card never contains an HF token.
@@ -445,7 +450,7 @@ def write_model_card(
     sections = [
         f"# {model_ref.split('/')[-1]}",
         _description(architecture, student_mode, hub_id, local_name),
-        _usage(model_ref, base_pipeline, torch_dtype, device),
+        _usage(model_ref, base_pipeline, torch_dtype, device, pipeline_class, lora_load),
         "## ARIA settings\n\n" + (_settings_table(aria) if aria else "No ARIA settings were recorded."),
         _allocation(report),
     ]

@@ -28,7 +28,7 @@ class PromptPoolError(UserError):
     column). A `UserError`, hence a `ValueError`."""
 
 
-def _pick_column(names: Sequence[str], column: str | None, source: object) -> str:
+def pick_column(names: Sequence[str], column: str | None, source: object) -> str:
     if column is not None:
         if column not in names:
             raise PromptPoolError(f"column {column!r} not found in {source!s}; available columns: {list(names)}")
@@ -56,7 +56,7 @@ def load_prompt_pool(source: PoolSource, column: str | None = None, validate: bo
     import datasets
 
     if isinstance(source, datasets.Dataset):
-        col = _pick_column(source.column_names, column, "the dataset")
+        col = pick_column(source.column_names, column, "the dataset")
         ds = source.select_columns([col])
         if col != PROMPT_COLUMN:
             ds = ds.rename_column(col, PROMPT_COLUMN)
@@ -114,7 +114,7 @@ def _load_path(path: str, column: str | None):
             f"unsupported prompt pool file {path!r}: use .txt (one prompt a line), .csv, .tsv, .jsonl, .json, "
             ".parquet, or a datasets.save_to_disk folder"
         )
-    col = _pick_column(ds.column_names, column, path)
+    col = pick_column(ds.column_names, column, path)
     return load_prompt_pool(ds.select_columns([col]).rename_columns({col: PROMPT_COLUMN} if col != PROMPT_COLUMN else {}), validate=False)
 
 

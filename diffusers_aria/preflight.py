@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 from .checkpointing import list_checkpoints
 from .errors import UserError
+from .file_names import TEACHER_REPORT
 
 POOL_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".json", ".parquet")
 _LOCAL_SUFFIXES = POOL_SUFFIXES + (".safetensors", ".bin", ".npy", ".arrow", ".pt", ".ckpt")
@@ -31,7 +32,6 @@ EXACT_COUNT_MAX_BYTES = 16 * 1024 * 1024
 REGIONS_CONFIG = "regions_config.json"
 DEFAULT_NUM_REGIONS = 64  # the training script's K when it builds the regions and --num_regions is not given
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-TEACHER_REPORT = "aria_teacher_report.json"
 # what only a run of the training script writes into its output folder (a pipeline folder has model_index.json
 # and unet/ too: those do not count)
 RUN_MARKERS = ("run_info.json", "aria_report.json", "teacher_latents")
@@ -121,8 +121,19 @@ def check_hub_id(value: str | None, flag: str, repo_type: str = "model", what: s
                         f"cannot be reached ({why}); pass an existing local {what}, or connect to the network")
 
 
+def _pipeline_index(value: str) -> dict:
+    try:
+        with open(os.path.join(value, "model_index.json")) as fh:
+            index = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model_index.json in {value!r} is unreadable ({err}); pass a folder written by "
+                        "save_pretrained") from None
+    return index if isinstance(index, dict) else {}
+
+
 def check_pipeline_dir(value: str, flag: str) -> None:
-    """A diffusers pipeline folder (teacher or student): present with `model_index.json` and its parts.
+    """A diffusers pipeline folder (teacher or student): present with `model_index.json` and the part folders
+    it lists (the SD parts when it lists none).
 
     A value that does not look local is a Hub id and is left to the loader.
     """
@@ -132,11 +143,46 @@ def check_pipeline_dir(value: str, flag: str) -> None:
         return
     if not os.path.isdir(value):
         raise UserError(f"{flag} {value!r} is a file; pass a diffusers pipeline folder (with model_index.json)")
-    missing = [p for p in ("model_index.json",) + PIPELINE_PARTS if not os.path.exists(os.path.join(value, p))]
+    parts = PIPELINE_PARTS
+    if os.path.isfile(os.path.join(value, "model_index.json")):
+        listed = tuple(k for k, v in _pipeline_index(value).items()
+                       if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] and v[1])
+        parts = tuple(p for p in listed if p not in ("safety_checker", "feature_extractor")) or PIPELINE_PARTS
+    missing = [p for p in ("model_index.json",) + parts if not os.path.exists(os.path.join(value, p))]
     if missing:
         raise UserError(f"{flag} {value!r} is not a diffusers pipeline folder: {', '.join(missing)} missing "
                         f"(it holds {_listing(value) or 'nothing'}); pass a folder written by save_pretrained, "
                         "e.g. outputs/tiny-teacher")
+
+
+def check_teacher_family(value: str, architecture: str | None, flag: str = "--pretrained_model_name_or_path",
+                         num_blocks: int | None = None, keep_blocks: list[int] | None = None,
+                         taps: str = "auto") -> None:
+    """A local teacher's pipeline class is one diffusers-aria distils, and the student flags fit it:
+    `--student_architecture`, `--student_num_blocks` / `--student_keep_blocks` (transformer students only) and
+    `--feature_kd_taps` (UNet students only)."""
+    from .families import FAMILIES, family_name_for
+
+    if not os.path.isfile(os.path.join(value, "model_index.json")):
+        return
+    class_name = _pipeline_index(value).get("_class_name")
+    if not class_name:  # not written by save_pretrained: left to the loader
+        return
+    try:
+        family = FAMILIES[family_name_for(class_name, f"{flag} {value!r}")]
+        if architecture is not None:
+            family.check_student(architecture)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    architecture = architecture or family.default_student
+    transformer = architecture.startswith("dit_")
+    if (num_blocks is not None or keep_blocks) and not transformer:
+        flag_used = "--student_num_blocks" if num_blocks is not None else "--student_keep_blocks"
+        raise UserError(f"{flag_used} applies to transformer students (dit_every_other, dit_first_last of a PixArt "
+                        f"or SD3 teacher), not to {architecture!r}; drop it")
+    if taps != "auto" and transformer:
+        raise UserError(f"--feature_kd_taps {taps!r} applies to UNet students; transformer students tap every kept "
+                        "block (leave it at auto)")
 
 
 def check_output_file(value: str | None, flag: str) -> None:
@@ -225,7 +271,7 @@ def check_pool(source: str, column: str | None = None, *, flag: str = "--pool", 
     is at most the number of distinct prompts. Files up to `EXACT_COUNT_MAX_BYTES` are read whole (to know
     their size); a larger one only until `num_regions` distinct prompts are seen. A Hub dataset name must be
     cached or the Hub reachable (`check_hub_id`)."""
-    from .pool import PromptPoolError, _pick_column  # light: numpy only
+    from .pool import PromptPoolError, pick_column  # light: numpy only
 
     if source == "builtin":
         from .builtin_pool import max_builtin_pool_size
@@ -262,7 +308,7 @@ def check_pool(source: str, column: str | None = None, *, flag: str = "--pool", 
                 header = next(reader, [])
                 if not header:
                     raise UserError(f"{flag} {source!r} is empty: the prompt pool needs a header line and prompts")
-                i = header.index(_pick_column(header, column, source))
+                i = header.index(pick_column(header, column, source))
                 rows, unique = _count((r[i] if i < len(r) else None for r in reader if r), num_regions, exact)
             rows = rows if rows == 0 else None  # pandas may count rows otherwise; only "no rows" is sure
         elif suffix == ".jsonl":
@@ -270,7 +316,7 @@ def check_pool(source: str, column: str | None = None, *, flag: str = "--pool", 
             first = [r for _, r in zip(range(100), records)]
             names = list(dict.fromkeys(k for r in first for k in r))
             if names:
-                col = _pick_column(names, column, source)
+                col = pick_column(names, column, source)
                 rows, unique = _count((r.get(col) for r in [*first, *records]), num_regions, exact)
                 rows = rows if rows == 0 else None  # only "no rows" is sure: the count is the loader's
             else:
@@ -305,7 +351,7 @@ def _check_num_regions(info: PoolInfo, num_regions: int | None, flag: str, where
 
 
 def _check_parquet(path: str, column: str | None, flag: str) -> tuple[int | None, int | None]:
-    from .pool import _pick_column
+    from .pool import pick_column
 
     try:
         import pyarrow.parquet as pq
@@ -314,12 +360,12 @@ def _check_parquet(path: str, column: str | None, flag: str) -> tuple[int | None
         names, rows = list(meta.schema_arrow.names), int(meta.metadata.num_rows)
     except Exception as err:  # a damaged or foreign file: pyarrow's message says which
         raise UserError(f"{flag} {path!r} is not a readable parquet file ({type(err).__name__}: {err})") from None
-    _pick_column(names, column, path)
+    pick_column(names, column, path)
     return rows, None
 
 
 def _check_saved_dataset(path: str, column: str | None, flag: str, column_flag: str) -> PoolInfo:
-    from .pool import PromptPoolError, _pick_column
+    from .pool import PromptPoolError, pick_column
 
     if os.path.isfile(os.path.join(path, "dataset_dict.json")):
         raise UserError(f"{flag} {path!r} holds a DatasetDict; save a single split as the pool "
@@ -336,7 +382,7 @@ def _check_saved_dataset(path: str, column: str | None, flag: str, column_flag: 
         names = []
     if names:
         try:
-            _pick_column(names, column, path)
+            pick_column(names, column, path)
         except PromptPoolError as err:
             raise UserError(f"{flag}: {err} (pass {column_flag} NAME)") from None
     return PoolInfo(path, None, None)
@@ -490,6 +536,10 @@ def check_train_args(args, check_teacher: bool = True):
     get = getattr
     if check_teacher:
         check_pipeline_dir(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+        check_teacher_family(args.pretrained_model_name_or_path, get(args, "student_architecture", None),
+                             num_blocks=get(args, "student_num_blocks", None),
+                             keep_blocks=get(args, "student_keep_blocks", None),
+                             taps=get(args, "feature_kd_taps", "auto"))
     student = get(args, "student_model_name_or_path", None)
     check_local_path(student, "--student_model_name_or_path", "student folder", hub="a Hub model id")
     check_hub_id(student, "--student_model_name_or_path", "model", "student folder")
@@ -576,6 +626,7 @@ __all__ = [
     "check_offline_minilm",
     "check_output_file",
     "check_pipeline_dir",
+    "check_teacher_family",
     "check_pool",
     "check_regions_match_pool",
     "check_regions_output",

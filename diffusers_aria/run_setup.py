@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from .atomic import atomic_write_json
+from .file_names import TEACHER_REPORT
 from .pool import load_prompt_pool, pool_fingerprint
 from .regions import load_or_build_regions
 
@@ -39,6 +40,10 @@ def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
 
 @dataclass
 class TeacherParts:
+    """A loaded teacher: `unet` is its denoiser (a UNet, or a transformer for PixArt / SD3), `scheduler` the
+    training noise scheduler, `extra` the other parts of its pipeline (second and third text encoders and
+    tokenizers, the sampling scheduler of non-SD families), `family` its `families.Family` (None: SD 1.x/2.x)."""
+
     unet: Any
     vae: Any
     text_encoder: Any
@@ -47,26 +52,82 @@ class TeacherParts:
     name_or_path: str
     revision: str | None = None
     variant: str | None = None
+    family: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    pipeline_class: str | None = None
+    student_prediction_type: str | None = None
 
-    def pipeline_components(self) -> dict[str, Any]:
-        return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
-                "scheduler": self.scheduler}
+    def training_scheduler(self, prediction_type: str | None = None):
+        """The noise scheduler for training, in the student's parametrisation (`--prediction_type`; default the
+        teacher's). The teacher's own scheduler is left as it is: its pipelines (teacher latents, the teacher
+        row of validation) keep sampling in the teacher's parametrisation."""
+        if prediction_type is None or prediction_type == self.scheduler.config.prediction_type:
+            return self.scheduler
+        if not hasattr(self.scheduler, "from_config"):  # FlowMatchingNoise: refuses with a clear error
+            self.scheduler.register_to_config(prediction_type=prediction_type)
+        self.student_prediction_type = prediction_type
+        return type(self.scheduler).from_config(self.scheduler.config, prediction_type=prediction_type)
+
+    @property
+    def denoiser(self):
+        return self.unet
+
+    @property
+    def fam(self):
+        from .families import FAMILIES
+
+        return self.family or FAMILIES["sd"]
+
+    def pipeline_components(self, student: bool = False) -> dict[str, Any]:
+        """The pipeline's parts but the denoiser (SD 1.x/2.x: with the teacher's DDPM scheduler). `student`: the
+        scheduler in the student's parametrisation (`training_scheduler`), for the student's pipelines."""
+        parts = {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                 "scheduler": self.scheduler, **self.extra}
+        if student and self.student_prediction_type:
+            sched = parts["scheduler"]
+            parts["scheduler"] = type(sched).from_config(sched.config, prediction_type=self.student_prediction_type)
+        return parts
+
+    def student_scheduler(self):
+        """The sampling scheduler of the student's pipelines."""
+        return self.pipeline_components(student=True)["scheduler"]
+
+    def make_pipeline(self, denoiser=None, components: dict[str, Any] | None = None):
+        """A pipeline of the teacher's class with `denoiser` (default: the teacher's own)."""
+        return self.fam.make_pipeline(dict(components or self.pipeline_components()),
+                                      self.unet if denoiser is None else denoiser, self.pipeline_class)
+
+    def encode(self, prompts: list[str], device, resolution: int) -> dict[str, Any]:
+        """The denoiser's conditioning for `prompts` (a dict of batch-first tensors), as the pipeline makes it."""
+        if getattr(self, "_pipe", None) is None:
+            self._pipe = self.make_pipeline()
+            self._pipe.set_progress_bar_config(disable=True)
+        return self.fam.encode(self._pipe, prompts, device, resolution)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.vae, self.text_encoder, *self.extra.values())
+                if isinstance(m, torch.nn.Module)]
 
     def to_weight_dtype(self, device, dtype: torch.dtype) -> None:
-        """Freeze the teacher's UNet, text encoder and VAE and move them to `device` in `dtype` (one dtype)."""
-        for m in (self.unet, self.vae, self.text_encoder):
+        """Freeze the teacher's denoiser, text encoders and VAE and move them to `device` in `dtype` (one dtype)."""
+        for m in self.modules():
             m.requires_grad_(False)
             m.eval()
             m.to(device=device, dtype=dtype)
 
     def float32_components(self) -> dict[str, Any]:
-        """`pipeline_components()` with the text encoder and VAE in float32, reloaded from the teacher when
+        """`pipeline_components()` with the text encoders and VAE in float32, reloaded from the teacher when
         training holds them in a lower precision (a saved student pipeline has one dtype throughout)."""
+        parts = self.pipeline_components(student=True)
+        if all(m.dtype == torch.float32 for m in self.modules() if m is not self.unet):
+            return parts
+        kw = {"revision": self.revision, "variant": self.variant}
+        if self.family is not None and self.family.name != "sd":
+            fresh, _ = self.family.load_parts(self.name_or_path, self.revision, self.variant, self.pipeline_class)
+            return {**fresh, "scheduler": parts["scheduler"]}
         from diffusers import AutoencoderKL
         from transformers import AutoModel
 
-        parts = self.pipeline_components()
-        kw = {"revision": self.revision, "variant": self.variant}
         if self.vae.dtype != torch.float32:
             parts["vae"] = AutoencoderKL.from_pretrained(self.name_or_path, subfolder="vae", **kw).float()
         if self.text_encoder.dtype != torch.float32:
@@ -76,7 +137,19 @@ class TeacherParts:
 
 
 def load_teacher(name_or_path: str, revision: str | None = None, variant: str | None = None) -> TeacherParts:
-    """Load a Stable Diffusion teacher's parts (any transformers text encoder; never remote code)."""
+    """Load a teacher's parts: its pipeline class (model_index.json) picks the family (`families.py`).
+
+    SD 1.x/2.x teachers load part by part (any transformers text encoder; never remote code)."""
+    from .families import FAMILIES, family_of, read_pipeline_class
+
+    family = family_of(name_or_path, revision)
+    if family.name != "sd":
+        pipeline_class = read_pipeline_class(name_or_path, revision)
+        parts, noise_scheduler = family.load_parts(name_or_path, revision, variant, pipeline_class)
+        denoiser = family.load_denoiser(name_or_path, revision, variant)
+        core = {k: parts.pop(k) for k in ("vae", "text_encoder", "tokenizer")}
+        return TeacherParts(denoiser, scheduler=noise_scheduler, name_or_path=name_or_path, revision=revision,
+                            variant=variant, family=family, extra=parts, pipeline_class=pipeline_class, **core)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
 
@@ -87,52 +160,61 @@ def load_teacher(name_or_path: str, revision: str | None = None, variant: str | 
     vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **kw)
     unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, **kw)
     scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
-    return TeacherParts(unet, vae, text_encoder, tokenizer, scheduler, name_or_path, revision, variant)
+    return TeacherParts(unet, vae, text_encoder, tokenizer, scheduler, name_or_path, revision, variant,
+                        family=FAMILIES["sd"])
 
 
-def make_student(teacher_unet, architecture: str, width_scale: float = 1.0, pretrained: str | None = None):
-    """A BK-SDM student initialised from the teacher, or a pretrained student UNet. Returns (unet, report).
+def make_student(teacher_unet, architecture: str, width_scale: float = 1.0, pretrained: str | None = None,
+                 family=None, num_blocks: int | None = None, keep_blocks: list[int] | None = None):
+    """A compressed student initialised from the teacher's denoiser (BK/KOALA UNets, block-subset transformers,
+    by `family`; default SD), or a pretrained student. Returns (model, report).
 
     The student is float32 (the master weights under mixed precision); the teacher is left as it is. Build
     the student before casting the teacher to a lower precision, so that it starts from the full weights.
     """
-    from diffusers import UNet2DConditionModel
+    from .families import FAMILIES
 
-    from .distillation import build_student
-
+    family = family or FAMILIES["sd"]
     if pretrained:
-        sub = "unet" if os.path.isdir(os.path.join(pretrained, "unet")) else None
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder=sub)
-        if unet.config.cross_attention_dim != teacher_unet.config.cross_attention_dim:
-            raise ValueError(
-                f"student {pretrained!r} has cross_attention_dim {unet.config.cross_attention_dim} but the teacher has "
-                f"{teacher_unet.config.cross_attention_dim}; the student must share the teacher's text encoder")
-        return unet.to(torch.float32), f"loaded pretrained student {pretrained}"
-    return build_student(teacher_unet, architecture, width_scale, dtype=torch.float32)
+        cls = type(teacher_unet)
+        sub = family.denoiser if os.path.isdir(os.path.join(pretrained, family.denoiser)) else None
+        model = cls.from_pretrained(pretrained, subfolder=sub)
+        for key in ("cross_attention_dim", "caption_channels", "joint_attention_dim"):
+            mine, theirs = model.config.get(key), teacher_unet.config.get(key)
+            if mine != theirs:
+                raise ValueError(f"student {pretrained!r} has {key} {mine} but the teacher has {theirs}; the student "
+                                 "must share the teacher's text encoder")
+        return model.to(torch.float32), f"loaded pretrained student {pretrained}"
+    return family.build_student(teacher_unet, architecture, width_scale, num_blocks=num_blocks,
+                                keep_blocks=keep_blocks)
 
 
 class FeatureMappingError(ValueError):
     """Feature KD was asked for (--lambda_kd_feat > 0) but the teacher and student have no BK feature pairs."""
 
 
-def feature_mapping(teacher, student, architecture: str) -> dict[str, str]:
-    """The BK feature pairs (teacher module -> student module) for feature KD.
+def feature_mapping(teacher, student, architecture: str, family=None, keep_blocks: list[int] | None = None,
+                    taps: str = "auto") -> dict[str, str]:
+    """The feature pairs (teacher module -> student module) for feature KD: stage outputs or self-attention
+    outputs for UNet students (BK, KOALA; `taps`, see `families.Family.feature_mapping`), kept block outputs for
+    transformer students.
 
-    Raises `FeatureMappingError` when the UNets do not have the structure the pairs need, rather than turning
+    Raises `FeatureMappingError` when the models do not have the structure the pairs need, rather than turning
     feature KD off without a word: pass `--lambda_kd_feat 0` for output KD only.
     """
-    from .distillation import default_feature_mapping
+    from .families import FAMILIES
 
+    family = family or FAMILIES["sd"]
     hint = f"pass --lambda_kd_feat 0 to distil with output KD only ({architecture} student)"
     try:
-        mapping = default_feature_mapping(dict(teacher.config), dict(student.config), architecture)
+        mapping = family.feature_mapping(teacher, student, architecture, keep_blocks, taps=taps)
     except (ValueError, KeyError) as e:
-        raise FeatureMappingError(f"feature KD needs BK feature pairs, but none fit these UNets ({e}); {hint}") from None
+        raise FeatureMappingError(f"feature KD needs feature pairs, but none fit these models ({e}); {hint}") from None
     names_t = dict(teacher.named_modules())
     names_s = dict(student.named_modules())
     missing = [f"{t} -> {s}" for t, s in mapping.items() if t not in names_t or s not in names_s]
     if missing or not mapping:
-        raise FeatureMappingError(f"feature KD pairs not found in the UNets: {missing or 'none defined'}; {hint}")
+        raise FeatureMappingError(f"feature KD pairs not found in the models: {missing or 'none defined'}; {hint}")
     return mapping
 
 
@@ -144,11 +226,13 @@ def _input_dtype(model) -> torch.dtype:
     return (frozen or params)[0].dtype
 
 
-def feature_projections(teacher, student, mapping: dict[str, str], device=None):
-    """1x1 projections for the feature pairs whose widths differ (e.g. --student_width_scale < 1), else None."""
+def feature_projections(teacher, student, mapping: dict[str, str], device=None, family=None):
+    """1x1 projections for the feature pairs whose widths differ (e.g. --student_width_scale < 1), else None.
+
+    Only SD 1.x/2.x students may be narrower than their teacher; other families' students keep its widths."""
     from .distillation import FeatureProjections, infer_feature_channels
 
-    if not mapping:
+    if not mapping or (family is not None and family.name != "sd"):
         return None
     cfg = teacher.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
@@ -173,12 +257,11 @@ def make_ema(student, decay: float, foreach: bool = False, offload: bool = False
     """diffusers' `EMAModel` over the student's trainable parameters (`--use_ema`, `--foreach_ema`,
     `--offload_ema`). A full student's EMA knows its model class and config, so checkpoints hold it in
     diffusers' `unet_ema/` layout; with `offload` the shadow weights live on the CPU between updates."""
-    from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
     params = [p for p in student.parameters() if p.requires_grad]
     full = len(params) == len(list(student.parameters()))
-    ema = EMAModel(params, decay=decay, foreach=foreach, model_cls=UNet2DConditionModel if full else None,
+    ema = EMAModel(params, decay=decay, foreach=foreach, model_cls=type(student) if full else None,
                    model_config=student.config if full else None)
     if offload:
         ema.to("cpu")
@@ -284,9 +367,7 @@ def student_init_unet(teacher: TeacherParts, non_ema_revision: str | None = None
     frozen teacher keeps `--revision`."""
     if non_ema_revision is None or non_ema_revision == teacher.revision:
         return teacher.unet
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(teacher.name_or_path, subfolder="unet", revision=non_ema_revision)
+    return teacher.fam.load_denoiser(teacher.name_or_path, revision=non_ema_revision)
 
 
 # ------------------------------------------------------------------------------------------ pool, regions
@@ -402,22 +483,20 @@ def paired_dataset(args, pool, regions, teacher: TeacherParts, accelerator):
     from .pool import get_prompts
 
     if args.image_free:
-        from diffusers import StableDiffusionPipeline
-
         from .data import load_or_generate_teacher_latents
 
         n = min(args.num_teacher_latents, len(pool))
         idx = np.sort(np.random.default_rng(args.seed).choice(len(pool), size=n, replace=False))
         prompts = get_prompts(pool, idx)
-        pipe = StableDiffusionPipeline(unet=teacher.unet, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False, **teacher.pipeline_components())
+        pipe = teacher.make_pipeline()
         pipe.set_progress_bar_config(disable=True)
         # reused only when every setting matches (else a StaleCacheError naming it); made again on overwrite
         latents = load_or_generate_teacher_latents(
             os.path.join(args.output_dir, "teacher_latents"), pipe, prompts, idx,
             fingerprint={"pool": pool_fingerprint(pool)}, overwrite=bool(getattr(args, "overwrite_output_dir", False)),
             num_inference_steps=args.teacher_inference_steps, guidance_scale=args.teacher_guidance_scale,
-            height=args.resolution, width=args.resolution, seed=args.seed, progress=accelerator.is_local_main_process)
+            height=args.resolution, width=args.resolution, seed=args.seed, progress=accelerator.is_local_main_process,
+            pipeline_kwargs=teacher.fam.call_kwargs())
         return LatentCaptionDataset(latents, prompts, np.asarray(regions.region_ids)[idx])
     ds = load_image_caption_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.revision,
                                     args.cache_dir, args.max_train_samples, args.seed)
@@ -446,27 +525,25 @@ def loggable_config(args) -> dict[str, Any]:
 
 
 def save_student_pipeline(output_dir: str, student, teacher: TeacherParts, lora: bool = False) -> None:
-    """Write a `StableDiffusionPipeline` folder with the student UNet into `output_dir` (plus LoRA weights).
+    """Write a pipeline folder of the teacher's class with the student denoiser into `output_dir` (plus LoRA
+    weights), loadable with `DiffusionPipeline.from_pretrained(output_dir)`.
 
     With `lora=True` the pipeline holds the base student and `pytorch_lora_weights.safetensors` its adapters,
-    loadable with `pipe.load_lora_weights(output_dir)`. The pipeline is float32 throughout, whatever the
-    training precision: load it with `torch_dtype=` to run it in half precision.
+    loadable with `pipe.load_lora_weights(output_dir)` (PixArt: `pipe.transformer.load_lora_adapter`). The
+    pipeline is float32 throughout, whatever the training precision: load it with `torch_dtype=` to run it in
+    half precision.
     """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-
-    from .distillation import base_state_dict, save_lora_weights
+    from .distillation import base_state_dict
 
     tmp = os.path.join(output_dir, ".pipeline.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    unet = student
+    model = student
     if lora:
-        unet = UNet2DConditionModel.from_config(student.config)
-        unet.load_state_dict(base_state_dict(student))
-    pipe = StableDiffusionPipeline(unet=unet, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False, **teacher.float32_components())
-    pipe.save_pretrained(tmp)
+        model = type(student).from_config(student.config)
+        model.load_state_dict(base_state_dict(student))
+    teacher.make_pipeline(model, teacher.float32_components()).save_pretrained(tmp)
     if lora:
-        save_lora_weights(student, tmp)
+        teacher.fam.save_lora(student, tmp)
     for name in os.listdir(tmp):
         dst = os.path.join(output_dir, name)
         if os.path.isdir(dst):
@@ -497,15 +574,22 @@ def write_run_info(output_dir: str, **info) -> None:
 
 
 def write_card(args, report_paths: dict, validation_image: str | None, settings, init_report,
-               device: str = "cuda") -> str:
-    """The model card: license from --license or the teacher's card, usage in the run's precision on `device`."""
+               device: str = "cuda", teacher: TeacherParts | None = None) -> str:
+    """The model card: license from --license or the teacher's card, usage in the run's precision on `device`,
+    with the teacher's pipeline class."""
     from .model_card import write_model_card
+
+    pipeline_class = (teacher.pipeline_class if teacher is not None else None) or "StableDiffusionPipeline"
+    lora_load = None
+    if teacher is not None and args.student_mode == "lora":
+        model_ref = args.hub_model_id or f"your-username/{os.path.basename(os.path.abspath(args.output_dir))}"
+        lora_load = teacher.fam.lora_usage(model_ref)
 
     with open(report_paths["json"]) as fh:
         report = json.load(fh)
     report.pop("history", None)
     teacher_report = None
-    tr = os.path.join(args.pretrained_model_name_or_path, "aria_teacher_report.json")
+    tr = os.path.join(args.pretrained_model_name_or_path, TEACHER_REPORT)
     if os.path.isfile(tr):
         with open(tr) as fh:
             teacher_report = json.load(fh)
@@ -515,7 +599,8 @@ def write_card(args, report_paths: dict, validation_image: str | None, settings,
         architecture=args.student_architecture, student_mode=args.student_mode, aria_settings=settings.to_dict(),
         aria_report=report, validation_image=validation_image, allocation_plot=report_paths.get("plot"),
         train_settings={**loggable_config(args), "student_init": str(init_report)},
-        teacher_report=teacher_report, license=args.license, torch_dtype=dtype, device=device)
+        teacher_report=teacher_report, license=args.license, torch_dtype=dtype, device=device,
+        pipeline_class=pipeline_class, lora_load=lora_load)
 
 
 def end_run(accelerator) -> None:

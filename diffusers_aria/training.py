@@ -167,9 +167,10 @@ class KDStep:
     """Teacher and student predictions on the same (x_t, t, c), with feature taps, into per-sample losses.
 
     Args:
-        teacher: the frozen teacher UNet (in its weight dtype).
-        student: the *unwrapped* student UNet (taps hook its modules; call with the wrapped model).
-        noise_scheduler: provides `add_noise` and the prediction type.
+        teacher: the frozen teacher denoiser (in its weight dtype).
+        student: the *unwrapped* student (taps hook its modules; call with the wrapped model).
+        noise_scheduler: provides `add_noise` and the prediction type (`families.FlowMatchingNoise` for
+            rectified-flow teachers).
         loss: `DistillationLoss`.
         feature_mapping: teacher module name -> student module name (empty/None: no feature KD).
         projections: optional `FeatureProjections` when widths differ.
@@ -177,34 +178,43 @@ class KDStep:
             student's (`--prediction_type`): the teacher's output is converted to the student's for output KD.
             None: the scheduler's (no conversion).
         snr_gamma: Min-SNR-gamma weights on each sample's total loss (`--snr_gamma`); None: unweighted.
+        family: the teacher's `families.Family`, which calls the denoisers with their conditioning (default:
+            SD 1.x/2.x, conditioned on encoder hidden states).
     """
 
     def __init__(self, teacher, student, noise_scheduler, loss: DistillationLoss,
                  feature_mapping: dict[str, str] | None = None, projections: FeatureProjections | None = None,
-                 teacher_prediction_type: str | None = None, snr_gamma: float | None = None) -> None:
+                 teacher_prediction_type: str | None = None, snr_gamma: float | None = None, family=None) -> None:
+        from .families import FAMILIES
+
         self.teacher, self.noise_scheduler, self.loss = teacher, noise_scheduler, loss
         self.teacher_prediction_type = teacher_prediction_type
         self.snr_gamma = snr_gamma
+        self.family = family or FAMILIES["sd"]
         self.feature_mapping = dict(feature_mapping or {}) if loss.lambda_kd_feat > 0 else {}
         self.projections = projections
         self.teacher_taps = FeatureTaps(teacher, list(self.feature_mapping)) if self.feature_mapping else None
         self.student_taps = FeatureTaps(student, list(self.feature_mapping.values())) if self.feature_mapping else None
 
     def __call__(self, student_model, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor, paired_mask: torch.Tensor | None = None,
+                 encoder_hidden_states: torch.Tensor | dict, paired_mask: torch.Tensor | None = None,
                  input_noise: torch.Tensor | None = None) -> LossTerms:
         """Per-sample loss terms; x_t is made from `input_noise` when given (input perturbation), the task
-        target from `noise`."""
+        target from `noise`. `encoder_hidden_states`: the hidden states, or the family's conditioning dict
+        (`TeacherParts.encode`)."""
+        cond = (encoder_hidden_states if isinstance(encoder_hidden_states, dict)
+                else {"encoder_hidden_states": encoder_hidden_states})
         noisy = self.noise_scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
+        model_t = self.family.model_timesteps(self.noise_scheduler, timesteps)
         student_type = self.noise_scheduler.config.prediction_type
         with torch.no_grad():
             t_dtype = next(self.teacher.parameters()).dtype
-            teacher_pred = self.teacher(noisy.to(t_dtype), timesteps, encoder_hidden_states.to(t_dtype)).sample
+            teacher_pred = self.family.predict(self.teacher, noisy.to(t_dtype), model_t, self.family.cast(cond, t_dtype))
             if self.teacher_prediction_type and self.teacher_prediction_type != student_type:
                 teacher_pred = convert_prediction(teacher_pred, self.teacher_prediction_type, student_type, noisy,
                                                   timesteps, self.noise_scheduler)
             teacher_feats = dict(self.teacher_taps.features) if self.teacher_taps else None
-        student_pred = student_model(noisy, timesteps, encoder_hidden_states).sample
+        student_pred = self.family.predict(student_model, noisy, model_t, cond)
         student_feats = dict(self.student_taps.features) if self.student_taps else None
         target = None
         if self.loss.lambda_sd > 0:

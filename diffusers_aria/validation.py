@@ -148,24 +148,28 @@ def labelled_grid(rows: list[list], row_labels: list[str], column_labels: list[s
 @torch.no_grad()
 def teacher_student_images(components: dict, teacher_unet, student_unet, prompts: list[str], seed: int = 0,
                            num_inference_steps: int = 25, guidance_scale: float = 5.0, resolution: int | None = None,
-                           output_type: str = "pil") -> tuple[list, list]:
+                           output_type: str = "pil", family=None, pipeline_class: str | None = None,
+                           student_scheduler=None) -> tuple[list, list]:
     """One output per prompt from the teacher and from the student (same seeds, same scheduler), on the device
-    the UNets and `components` are on.
+    the denoisers and `components` are on; `family` (`families.Family`, default SD 1.x/2.x) and
+    `pipeline_class` make the pipelines; `student_scheduler` replaces `components`' scheduler in the
+    student's pipeline (a student trained in another parametrisation than the teacher, `--prediction_type`).
 
     `output_type="pil"` gives PIL images; `"latent"` gives each prompt's latent `[C, H, W]` (float32, CPU).
     """
-    from diffusers import StableDiffusionPipeline
+    from .families import FAMILIES
 
+    family = family or FAMILIES["sd"]
     outputs = []
-    for unet in (teacher_unet, student_unet):
-        pipe = StableDiffusionPipeline(unet=unet, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False, **components)
+    student_parts = dict(components, **({"scheduler": student_scheduler} if student_scheduler is not None else {}))
+    for unet, parts in ((teacher_unet, components), (student_unet, student_parts)):
+        pipe = family.make_pipeline(dict(parts), unet, pipeline_class)
         pipe.set_progress_bar_config(disable=True)
         row = []
         for i, prompt in enumerate(prompts):
             gen = torch.Generator(device="cpu").manual_seed(seed + i)
             out = pipe(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=gen,
-                       height=resolution, width=resolution, output_type=output_type)
+                       height=resolution, width=resolution, output_type=output_type, **family.call_kwargs())
             row.append(out.images[0].float().cpu() if output_type == "latent" else out.images[0])
         outputs.append(row)
     return outputs[0], outputs[1]
@@ -173,10 +177,12 @@ def teacher_student_images(components: dict, teacher_unet, student_unet, prompts
 
 def validation_grid(components: dict, teacher_unet, student_unet, prompts: list[str], seed: int = 0,
                     num_inference_steps: int = 25, guidance_scale: float = 5.0, resolution: int | None = None,
-                    renderer=None, title: str | None = None):
+                    renderer=None, title: str | None = None, family=None, pipeline_class: str | None = None,
+                    student_scheduler=None):
     """The labelled teacher-vs-student grid (a PIL image): VAE images, or `renderer` pictures of the latents."""
     kw = {"seed": seed, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-          "resolution": resolution}
+          "resolution": resolution, "family": family, "pipeline_class": pipeline_class,
+          "student_scheduler": student_scheduler}
     if renderer is not None:
         vae = components["vae"]
         size = (resolution // 2 ** (len(vae.config.block_out_channels) - 1) if resolution
@@ -214,7 +220,8 @@ RENDER_TITLE = ("tiny teacher: each glyph is an anchor prompt (legend), opacity 
 
 def run_validation(accelerator, components: dict, teacher_unet, student_unet, prompts: list[str], output_dir: str,
                    step: int, seed: int = 0, num_inference_steps: int = 25, guidance_scale: float = 5.0,
-                   resolution: int | None = None, name: str | None = None, renderer=None) -> str | None:
+                   resolution: int | None = None, name: str | None = None, renderer=None, family=None,
+                   pipeline_class: str | None = None, student_scheduler=None) -> str | None:
     """Generate, save (`output_dir/validation/step-N.png` or `name`) and log the teacher-vs-student grid.
 
     `renderer`: the tiny teacher's `LatentRenderer` (`tiny_teacher.load_latent_renderer(teacher_path)`, None
@@ -229,7 +236,8 @@ def run_validation(accelerator, components: dict, teacher_unet, student_unet, pr
     with accelerator.autocast():  # a float32 student beside a text encoder and VAE in the weight dtype
         grid = validation_grid(components, teacher_unet, student_unet, prompts, seed=seed,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                               resolution=resolution, renderer=renderer, title=title)
+                               resolution=resolution, renderer=renderer, title=title, family=family,
+                               pipeline_class=pipeline_class, student_scheduler=student_scheduler)
     student_unet.train(was_training)
     path = None
     if accelerator.is_main_process:

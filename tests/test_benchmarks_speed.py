@@ -111,3 +111,18 @@ def test_regions_speed_quick(tmp_path):
         assert "seconds" in r, r
         assert _finite(r["seconds"]) and _finite(r["peak_extra_bytes"]) and r["regions_found"] <= 16
     _all_finite(data)
+
+
+def test_student_sizes_table(tmp_path, capsys):
+    """Every preset of every reference teacher is counted; the published sizes are met within 2%."""
+    _load("student_sizes").main(["--out_dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "student_sizes.json").read_text())["rows"]
+    presets = {(r["model"], r["preset"]) for r in rows}
+    for model in ("sd15_unet", "sdxl_base_unet"):
+        assert {(model, p) for p in ("teacher", "bk_base", "bk_small", "bk_tiny")} <= presets
+    assert {("sdxl_base_unet", "koala_1b"), ("sdxl_base_unet", "koala_700m")} <= presets
+    for model in ("pixart_alpha_xl_1024", "pixart_sigma_xl_1024", "sd3_medium"):
+        assert {(model, p) for p in ("teacher", "dit_every_other", "dit_first_last")} <= presets
+    published = [r for r in rows if r["published_b"] is not None and not r["model"].startswith("sd15")]
+    assert published and all(abs(r["deviation_pct"]) <= 2.0 for r in published)
+    assert "koala_700m" in capsys.readouterr().out

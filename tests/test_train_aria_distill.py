@@ -9,28 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from launching import launch_training as launch
 
 from diffusers_aria.cli import TRAIN_SCRIPT
 
 pytestmark = pytest.mark.slow
-
-
-def launch(args: list[str], num_processes: int = 1, timeout: int = 600,
-           mixed_precision: str = "no") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", mixed_precision,
-           "--dynamo_backend", "no", "--num_processes", str(num_processes)]
-    cmd += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd + [str(TRAIN_SCRIPT)] + args, capture_output=True, text=True, env=env, timeout=timeout)
-    if res.returncode != 0:
-        raise AssertionError(f"training failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
-    return res
 
 
 def base_args(teacher: str, out: str, regions: str, steps: int = 2, extra: list[str] | None = None) -> list[str]:

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Distil a Stable Diffusion teacher into a BK-SDM student with Random Conditioning and ARIA allocation.
+"""Distil a diffusion teacher into a compressed student with Random Conditioning and ARIA allocation.
 
-A diffusers-style training script (see diffusers' examples/text_to_image/train_text_to_image.py): the
+A diffusers-style training script (see diffusers' examples/text_to_image/train_text_to_image.py). The
+teacher's pipeline class picks the family (`diffusers_aria.families`): Stable Diffusion 1.x/2.x and SDXL
+teachers get BK-SDM / KOALA UNet students, PixArt and SD3 teachers block-subset transformer students. The
 teacher is frozen, only the student (full or LoRA) trains on output + feature KD (+ an optional task
 loss on paired samples). With probability p(t) a sample's caption is swapped for a pool prompt chosen by
 ARIA: regions of the prompt pool are sampled in proportion to where the student still disagrees with the
@@ -35,6 +37,8 @@ def _optional_float(value: str) -> float | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from diffusers_aria.families import ALL_STUDENTS, FEATURE_TAPS  # light: the family table, no diffusers
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("teacher and student")
     g.add_argument("--pretrained_model_name_or_path", required=True, help="teacher pipeline (hub id or folder)")
@@ -43,7 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--non_ema_revision", default=None,
                    help="revision of the teacher repository whose UNet the student is built from (e.g. its non-EMA "
                         "weights); the frozen teacher keeps --revision (default: --revision)")
-    g.add_argument("--student_architecture", default="bk_small", choices=["bk_base", "bk_small", "bk_tiny"])
+    g.add_argument("--student_architecture", default=None, choices=list(ALL_STUDENTS),
+                   help="student preset: bk_* (SD, SDXL), koala_* (SDXL), dit_* (PixArt, SD3); default bk_small "
+                        "for UNet teachers, dit_every_other for transformer teachers")
+    g.add_argument("--student_num_blocks", type=int, default=None,
+                   help="transformer blocks a dit_first_last student keeps (half of them from each end; default: "
+                        "half the teacher's)")
+    g.add_argument("--student_keep_blocks", type=int, nargs="+", default=None,
+                   help="the teacher's transformer blocks a dit_* student keeps, by index (overrides the preset)")
     g.add_argument("--student_width_scale", type=float, default=1.0, help="scale of the student's channel widths")
     g.add_argument("--student_model_name_or_path", default=None, help="start from this student UNet instead of building one")
     g.add_argument("--student_mode", default="full", choices=["full", "lora"])
@@ -52,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lora_target_modules", nargs="+", default=None, help="LoRA targets (default: to_q to_k to_v to_out.0)")
     g.add_argument("--lambda_kd_output", type=float, default=1.0)
     g.add_argument("--lambda_kd_feat", type=float, default=1.0)
+    g.add_argument("--feature_kd_taps", default="auto", choices=list(FEATURE_TAPS),
+                   help="UNet students' feature-KD taps: stage outputs (BK-SDM), self-attention outputs (KOALA), "
+                        "or all; auto: self_attention for koala_*, stages otherwise. Transformer students tap every "
+                        "kept block")
     g.add_argument("--lambda_sd", type=float, default=0.0, help="task (denoising) loss weight on paired samples")
     g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction", "sample"],
                    help="what the student predicts (default: the teacher's); the teacher's output is converted to it "
@@ -231,7 +246,6 @@ def _main(args: argparse.Namespace) -> None:
     from diffusers_aria.training import (
         KDStep,
         build_aria,
-        encode_prompts,
         sample_step_noise,
         train_length,
         validation_due,
@@ -267,16 +281,25 @@ def _main(args: argparse.Namespace) -> None:
     # --- teacher (frozen) and student -------------------------------------------------------------------
     teacher_parts = run_setup.load_teacher(args.pretrained_model_name_or_path, revision=args.revision,
                                            variant=args.variant)
-    teacher, noise_scheduler = teacher_parts.unet, teacher_parts.scheduler
-    teacher_prediction_type = noise_scheduler.config.prediction_type
-    if args.prediction_type is not None:  # the student's parametrisation; the saved scheduler records it
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    family = teacher_parts.fam  # the teacher's pipeline class picks it: sd, sdxl, pixart or sd3
+    if args.student_architecture is None:
+        args.student_architecture = family.default_student
+    family.check_student(args.student_architecture)
+    if args.snr_gamma is not None and family.flow_matching:
+        raise ValueError(f"--snr_gamma {args.snr_gamma}: Min-SNR weights are for DDPM teachers; a {family.name} "
+                         "teacher is trained by rectified flow, so drop --snr_gamma")
+    teacher = teacher_parts.unet
+    teacher_prediction_type = teacher_parts.scheduler.config.prediction_type
+    # the student's parametrisation (--prediction_type); the saved pipeline's scheduler records it
+    noise_scheduler = teacher_parts.training_scheduler(args.prediction_type)
     # the student (float32 master weights) is built from the full-precision teacher, then the frozen parts
     # go to the weight dtype together, so that every pipeline made of them has one dtype
     init_unet = run_setup.student_init_unet(teacher_parts, args.non_ema_revision)
     student, init_report = run_setup.make_student(init_unet.to(accelerator.device),
                                                   args.student_architecture, args.student_width_scale,
-                                                  args.student_model_name_or_path)
+                                                  args.student_model_name_or_path, family=family,
+                                                  num_blocks=args.student_num_blocks,
+                                                  keep_blocks=args.student_keep_blocks)
     del init_unet
     student.to(accelerator.device)
     teacher_parts.to_weight_dtype(accelerator.device, weight_dtype)
@@ -323,10 +346,11 @@ def _main(args: argparse.Namespace) -> None:
 
     # --- optimisation -----------------------------------------------------------------------------------
     loss_fn = DistillationLoss(args.lambda_kd_output, args.lambda_kd_feat, args.lambda_sd)
-    mapping = run_setup.feature_mapping(teacher, student, args.student_architecture) if args.lambda_kd_feat else {}
-    projections = run_setup.feature_projections(teacher, student, mapping, accelerator.device)
+    mapping = (run_setup.feature_mapping(teacher, student, args.student_architecture, family, args.student_keep_blocks,
+                                         taps=args.feature_kd_taps) if args.lambda_kd_feat else {})
+    projections = run_setup.feature_projections(teacher, student, mapping, accelerator.device, family=family)
     kd = KDStep(teacher, student, noise_scheduler, loss_fn, feature_mapping=mapping, projections=projections,
-                teacher_prediction_type=teacher_prediction_type, snr_gamma=args.snr_gamma)
+                teacher_prediction_type=teacher_prediction_type, snr_gamma=args.snr_gamma, family=family)
     params = [p for p in student.parameters() if p.requires_grad]
     if projections is not None:
         params += list(projections.parameters())
@@ -372,12 +396,15 @@ def _main(args: argparse.Namespace) -> None:
         collate_fn=collate, num_workers=args.dataloader_num_workers)
     batches = iter(loader)
     components = teacher_parts.pipeline_components()
+    pipeline_kw = {"family": family, "pipeline_class": teacher_parts.pipeline_class,
+                   "student_scheduler": teacher_parts.student_scheduler()}
     renderer = load_latent_renderer(args.pretrained_model_name_or_path)  # the tiny teacher's latents, made legible
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="distilling",
                     disable=not accelerator.is_local_main_process)
     nonfinite_run = 0
     stream = open(args.write_stream, "a") if args.write_stream and accelerator.is_main_process else None
     vae_scale = teacher_parts.vae.config.scaling_factor
+    vae_shift = teacher_parts.vae.config.get("shift_factor") or 0.0  # SD3's VAE: (z - shift) * scale
 
     while global_step < args.max_train_steps:
         for micro in range(ga):
@@ -389,15 +416,14 @@ def _main(args: argparse.Namespace) -> None:
                         latents = batch["latents"].to(accelerator.device, dtype=weight_dtype)
                     else:
                         pix = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
-                        latents = teacher_parts.vae.encode(pix).latent_dist.sample() * vae_scale
+                        latents = (teacher_parts.vae.encode(pix).latent_dist.sample() - vae_shift) * vae_scale
                     step_noise = sample_step_noise(latents, noise_scheduler.config.num_train_timesteps, args.seed,
                                                    draw_step, rank, noise_offset=args.noise_offset,
                                                    input_perturbation=args.input_perturbation)
                     timesteps = step_noise.timesteps
                     cond = aria.conditioning(draw_step, timesteps.cpu(), batch["caption"],
                                              caption_region_ids=batch["region"], rank=rank, num_replicas=world)
-                    hidden = encode_prompts(teacher_parts.text_encoder, teacher_parts.tokenizer, cond.prompts,
-                                            accelerator.device)
+                    hidden = teacher_parts.encode(cond.prompts, accelerator.device, args.resolution)
                 terms = kd(student, latents, step_noise.noise, timesteps, hidden,
                            paired_mask=~cond.swapped.to(latents.device), input_noise=step_noise.input_noise)
                 loss = terms.total.mean()
@@ -445,7 +471,7 @@ def _main(args: argparse.Namespace) -> None:
             run_validation(accelerator, components, teacher, student, args.validation_prompts, args.output_dir,
                            global_step, seed=args.seed, num_inference_steps=args.validation_inference_steps,
                            guidance_scale=args.validation_guidance_scale, resolution=args.resolution,
-                           renderer=renderer)
+                           renderer=renderer, **pipeline_kw)
     progress.close()
     if stream is not None:
         stream.close()
@@ -461,12 +487,13 @@ def _main(args: argparse.Namespace) -> None:
                               args.output_dir, global_step, seed=args.seed,
                               num_inference_steps=args.validation_inference_steps,
                               guidance_scale=args.validation_guidance_scale, resolution=args.resolution,
-                              name="validation_final.png", renderer=renderer)
+                              name="validation_final.png", renderer=renderer, **pipeline_kw)
     state_hashes = run_setup.gather_state_hashes(accelerator, aria.callback)
     if accelerator.is_main_process:
         run_setup.save_student_pipeline(args.output_dir, final_student, teacher_parts, lora=args.student_mode == "lora")
         report_paths = aria.callback.write_report(args.output_dir)
-        run_setup.write_card(args, report_paths, grid, settings, init_report, device=accelerator.device.type)
+        run_setup.write_card(args, report_paths, grid, settings, init_report, device=accelerator.device.type,
+                             teacher=teacher_parts)
         run_setup.write_run_info(args.output_dir, num_processes=world, global_step=global_step,
                                  allocation=args.allocation, student_mode=args.student_mode,
                                  nonfinite_samples=aria.tracker.num_nonfinite, aria_state_hashes=state_hashes)

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .students import STUDENT_ARCHITECTURES
+from .students import check_architecture, meta_unet, public_config, student_key_map
+
+
+def _image_stream(output: Any) -> torch.Tensor:
+    """The image tokens of an MMDiT block: ``JointTransformerBlock`` returns ``(encoder_hidden_states,
+    hidden_states)``, whose first element is the text stream (``None`` in the last, context-pre-only block)."""
+    if isinstance(output, (tuple, list)) and output:
+        return _first_tensor(output[-1])
+    return _first_tensor(output)
+
+
+# Module class name -> how to pick the hidden state from its output, where the first tensor is the wrong one.
+OUTPUT_SELECTORS: dict[str, Callable[[Any], torch.Tensor]] = {"JointTransformerBlock": _image_stream}
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
@@ -25,10 +39,18 @@ class FeatureTaps:
     """Record the outputs of named submodules of ``model`` with forward hooks.
 
     Pass the unwrapped model (not a DDP/compiled wrapper). Tuple outputs keep their first element,
-    which for diffusers down blocks is the hidden state. Use as a context manager to remove hooks.
+    which for diffusers down blocks is the hidden state, except for modules whose class name has a
+    selector in :data:`OUTPUT_SELECTORS` (an SD3 ``JointTransformerBlock`` records its image tokens, the
+    last element) or in ``selectors`` (class name -> function of the output; merged over the defaults).
+    Use as a context manager to remove hooks.
     """
 
-    def __init__(self, model: nn.Module, module_names: list[str]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        module_names: list[str],
+        selectors: dict[str, Callable[[Any], torch.Tensor]] | None = None,
+    ) -> None:
         modules = dict(model.named_modules())
         unknown = [name for name in module_names if name not in modules]
         if unknown:
@@ -37,12 +59,18 @@ class FeatureTaps:
                 f"Feature tap module(s) {unknown} not found in {type(model).__name__}; "
                 f"valid names look like {valid} (pass the unwrapped model)."
             )
+        self._selectors = {**OUTPUT_SELECTORS, **(selectors or {})}
         self._features: dict[str, torch.Tensor] = {}
-        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in module_names]
+        self._handles = [
+            modules[name].register_forward_hook(
+                self._hook(name, self._selectors.get(type(modules[name]).__name__, _first_tensor))
+            )
+            for name in module_names
+        ]
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, select: Callable[[Any], torch.Tensor]):
         def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            self._features[name] = _first_tensor(output)
+            self._features[name] = select(output)
 
         return record
 
@@ -84,10 +112,7 @@ def default_feature_mapping(teacher_config: dict, student_config: dict, architec
     student drops the lowest-resolution stage (``bk_tiny``), its new last down block has no
     downsampler, so it is paired with the teacher's last layer of that stage before downsampling.
     """
-    if architecture not in STUDENT_ARCHITECTURES:
-        raise ValueError(
-            f"Unknown student architecture {architecture!r}; valid options are {list(STUDENT_ARCHITECTURES)}."
-        )
+    check_architecture(architecture)
     n_teacher = len(teacher_config["down_block_types"])
     n_student = len(student_config["down_block_types"])
     offset = n_teacher - n_student
@@ -108,14 +133,48 @@ def default_feature_mapping(teacher_config: dict, student_config: dict, architec
     return mapping
 
 
+def _config_of(model_or_config: Any) -> dict[str, Any]:
+    config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
+    return public_config(config)
+
+
+def self_attention_mapping(teacher: Any, student: Any, architecture: str) -> dict[str, str]:
+    """Pair every student self-attention (``...transformer_blocks.j.attn1``) with the teacher's ``attn1`` it was
+    initialised from, as ``{teacher_name: student_name}``.
+
+    ``teacher``/``student`` are UNets or their configs; ``architecture`` is one of
+    :data:`~diffusers_aria.distillation.students.UNET_STUDENT_ARCHITECTURES`. KOALA found the self-attention
+    features the most useful feature-KD target; tap them with :class:`FeatureTaps` (the outputs are
+    ``(batch, tokens, channels)``).
+    """
+    check_architecture(architecture)
+    teacher_config, student_cfg = _config_of(teacher), _config_of(student)
+    key_map = student_key_map(teacher_config, student_cfg, architecture)
+    mapping: dict[str, str] = {}
+    for name, _module in meta_unet(student_cfg).named_modules():
+        if name.endswith(".attn1") and ".transformer_blocks." in name:
+            teacher_key = key_map[f"{name}.to_q.weight"]
+            mapping[teacher_key[: -len(".to_q.weight")]] = name
+    return mapping
+
+
+def _channels(feature: torch.Tensor) -> int:
+    """Channel count of a feature: dim 1 of a feature map, the last dim of ``(batch, tokens, channels)``."""
+    return int(feature.shape[-1] if feature.dim() == 3 else feature.shape[1])
+
+
 @torch.no_grad()
 def infer_feature_channels(
     model: nn.Module, module_names: list[str], *args: Any, **kwargs: Any
 ) -> dict[str, int]:
-    """Run ``model(*args, **kwargs)`` once and return the channel count of each tapped output."""
+    """Run ``model(*args, **kwargs)`` once and return the channel count of each tapped output.
+
+    Feature maps ``(batch, channels, ...)`` count dim 1; token sequences ``(batch, tokens, channels)`` (attention
+    and transformer-block outputs) count the last dim.
+    """
     with FeatureTaps(model, module_names) as taps:
         model(*args, **kwargs)
-        return {name: int(feature.shape[1]) for name, feature in taps.features.items()}
+        return {name: _channels(feature) for name, feature in taps.features.items()}
 
 
 def _key(name: str) -> str:
@@ -126,7 +185,8 @@ class FeatureProjections(nn.Module):
     """Per-pair 1x1 convolutions lifting student features to the teacher's width.
 
     A projection exists only where the widths differ; elsewhere the feature passes through unchanged.
-    Call ``projections(teacher_name, student_feature)``.
+    Call ``projections(teacher_name, student_feature)``; a token sequence ``(batch, tokens, channels)`` is
+    projected on its last dim with the same weights.
     """
 
     def __init__(
@@ -156,4 +216,7 @@ class FeatureProjections(nn.Module):
         if key not in self.projections:
             return student_feature
         conv = self.projections[key]
-        return conv(student_feature.to(conv.weight.dtype))
+        feature = student_feature.to(conv.weight.dtype)
+        if feature.dim() == 3:
+            return F.linear(feature, conv.weight.flatten(1), conv.bias)
+        return conv(feature)

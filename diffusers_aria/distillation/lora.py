@@ -67,7 +67,12 @@ def add_lora(
         init_lora_weights="gaussian",
         target_modules=targets,
     )
-    unet.add_adapter(config)
+    if hasattr(unet, "add_adapter"):
+        unet.add_adapter(config)
+    else:  # models without diffusers' PeftAdapterMixin, e.g. PixArtTransformer2DModel
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, unet)
     return unet
 
 

@@ -13,8 +13,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 def prediction_target(
     scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
-    """Regression target for the scheduler's ``prediction_type`` (epsilon, v_prediction or sample)."""
+    """Regression target for the scheduler's ``prediction_type`` (epsilon, v_prediction, sample, or the
+    rectified-flow velocity ``noise - latents`` of "flow_matching")."""
     prediction_type = scheduler.config.prediction_type
+    if prediction_type == "flow_matching":
+        return noise - latents
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":

@@ -1,0 +1,23 @@
+"""Running the training script through a real `accelerate launch` subprocess, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from diffusers_aria.cli import TRAIN_SCRIPT
+
+
+def launch_training(args: list[str], num_processes: int = 1, timeout: int = 600,
+                    mixed_precision: str = "no") -> subprocess.CompletedProcess:
+    """`accelerate launch train_aria_distill.py ARGS` on CPU (gloo for 2 processes); raises with the tails of
+    its output when it fails."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", mixed_precision,
+           "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    cmd += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd + [str(TRAIN_SCRIPT)] + args, capture_output=True, text=True, env=env, timeout=timeout)
+    if res.returncode != 0:
+        raise AssertionError(f"training failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
