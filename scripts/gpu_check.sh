@@ -3,6 +3,7 @@
 #   bash scripts/gpu_check.sh            # 512 px; two processes when two or more GPUs are visible
 #   bash scripts/gpu_check.sh --lora     # the LoRA student
 #   bash scripts/gpu_check.sh --smoke    # the same code on CPU at 64 px (CI)
+#   bash scripts/gpu_check.sh --family sdxl   # SDXL-base size (also pixart, sd3), 1024 px
 # Extra flags go to benchmarks/gpu_check.py (--steps, --batch_size, --resolution, ...).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

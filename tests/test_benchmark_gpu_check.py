@@ -26,3 +26,45 @@ def test_gpu_check_smoke(tmp_path, lora):
     else:
         assert rec["student_trainable_params"] == rec["student_params"]
     assert "ARIA/RC step time" in res.stdout
+
+
+@pytest.mark.parametrize("family,lora", [("sdxl", False), ("pixart", True), ("sd3", False)])
+def test_gpu_check_smoke_other_families(tmp_path, family, lora):
+    """`--family`: the same measurement on the tiny SDXL / PixArt / SD3 teachers (the real sizes on a GPU)."""
+    cmd = ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--smoke", "--family", family, "--out_dir", str(tmp_path)]
+    res = subprocess.run(cmd + (["--lora"] if lora else []), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    rec = json.loads((tmp_path / f"gpu_check_{family}_smoke{'_lora' if lora else ''}.json").read_text())
+    assert rec["family"] == family and rec["student"].startswith("koala_700m" if family == "sdxl" else "dit_every_other")
+    assert rec["feature_pairs"] > 0 and rec["step_ms"]["aria"]["n"] == 3 and rec["samples_per_s"]["rc"] > 0
+    assert rec["student_params"] < rec["teacher_params"] < rec["frozen_params"]
+    assert (rec["student_trainable_params"] < rec["student_params"]) == lora
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart", "sd3"])
+def test_real_size_parts_fit_together(family, monkeypatch):
+    """The real-size parts of `--family` (built on the meta device here: no memory, no GPU) are the published
+    sizes and their widths match: text states -> cross-attention / caption / joint widths, pooled -> added
+    embeddings."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("gpu_check", None)
+    import gpu_check
+
+    parts = gpu_check._real_components(family, 1024, "meta")
+    denoiser = parts["unet" if family == "sdxl" else "transformer"]
+    billions = sum(p.numel() for p in denoiser.parameters()) / 1e9
+    assert billions == pytest.approx({"sdxl": 2.57, "pixart": 0.61, "sd3": 2.03}[family], rel=0.02)
+    cfg = denoiser.config
+    if family == "sdxl":
+        te, te2 = parts["text_encoder"].config, parts["text_encoder_2"].config
+        assert cfg.cross_attention_dim == te.hidden_size + te2.hidden_size
+        assert cfg.projection_class_embeddings_input_dim == 6 * cfg.addition_time_embed_dim + te2.projection_dim
+    elif family == "pixart":
+        assert cfg.caption_channels == parts["text_encoder"].config.d_model == 4096
+    else:
+        assert cfg.joint_attention_dim == parts["text_encoder_3"].config.d_model
+        assert cfg.pooled_projection_dim == (parts["text_encoder"].config.projection_dim
+                                             + parts["text_encoder_2"].config.projection_dim)
+        assert parts["vae"].config.latent_channels == cfg.in_channels == 16

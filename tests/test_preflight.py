@@ -286,7 +286,22 @@ def _script_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
                               "checkpoint-5"], "were built for a pool of 30 prompts, but --prompt_pool 'builtin' has 40"),
         "missing teacher": (["--pretrained_model_name_or_path", "./no-teacher", *new],
                             "--pretrained_model_name_or_path './no-teacher': no such pipeline folder"),
+        "unsupported teacher": (["--pretrained_model_name_or_path", _family_teacher(tmp, "FluxPipeline"), *new],
+                                "is a FluxPipeline, which diffusers-aria cannot distil; supported pipelines: "),
+        "student of another family": (["--pretrained_model_name_or_path", _family_teacher(tmp, "PixArtAlphaPipeline"),
+                                       "--student_architecture", "koala_1b", *new],
+                                      "--student_architecture 'koala_1b' does not fit a pixart teacher"),
+        "blocks of a UNet student": (["--pretrained_model_name_or_path",
+                                      _family_teacher(tmp, "StableDiffusionXLPipeline"), "--student_num_blocks", "2",
+                                      *new], "--student_num_blocks applies to transformer students"),
     }
+
+
+def _family_teacher(tmp: Path, pipeline_class: str) -> str:
+    """A fake pipeline folder whose model_index.json names `pipeline_class` (nothing loads it)."""
+    path = write_fake_pipeline(tmp / pipeline_class)
+    (path / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
+    return str(path)
 
 
 _DRIVER = """
@@ -326,7 +341,8 @@ def script_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["missing pool", "empty pool", "bad column", "K too large", "unknown allocation",
                                   "foreign output folder", "damaged checkpoint", "every checkpoint damaged",
-                                  "other run's pool", "missing teacher"])
+                                  "other run's pool", "missing teacher", "unsupported teacher",
+                                  "student of another family", "blocks of a UNet student"])
 def test_training_script_bad_input_is_one_line_and_exit_code_2(script_runs, name):
     cases, runs, _, _ = script_runs
     code, err = runs["results"][name]

@@ -2,8 +2,8 @@
 
 Per family: a full student trains 2 steps with feature KD and a validation grid, resumes to step 3 from its
 latest checkpoint, and its saved pipeline (the teacher's class) reloads and generates; a LoRA student trains
-2 steps and its adapter loads into the saved pipeline the way the model card says. SD3's full run uses two
-processes.
+2 steps in bf16 and its adapter loads into the saved pipeline the way the model card says. SD3's full run
+uses two processes.
 """
 
 from __future__ import annotations
@@ -93,13 +93,16 @@ def test_lora_student_saves_an_adapter_that_loads_as_the_card_says(family, teach
     pipeline_class, _, flags, _ = CASES[family]
     out = tmp_path / "lora"
     launch_training(run_args(teachers[family], out, shared_regions, 2,
-                             flags + ["--student_mode", "lora", "--rank", "2", "--checkpointing_steps", "100"]))
+                             flags + ["--student_mode", "lora", "--rank", "2", "--checkpointing_steps", "100",
+                                      "--mixed_precision", "bf16"]), mixed_precision="bf16")
     card = (out / "README.md").read_text()
     if flags:  # the flag reached the run's recorded settings
         value = flags[1] if len(flags) == 2 else "[" + ", ".join(flags[1:]) + "]"
         assert f"| `{flags[0][2:]}` | {value} |" in card
     pipe = DiffusionPipeline.from_pretrained(str(out))
     assert type(pipe).__name__ == pipeline_class
+    # trained in bf16, saved in one dtype throughout (float32)
+    assert {m.dtype for m in pipe.components.values() if isinstance(m, torch.nn.Module)} == {torch.float32}
     if family == "sd3":  # --student_keep_blocks 0 3
         assert pipe.transformer.config.num_layers == 2
     base = generate(pipe, family)
