@@ -93,7 +93,10 @@ INTERPOLATION_MODES = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": 
 
 
 class ImageCaptionDataset(Dataset):
-    """Rows of a `datasets.Dataset` as {pixel_values [3,H,W] in [-1,1], caption, region, index}.
+    """Rows of a `datasets.Dataset` as {pixel_values [3,H,W] in [-1,1], caption, region, index, time_ids}.
+
+    `time_ids` are SDXL's micro-conditioning of the row: (original height, original width, crop top, crop
+    left, target height, target width), the crop in the resized (and, when flipped, mirrored) image.
 
     A key is a row index or an `(index, epoch)` pair (as `StepBatchSampler` yields; a plain index is epoch
     0). Images are resized (shorter side to `resolution`, with the `interpolation` filter; diffusers'
@@ -127,11 +130,13 @@ class ImageCaptionDataset(Dataset):
         # One stream per use (0 crop, 1 flip, 2 caption), so turning one on does not shift the others.
         return np.random.default_rng([self.seed, index, epoch, salt])
 
-    def _image(self, image, index: int, epoch: int) -> torch.Tensor:
+    def _image(self, image, index: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The resized, cropped (and maybe flipped) image and its SDXL time ids."""
         from PIL import Image
 
         image = image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
         w, h = image.size
+        original = (h, w)
         scale = self.resolution / min(w, h)
         image = image.resize((max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))),
                              Image.Resampling[INTERPOLATION_MODES[self.interpolation]])
@@ -144,8 +149,10 @@ class ImageCaptionDataset(Dataset):
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         if self.random_flip and self._rng(index, epoch, 1).random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            left = w - left - self.resolution  # where the crop lies in the mirrored image
         arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-        return arr.permute(2, 0, 1).contiguous()
+        time_ids = torch.tensor([*original, top, left, self.resolution, self.resolution], dtype=torch.float32)
+        return arr.permute(2, 0, 1).contiguous(), time_ids
 
     def _caption(self, caption, index: int, epoch: int) -> str:
         """The caption itself, or one entry of a list of captions drawn from (seed, index, epoch)."""
@@ -158,9 +165,10 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = split_key(key)
         row = self.ds[index]
-        return {"pixel_values": self._image(row[self.image_column], index, epoch),
-                "caption": self._caption(row[self.caption_column], index, epoch),
-                "region": int(self.region_ids[index]) if self.region_ids is not None else -1, "index": index}
+        pixels, time_ids = self._image(row[self.image_column], index, epoch)
+        return {"pixel_values": pixels, "caption": self._caption(row[self.caption_column], index, epoch),
+                "region": int(self.region_ids[index]) if self.region_ids is not None else -1, "index": index,
+                "time_ids": time_ids}
 
 
 class LatentCaptionDataset(Dataset):
@@ -187,7 +195,7 @@ def collate(rows: list[dict]) -> dict:
     out = {"caption": [r["caption"] for r in rows],
            "region": torch.tensor([r["region"] for r in rows], dtype=torch.long),
            "index": torch.tensor([r["index"] for r in rows], dtype=torch.long)}
-    for key in ("pixel_values", "latents"):
+    for key in ("pixel_values", "latents", "time_ids"):
         if key in rows[0]:
             out[key] = torch.stack([r[key] for r in rows])
     return out

@@ -165,8 +165,9 @@ class Family:
 
     # --- conditioning and the denoiser call --------------------------------------------------------------
 
-    def encode(self, pipe, prompts: list[str], device, resolution: int) -> dict[str, Any]:
-        """The denoiser's conditioning for `prompts`, batch first, as the pipeline computes it."""
+    def encode(self, pipe, prompts: list[str], device, resolution: int, time_ids=None) -> dict[str, Any]:
+        """The denoiser's conditioning for `prompts`, batch first, as the pipeline computes it; `time_ids`:
+        SDXL's per-sample micro-conditioning of paired images ([B, 6]; other families ignore it)."""
         from .training import encode_prompts
 
         return {"encoder_hidden_states": encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, device)}
@@ -239,20 +240,20 @@ class SDXLFamily(Family):
     pipeline_classes = ("StableDiffusionXLPipeline",)
     students = SDXL_STUDENTS
 
-    def encode(self, pipe, prompts, device, resolution):
+    def encode(self, pipe, prompts, device, resolution, time_ids=None):
         import torch
 
         embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
         proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
-        # original size, crop top-left, target size: the generated (or resized and centre-cropped) square
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=embeds.dtype)
+        if time_ids is None:  # original size, crop top-left, target size: a generated square (teacher latents)
+            time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]]).repeat(len(prompts), 1)
         expected = pipe.unet.add_embedding.linear_1.in_features if pipe.unet is not None else None
         if expected is not None and expected != pipe.unet.config.addition_time_embed_dim * 6 + proj:
             raise ValueError(f"the SDXL UNet expects added embeddings of {expected}, but 6 time ids and pooled "
                              f"embeddings of {proj} make {pipe.unet.config.addition_time_embed_dim * 6 + proj}")
         return {"encoder_hidden_states": embeds, "text_embeds": pooled,
-                "time_ids": time_ids.to(device).repeat(len(prompts), 1)}
+                "time_ids": time_ids.to(device=device, dtype=embeds.dtype)}
 
     def predict(self, model, noisy, timesteps, cond):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
@@ -276,7 +277,7 @@ class PixArtFamily(Family):
         # binning (its tables know only 256/512/1024-pixel models)
         return {"clean_caption": False, "use_resolution_binning": False}
 
-    def encode(self, pipe, prompts, device, resolution):
+    def encode(self, pipe, prompts, device, resolution, time_ids=None):
         embeds, mask, _, _ = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False, device=device,
                                                 clean_caption=False)
         return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
@@ -365,7 +366,7 @@ class SD3Family(PixArtFamily):
         parts, _ = Family.load_parts(self, name_or_path, revision, variant, pipeline_class)
         return parts, FlowMatchingNoise.from_scheduler(parts["scheduler"])
 
-    def encode(self, pipe, prompts, device, resolution):
+    def encode(self, pipe, prompts, device, resolution, time_ids=None):
         embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), None, None, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}

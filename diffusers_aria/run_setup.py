@@ -97,12 +97,13 @@ class TeacherParts:
         return self.fam.make_pipeline(dict(components or self.pipeline_components()),
                                       self.unet if denoiser is None else denoiser, self.pipeline_class)
 
-    def encode(self, prompts: list[str], device, resolution: int) -> dict[str, Any]:
-        """The denoiser's conditioning for `prompts` (a dict of batch-first tensors), as the pipeline makes it."""
+    def encode(self, prompts: list[str], device, resolution: int, time_ids=None) -> dict[str, Any]:
+        """The denoiser's conditioning for `prompts` (a dict of batch-first tensors), as the pipeline makes it;
+        `time_ids`: SDXL micro-conditioning of paired images (`ImageCaptionDataset`'s), else a generated square."""
         if getattr(self, "_pipe", None) is None:
             self._pipe = self.make_pipeline()
             self._pipe.set_progress_bar_config(disable=True)
-        return self.fam.encode(self._pipe, prompts, device, resolution)
+        return self.fam.encode(self._pipe, prompts, device, resolution, time_ids=time_ids)
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.vae, self.text_encoder, *self.extra.values())

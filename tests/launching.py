@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 from diffusers_aria.cli import TRAIN_SCRIPT
 
@@ -21,3 +24,17 @@ def launch_training(args: list[str], num_processes: int = 1, timeout: int = 600,
     if res.returncode != 0:
         raise AssertionError(f"training failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
     return res
+
+
+def write_imagefolder(path) -> str:
+    """An imagefolder of 8 random 40x48 images with 4 captions (metadata.jsonl): paired data for a run."""
+    from PIL import Image
+
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    captions = ["a red apple on a table", "a mountain lake at dawn", "a dog running on grass", "a city at night"]
+    with open(os.path.join(path, "metadata.jsonl"), "w") as fh:
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(os.path.join(path, f"{i}.png"))
+            fh.write(json.dumps({"file_name": f"{i}.png", "text": captions[i % 4]}) + "\n")
+    return str(path)

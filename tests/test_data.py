@@ -97,6 +97,27 @@ def test_crop_and_flip_change_with_the_epoch_and_are_deterministic():
     assert torch.equal(centre[(0, 0)]["pixel_values"], centre[(0, 3)]["pixel_values"])  # nothing random
 
 
+def test_time_ids_record_the_original_size_and_where_the_crop_lies():
+    """SDXL's micro-conditioning per row: 24x40 images resized to 16x27 (shorter side 16), cropped to 16x16."""
+    centre = _image_dataset(center_crop=True, random_flip=False)
+    assert centre[0]["time_ids"].tolist() == [24, 40, 0, 5, 16, 16]  # (27 - 16) // 2 = 5
+    ds = _image_dataset()  # random crops and flips
+    seen = set()
+    for i in range(len(ds)):
+        for epoch in range(4):
+            row = ds[(i, epoch)]
+            h, w, top, left, th, tw = row["time_ids"].tolist()
+            assert (h, w, top, th, tw) == (24, 40, 0, 16, 16) and 0 <= left <= 11
+            seen.add(left)
+    assert len(seen) > 2
+    # a flipped crop lies mirrored: the same epoch's unflipped crop at `left` shows at 27 - 16 - left
+    no_flip = _image_dataset(random_flip=False)
+    mirrored = [(no_flip[(i, e)]["time_ids"][3], ds[(i, e)]["time_ids"][3]) for i in range(6) for e in range(4)]
+    assert any(b == 11 - a for a, b in mirrored if a != b) and all(b in (a, 11 - a) for a, b in mirrored)
+    batch = collate([ds[0], ds[1]])
+    assert batch["time_ids"].shape == (2, 6)
+
+
 def test_a_list_caption_is_drawn_per_epoch():
     caps = [["a cat", "a kitten", "a small cat"], ["one"], []]  # an Arrow column is all lists or all strings
     ds = _image_dataset(3, captions=caps)

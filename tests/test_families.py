@@ -81,6 +81,8 @@ def test_sdxl_conditioning_has_pooled_embeddings_and_time_ids_per_prompt(loaded)
     assert not torch.equal(cond["text_embeds"][0], cond["text_embeds"][1])  # a swapped prompt: its own pooled
     assert torch.equal(cond["text_embeds"][0], cond["text_embeds"][2])
     assert cond["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 3
+    given = torch.tensor([[40.0, 48.0, 0.0, 5.0, 32.0, 32.0]] * 3)  # paired images' own (ImageCaptionDataset)
+    assert torch.equal(parts.encode(["a", "b", "c"], "cpu", 32, time_ids=given)["time_ids"], given)
 
 
 def test_pixart_and_sd3_conditioning(loaded):

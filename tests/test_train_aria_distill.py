@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from launching import launch_training as launch
+from launching import write_imagefolder
 
 from diffusers_aria.cli import TRAIN_SCRIPT
 
@@ -77,24 +78,11 @@ def test_lora_student_exp3(tiny_teacher, shared_regions, tmp_path):
     assert json.load(open(out / "aria_report.json"))["policy"] == "exp3"
 
 
-def _imagefolder(path) -> str:
-    from PIL import Image
-
-    os.makedirs(path, exist_ok=True)
-    rng = np.random.default_rng(0)
-    captions = ["a red apple on a table", "a mountain lake at dawn", "a dog running on grass", "a city at night"]
-    with open(os.path.join(path, "metadata.jsonl"), "w") as fh:
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(os.path.join(path, f"{i}.png"))
-            fh.write(json.dumps({"file_name": f"{i}.png", "text": captions[i % 4]}) + "\n")
-    return str(path)
-
-
 def test_imagefolder_region_uniform_ema_task_loss(tiny_teacher, shared_regions, tmp_path):
     out = tmp_path / "paired"
     args = base_args(tiny_teacher, str(out), shared_regions)
     args.remove("--image_free")
-    launch(args + ["--train_data_dir", _imagefolder(tmp_path / "images"), "--random_flip", "--center_crop",
+    launch(args + ["--train_data_dir", write_imagefolder(tmp_path / "images"), "--random_flip", "--center_crop",
                    "--allocation", "region_uniform", "--use_ema", "--ema_decay", "0.9", "--lambda_sd", "0.5",
                    "--rc_schedule", "sigmoid", "--rc_lambda", "8", "--null_prompt_prob", "0.1",
                    "--dataloader_num_workers", "1", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1"])
@@ -121,7 +109,7 @@ def test_bf16_full_student_paired_with_validation(tiny_teacher, shared_regions, 
     out = tmp_path / "bf16"
     args = base_args(tiny_teacher, str(out), shared_regions)
     args.remove("--image_free")
-    launch(args + ["--train_data_dir", _imagefolder(tmp_path / "images"), "--mixed_precision", "bf16",
+    launch(args + ["--train_data_dir", write_imagefolder(tmp_path / "images"), "--mixed_precision", "bf16",
                    "--validation_prompts", "a red fox", "--validation_steps", "1", "--validation_inference_steps", "2",
                    "--use_ema"], mixed_precision="bf16")
     assert (out / "validation" / "step-1.png").exists() and (out / "validation_final.png").exists()

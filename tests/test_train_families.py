@@ -13,13 +13,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from launching import launch_training
+from launching import launch_training, write_imagefolder
 
 from diffusers_aria.tiny_families import make_tiny_family_teacher
 
 pytestmark = pytest.mark.slow
 
-# family -> (pipeline class, full-student flags, LoRA-student flags, processes of the full run)
+# family -> (pipeline class, full-student flags, LoRA-student flags, processes of the full run); the LoRA runs
+# of SDXL (random crops and flips: per-image time ids) and SD3 (its VAE's shift) train on paired images
 CASES = {
     "sdxl": ("StableDiffusionXLPipeline", ["--student_architecture", "koala_700m"], ["--feature_kd_taps", "all"], 1),
     "pixart": ("PixArtAlphaPipeline", ["--student_architecture", "dit_first_last", "--student_num_blocks", "2"],
@@ -34,9 +35,9 @@ def teachers(tmp_path_factory) -> dict[str, str]:
     return {f: make_tiny_family_teacher(str(root / f), f) for f in CASES}
 
 
-def run_args(teacher: str, out, regions: str, steps: int, extra: list[str]) -> list[str]:
+def run_args(teacher: str, out, regions: str, steps: int, extra: list[str], data: list[str] | None = None) -> list[str]:
     return ["--pretrained_model_name_or_path", teacher, "--output_dir", str(out), "--regions_dir", regions,
-            "--image_free", "--num_teacher_latents", "8", "--teacher_inference_steps", "2",
+            *(data or ["--image_free"]), "--num_teacher_latents", "8", "--teacher_inference_steps", "2",
             "--builtin_pool_size", "200", "--num_regions", "6", "--resolution", "32", "--train_batch_size", "2",
             "--max_train_steps", str(steps), "--aria_warmup_steps", "1", "--aria_log_every", "1",
             "--report_to", "none", "--learning_rate", "1e-3"] + extra
@@ -92,9 +93,12 @@ def test_lora_student_saves_an_adapter_that_loads_as_the_card_says(family, teach
 
     pipeline_class, _, flags, _ = CASES[family]
     out = tmp_path / "lora"
+    data = None if family == "pixart" else ["--train_data_dir", write_imagefolder(tmp_path / "images"),
+                                            "--random_flip"]
     launch_training(run_args(teachers[family], out, shared_regions, 2,
                              flags + ["--student_mode", "lora", "--rank", "2", "--checkpointing_steps", "100",
-                                      "--mixed_precision", "bf16"]), mixed_precision="bf16")
+                                      "--mixed_precision", "bf16"], data=data), mixed_precision="bf16")
+    assert (out / "teacher_latents").exists() == (data is None)
     card = (out / "README.md").read_text()
     if flags:  # the flag reached the run's recorded settings
         value = flags[1] if len(flags) == 2 else "[" + ", ".join(flags[1:]) + "]"

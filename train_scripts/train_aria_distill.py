@@ -423,7 +423,8 @@ def _main(args: argparse.Namespace) -> None:
                     timesteps = step_noise.timesteps
                     cond = aria.conditioning(draw_step, timesteps.cpu(), batch["caption"],
                                              caption_region_ids=batch["region"], rank=rank, num_replicas=world)
-                    hidden = teacher_parts.encode(cond.prompts, accelerator.device, args.resolution)
+                    hidden = teacher_parts.encode(cond.prompts, accelerator.device, args.resolution,
+                                                  time_ids=batch.get("time_ids"))
                 terms = kd(student, latents, step_noise.noise, timesteps, hidden,
                            paired_mask=~cond.swapped.to(latents.device), input_noise=step_noise.input_noise)
                 loss = terms.total.mean()
