@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_write_json, replace_dir
+from .atomic import atomic_save, atomic_write_json, replace_dir
 from .pool import (
     PROMPT_COLUMN,
     PromptPoolError,
@@ -138,19 +138,21 @@ def embed_pool(
     model = load_embedder(embedder)
     dim_fn = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     dim = dim_fn()
-    tmp_path = path + ".partial.npy"
-    out = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=(n, dim))
-    bar = tqdm(total=n, desc="embedding prompts", unit="prompt", disable=not progress)
-    start = 0
-    for batch in iter_prompt_batches(pool, chunk_size):
-        emb = model.encode(batch, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-        out[start : start + len(batch)] = emb
-        start += len(batch)
-        bar.update(len(batch))
-    bar.close()
-    out.flush()
-    del out
-    os.replace(tmp_path, path)
+    def write(tmp_path: str) -> None:  # rows go straight into a memory-mapped file, renamed when complete
+        out = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=(n, dim))
+        bar = tqdm(total=n, desc="embedding prompts", unit="prompt", disable=not progress)
+        start = 0
+        for batch in iter_prompt_batches(pool, chunk_size):
+            emb = model.encode(batch, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                               show_progress_bar=False)
+            out[start : start + len(batch)] = emb
+            start += len(batch)
+            bar.update(len(batch))
+        bar.close()
+        out.flush()
+        del out
+
+    atomic_save(path, write, suffix=".npy")
     atomic_write_json(meta_path, {**settings, "dim": dim, "complete": True}, indent=None)
     emb = np.load(path, mmap_mode="r", allow_pickle=False)
     if own_tmp:  # the mapping outlives the unlinked file

@@ -17,6 +17,8 @@ import textwrap
 import numpy as np
 import torch
 
+from .atomic import atomic_save
+
 logger = logging.getLogger(__name__)
 
 #: Smallest side of a grid tile in pixels: smaller pictures are upscaled to it.
@@ -243,7 +245,6 @@ def run_validation(accelerator, components: dict, teacher_unet, student_unet, pr
     if accelerator.is_main_process:
         path = os.path.join(output_dir, name) if name else os.path.join(output_dir, "validation", f"step-{step}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        grid.save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
+        atomic_save(path, lambda tmp: grid.save(tmp, format="PNG"))
         log_validation(accelerator, grid, step, prompts)
     return path
