@@ -191,3 +191,15 @@ def test_evaluate_compares_a_student_of_any_family(teachers, loaded, family, tmp
     run_setup.save_student_pipeline(str(tmp_path), student, parts)
     other = evaluate_student(teachers[family], str(tmp_path), prompts, region_ids=[0, 1, 1], timesteps=(100, 700))
     assert other["overall"] > 0 and set(other["per_region"]) == {"0", "1"}
+
+
+def test_a_pixart_sigma_teacher_is_a_pixart_teacher(loaded, tmp_path):
+    from diffusers import PixArtSigmaPipeline
+
+    alpha = loaded["pixart"]
+    PixArtSigmaPipeline(transformer=alpha.unet, **alpha.pipeline_components()).save_pretrained(tmp_path)
+    parts = run_setup.load_teacher(str(tmp_path))
+    assert parts.fam.name == "pixart" and parts.pipeline_class == "PixArtSigmaPipeline"
+    cond = parts.encode(["a red cube"], "cpu", 32)
+    assert cond["encoder_hidden_states"].shape[-1] == parts.unet.config.caption_channels
+    assert type(parts.make_pipeline()).__name__ == "PixArtSigmaPipeline"
