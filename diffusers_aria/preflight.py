@@ -180,6 +180,9 @@ def check_teacher_family(value: str, architecture: str | None, flag: str = "--pr
         flag_used = "--student_num_blocks" if num_blocks is not None else "--student_keep_blocks"
         raise UserError(f"{flag_used} applies to transformer students (dit_every_other, dit_first_last of a PixArt "
                         f"or SD3 teacher), not to {architecture!r}; drop it")
+    if num_blocks is not None and architecture == "dit_every_other" and not keep_blocks:
+        raise UserError(f"--student_num_blocks {num_blocks} does not apply to dit_every_other (it keeps every other "
+                        "block); use --student_architecture dit_first_last with it, or --student_keep_blocks")
     if taps != "auto" and transformer:
         raise UserError(f"--feature_kd_taps {taps!r} applies to UNet students; transformer students tap every kept "
                         "block (leave it at auto)")

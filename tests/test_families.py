@@ -51,6 +51,9 @@ def test_preflight_refuses_a_student_that_does_not_fit_the_teacher(teachers, tmp
         check_teacher_family(teachers["sdxl"], "koala_1b", keep_blocks=[0, 1])
     with pytest.raises(UserError, match="--feature_kd_taps 'all' applies to UNet students"):
         check_teacher_family(teachers["sd3"], None, taps="all")
+    with pytest.raises(UserError, match="--student_num_blocks 2 does not apply to dit_every_other"):
+        check_teacher_family(teachers["pixart"], None, num_blocks=2)
+    check_teacher_family(teachers["pixart"], "dit_first_last", num_blocks=2)
     check_teacher_family(teachers["sd3"], None, keep_blocks=[0, 3])
     check_teacher_family(teachers["sdxl"], "koala_1b", taps="all")
     other = tmp_path / "other"
