@@ -47,6 +47,19 @@ logger = logging.getLogger(__name__)
 PAPER_ARXIV = "2606.23898"
 STUDENT_MODES: tuple[str, ...] = ("full", "lora")
 CARD_TAGS: tuple[str, ...] = ("stable-diffusion", "text-to-image", "diffusers", "distillation", "aria", "bk-sdm")
+#: The first tag of a card by the saved pipeline's class (CARD_TAGS' "stable-diffusion" for SD 1.x/2.x).
+PIPELINE_TAGS = {"StableDiffusionXLPipeline": "stable-diffusion-xl", "PixArtAlphaPipeline": "pixart-alpha",
+                 "PixArtSigmaPipeline": "pixart-sigma", "StableDiffusion3Pipeline": "sd3"}
+
+
+def card_tags(pipeline_class: str, architecture: str, student_mode: str) -> list[str]:
+    """The card's tags: the family's, the library's, the student design's (BK-SDM or KOALA), and lora."""
+    tags = [PIPELINE_TAGS.get(pipeline_class, "stable-diffusion"), *CARD_TAGS[1:5]]
+    if architecture.startswith("bk_"):
+        tags.append("bk-sdm")
+    elif architecture.startswith("koala_"):
+        tags.append("koala")
+    return tags + (["lora"] if student_mode == "lora" else [])
 MAX_REGION_ROWS = 64
 #: The `torch_dtype` values the card's usage snippet can use.
 TORCH_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
@@ -466,7 +479,7 @@ def write_model_card(
 
     card_data = ModelCardData(license=license, base_model=hub_id, pipeline_tag="text-to-image", inference=True)
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
-    populate_model_card(card, tags=list(CARD_TAGS) + (["lora"] if student_mode == "lora" else []))
+    populate_model_card(card, tags=card_tags(pipeline_class, architecture, student_mode))
     text = scrub_secrets(str(card))  # last line of defence: nothing token-like ever reaches the card
     path = os.path.join(output_dir, "README.md")
     atomic_write_text(path, text)

@@ -349,3 +349,12 @@ def test_hub_keeps_the_card_api_importable():
     assert (resolve_license, teacher_license) == (model_card.resolve_license, model_card.teacher_license)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         hub.nope  # noqa: B018
+
+
+def test_tags_follow_the_family_and_the_student_design():
+    assert model_card.card_tags("StableDiffusionPipeline", "bk_small", "full") == [
+        "stable-diffusion", "text-to-image", "diffusers", "distillation", "aria", "bk-sdm"]
+    assert model_card.card_tags("StableDiffusionXLPipeline", "koala_700m", "lora") == [
+        "stable-diffusion-xl", "text-to-image", "diffusers", "distillation", "aria", "koala", "lora"]
+    assert model_card.card_tags("StableDiffusion3Pipeline", "dit_every_other", "full") == [
+        "sd3", "text-to-image", "diffusers", "distillation", "aria"]
