@@ -56,6 +56,7 @@ class TeacherParts:
     extra: dict[str, Any] = field(default_factory=dict)
     pipeline_class: str | None = None
     student_prediction_type: str | None = None
+    vae_name_or_path: str | None = None  # --pretrained_vae_model_name_or_path: a VAE other than the teacher's
 
     def training_scheduler(self, prediction_type: str | None = None):
         """The noise scheduler for training, in the student's parametrisation (`--prediction_type`; default the
@@ -123,24 +124,36 @@ class TeacherParts:
         if all(m.dtype == torch.float32 for m in self.modules() if m is not self.unet):
             return parts
         kw = {"revision": self.revision, "variant": self.variant}
+        vae = load_vae(self.vae_name_or_path).float() if self.vae_name_or_path else None
         if self.family is not None and self.family.name != "sd":
             fresh, _ = self.family.load_parts(self.name_or_path, self.revision, self.variant, self.pipeline_class)
-            return {**fresh, "scheduler": parts["scheduler"]}
+            return {**fresh, "scheduler": parts["scheduler"], **({"vae": vae} if vae is not None else {})}
         from diffusers import AutoencoderKL
         from transformers import AutoModel
 
         if self.vae.dtype != torch.float32:
-            parts["vae"] = AutoencoderKL.from_pretrained(self.name_or_path, subfolder="vae", **kw).float()
+            parts["vae"] = vae or AutoencoderKL.from_pretrained(self.name_or_path, subfolder="vae", **kw).float()
         if self.text_encoder.dtype != torch.float32:
             parts["text_encoder"] = AutoModel.from_pretrained(self.name_or_path, subfolder="text_encoder",
                                                               trust_remote_code=False, **kw).float()
         return parts
 
 
-def load_teacher(name_or_path: str, revision: str | None = None, variant: str | None = None) -> TeacherParts:
+def load_vae(name_or_path: str):
+    """An `AutoencoderKL` from a VAE folder or Hub repo (its root, or the `vae` subfolder of a pipeline), e.g.
+    an SDXL VAE that stays finite in float16 (diffusers' `--pretrained_vae_model_name_or_path`)."""
+    from diffusers import AutoencoderKL
+
+    sub = "vae" if os.path.isfile(os.path.join(name_or_path, "vae", "config.json")) else None
+    return AutoencoderKL.from_pretrained(name_or_path, subfolder=sub)
+
+
+def load_teacher(name_or_path: str, revision: str | None = None, variant: str | None = None,
+                 vae: str | None = None) -> TeacherParts:
     """Load a teacher's parts: its pipeline class (model_index.json) picks the family (`families.py`).
 
-    SD 1.x/2.x teachers load part by part (any transformers text encoder; never remote code)."""
+    SD 1.x/2.x teachers load part by part (any transformers text encoder; never remote code). `vae`: a VAE
+    folder or repo that replaces the teacher's (in training, validation and the saved student pipeline)."""
     from .families import FAMILIES, family_of, read_pipeline_class
 
     family = family_of(name_or_path, revision)
@@ -149,8 +162,11 @@ def load_teacher(name_or_path: str, revision: str | None = None, variant: str | 
         parts, noise_scheduler = family.load_parts(name_or_path, revision, variant, pipeline_class)
         denoiser = family.load_denoiser(name_or_path, revision, variant)
         core = {k: parts.pop(k) for k in ("vae", "text_encoder", "tokenizer")}
+        if vae:
+            core["vae"] = load_vae(vae)
         return TeacherParts(denoiser, scheduler=noise_scheduler, name_or_path=name_or_path, revision=revision,
-                            variant=variant, family=family, extra=parts, pipeline_class=pipeline_class, **core)
+                            variant=variant, family=family, extra=parts, pipeline_class=pipeline_class,
+                            vae_name_or_path=vae, **core)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
 
@@ -158,11 +174,12 @@ def load_teacher(name_or_path: str, revision: str | None = None, variant: str | 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", trust_remote_code=False, **kw)
     text_encoder = AutoModel.from_pretrained(name_or_path, subfolder="text_encoder", variant=variant,
                                              trust_remote_code=False, **kw)
-    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **kw)
+    autoencoder = (load_vae(vae) if vae else
+                   AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **kw))
     unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, **kw)
     scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
-    return TeacherParts(unet, vae, text_encoder, tokenizer, scheduler, name_or_path, revision, variant,
-                        family=FAMILIES["sd"])
+    return TeacherParts(unet, autoencoder, text_encoder, tokenizer, scheduler, name_or_path, revision, variant,
+                        family=FAMILIES["sd"], vae_name_or_path=vae)
 
 
 def make_student(teacher_unet, architecture: str, width_scale: float = 1.0, pretrained: str | None = None,

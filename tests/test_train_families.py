@@ -95,8 +95,16 @@ def test_lora_student_saves_an_adapter_that_loads_as_the_card_says(family, teach
     out = tmp_path / "lora"
     data = None if family == "pixart" else ["--train_data_dir", write_imagefolder(tmp_path / "images"),
                                             "--random_flip"]
+    vae_flags = []
+    if family == "sdxl":  # a VAE of its own (diffusers' flag, e.g. for an fp16-safe SDXL VAE)
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(teachers[family], subfolder="vae")
+        vae.register_to_config(scaling_factor=0.5)
+        vae.save_pretrained(tmp_path / "own-vae")
+        vae_flags = ["--pretrained_vae_model_name_or_path", str(tmp_path / "own-vae")]
     launch_training(run_args(teachers[family], out, shared_regions, 2,
-                             flags + ["--student_mode", "lora", "--rank", "2", "--checkpointing_steps", "100",
+                             flags + vae_flags + ["--student_mode", "lora", "--rank", "2", "--checkpointing_steps", "100",
                                       "--mixed_precision", "bf16"], data=data), mixed_precision="bf16")
     assert (out / "teacher_latents").exists() == (data is None)
     card = (out / "README.md").read_text()
@@ -107,6 +115,8 @@ def test_lora_student_saves_an_adapter_that_loads_as_the_card_says(family, teach
     assert type(pipe).__name__ == pipeline_class
     # trained in bf16, saved in one dtype throughout (float32)
     assert {m.dtype for m in pipe.components.values() if isinstance(m, torch.nn.Module)} == {torch.float32}
+    if family == "sdxl":  # the run's VAE is the saved pipeline's
+        assert pipe.vae.config.scaling_factor == 0.5
     if family == "sd3":  # --student_keep_blocks 0 3
         assert pipe.transformer.config.num_layers == 2
     base = generate(pipe, family)

@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--pretrained_model_name_or_path", required=True, help="teacher pipeline (hub id or folder)")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weights variant of the teacher, e.g. fp16")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="a VAE (folder or Hub id) to use instead of the teacher's, e.g. an SDXL VAE that stays finite "
+                        "in float16; the saved student pipeline holds it")
     g.add_argument("--non_ema_revision", default=None,
                    help="revision of the teacher repository whose UNet the student is built from (e.g. its non-EMA "
                         "weights); the frozen teacher keeps --revision (default: --revision)")
@@ -280,7 +283,7 @@ def _main(args: argparse.Namespace) -> None:
 
     # --- teacher (frozen) and student -------------------------------------------------------------------
     teacher_parts = run_setup.load_teacher(args.pretrained_model_name_or_path, revision=args.revision,
-                                           variant=args.variant)
+                                           variant=args.variant, vae=args.pretrained_vae_model_name_or_path)
     family = teacher_parts.fam  # the teacher's pipeline class picks it: sd, sdxl, pixart or sd3
     if args.student_architecture is None:
         args.student_architecture = family.default_student
