@@ -106,6 +106,13 @@ class TeacherParts:
             self._pipe.set_progress_bar_config(disable=True)
         return self.fam.encode(self._pipe, prompts, device, resolution, time_ids=time_ids)
 
+    def native_resolution(self) -> int:
+        """The size the teacher's pipeline generates by default: the denoiser's sample size times the VAE's
+        downsampling (SD 1.5: 64 x 8 = 512; SDXL, PixArt-XL, SD3: 128 x 8 = 1024)."""
+        size = self.unet.config.sample_size
+        size = size if isinstance(size, int) else size[0]
+        return int(size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.vae, self.text_encoder, *self.extra.values())
                 if isinstance(m, torch.nn.Module)]

@@ -206,3 +206,10 @@ def test_a_pixart_sigma_teacher_is_a_pixart_teacher(loaded, tmp_path):
     cond = parts.encode(["a red cube"], "cpu", 32)
     assert cond["encoder_hidden_states"].shape[-1] == parts.unet.config.caption_channels
     assert type(parts.make_pipeline()).__name__ == "PixArtSigmaPipeline"
+
+
+def test_native_resolution_is_what_the_pipeline_generates_by_default(loaded, tiny_teacher):
+    for parts in (*loaded.values(), run_setup.load_teacher(tiny_teacher)):
+        pipe = parts.make_pipeline()
+        sample = getattr(pipe, "default_sample_size", None) or parts.unet.config.sample_size
+        assert parts.native_resolution() == sample * pipe.vae_scale_factor

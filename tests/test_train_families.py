@@ -36,9 +36,10 @@ def teachers(tmp_path_factory) -> dict[str, str]:
 
 
 def run_args(teacher: str, out, regions: str, steps: int, extra: list[str], data: list[str] | None = None) -> list[str]:
+    # no --resolution: the teacher's native size (the tiny teachers' 16x16 latents of a 2x VAE: 32 px)
     return ["--pretrained_model_name_or_path", teacher, "--output_dir", str(out), "--regions_dir", regions,
             *(data or ["--image_free"]), "--num_teacher_latents", "8", "--teacher_inference_steps", "2",
-            "--builtin_pool_size", "200", "--num_regions", "6", "--resolution", "32", "--train_batch_size", "2",
+            "--builtin_pool_size", "200", "--num_regions", "6", "--train_batch_size", "2",
             "--max_train_steps", str(steps), "--aria_warmup_steps", "1", "--aria_log_every", "1",
             "--report_to", "none", "--learning_rate", "1e-3"] + extra
 
@@ -77,6 +78,7 @@ def test_full_student_trains_resumes_saves_and_generates(family, teachers, share
     assert index["_class_name"] == pipeline_class
     card = (out / "README.md").read_text()
     assert f"from diffusers import {pipeline_class}" in card
+    assert "| `resolution` | 32 |" in card  # the teacher's native size
 
     pipe = DiffusionPipeline.from_pretrained(str(out))
     teacher = DiffusionPipeline.from_pretrained(teachers[family])

@@ -93,7 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num_teacher_latents", type=int, default=256, help="prompts the teacher generates latents for")
     g.add_argument("--teacher_inference_steps", type=int, default=25)
     g.add_argument("--teacher_guidance_scale", type=float, default=5.0)
-    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--resolution", type=int, default=None,
+                   help="training and generation size in pixels (default: the teacher's native size, as its pipeline "
+                        "generates by default: 512 for SD 1.x, 1024 for SDXL, PixArt-XL and SD3)")
     g.add_argument("--image_interpolation_mode", default="lanczos",
                    choices=["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"],
                    help="filter for resizing training images")
@@ -285,6 +287,8 @@ def _main(args: argparse.Namespace) -> None:
     teacher_parts = run_setup.load_teacher(args.pretrained_model_name_or_path, revision=args.revision,
                                            variant=args.variant, vae=args.pretrained_vae_model_name_or_path)
     family = teacher_parts.fam  # the teacher's pipeline class picks it: sd, sdxl, pixart or sd3
+    if args.resolution is None:
+        args.resolution = teacher_parts.native_resolution()
     if args.student_architecture is None:
         args.student_architecture = family.default_student
     family.check_student(args.student_architecture)
