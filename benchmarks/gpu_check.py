@@ -234,7 +234,9 @@ def main(args) -> dict:
         pool, _ = load_pool("builtin", builtin_size=args.pool_size, seed=0)
         regions = build_regions(pool, num_regions=args.num_regions, seed=0, progress=False)
     mapping = feature_mapping(parts.unet, student, args.student, parts.fam)
-    projections = feature_projections(parts.unet, student, mapping, device, family=parts.fam)
+    with torch.no_grad():
+        projections = feature_projections(parts.unet, student, mapping, device, family=parts.fam,
+                                          cond=parts.encode([""], device, args.resolution))
     kd = KDStep(parts.unet, student, parts.scheduler, DistillationLoss(1.0, 1.0, 0.0), feature_mapping=mapping,
                 projections=projections, family=parts.fam)
     params = [p for p in student.parameters() if p.requires_grad]

@@ -251,22 +251,32 @@ def _input_dtype(model) -> torch.dtype:
     return (frozen or params)[0].dtype
 
 
-def feature_projections(teacher, student, mapping: dict[str, str], device=None, family=None):
+def feature_projections(teacher, student, mapping: dict[str, str], device=None, family=None, cond=None):
     """1x1 projections for the feature pairs whose widths differ (e.g. --student_width_scale < 1), else None.
 
-    Only SD 1.x/2.x students may be narrower than their teacher; other families' students keep its widths."""
-    from .distillation import FeatureProjections, infer_feature_channels
+    The widths are read from one forward pass of each model through `family` (`families.Family`, default
+    SD 1.x/2.x) on `cond`, the conditioning of one prompt (`TeacherParts.encode`; default: zero SD hidden
+    states).
+    """
+    from functools import partial
 
-    if not mapping or (family is not None and family.name != "sd"):
+    from .distillation import FeatureProjections, infer_feature_channels
+    from .families import FAMILIES
+
+    if not mapping:
         return None
+    family = family or FAMILIES["sd"]
     cfg = teacher.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     x = torch.zeros(1, cfg.in_channels, size, size, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
-    h = torch.zeros(1, 4, cfg.cross_attention_dim, device=device)
-    t_dtype, s_dtype = _input_dtype(teacher), _input_dtype(student)
-    ch_t = infer_feature_channels(teacher, list(mapping), x.to(t_dtype), t, h.to(t_dtype))
-    ch_s = infer_feature_channels(student, list(mapping.values()), x.to(s_dtype), t, h.to(s_dtype))
+    if cond is None:
+        cond = {"encoder_hidden_states": torch.zeros(1, 4, cfg.cross_attention_dim, device=device)}
+    ch_t, ch_s = (
+        infer_feature_channels(model, names, forward=partial(family.predict, model, x.to(dtype), t,
+                                                             family.cast(cond, dtype)))
+        for model, names, dtype in ((teacher, list(mapping), _input_dtype(teacher)),
+                                    (student, list(mapping.values()), _input_dtype(student))))
     if all(ch_t[a] == ch_s[b] for a, b in mapping.items()):
         return None
     return FeatureProjections(mapping, ch_t, ch_s).to(device)

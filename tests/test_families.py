@@ -213,3 +213,29 @@ def test_native_resolution_is_what_the_pipeline_generates_by_default(loaded, tin
         pipe = parts.make_pipeline()
         sample = getattr(pipe, "default_sample_size", None) or parts.unet.config.sample_size
         assert parts.native_resolution() == sample * pipe.vae_scale_factor
+
+
+def test_a_narrower_sdxl_student_gets_feature_projections(loaded):
+    """--student_width_scale on an SDXL teacher: the pair widths come from a forward pass with the family's
+    conditioning, and the projections make feature KD run."""
+    from diffusers_aria.distillation import DistillationLoss
+
+    parts = loaded["sdxl"]
+    student, _ = parts.fam.build_student(parts.unet, "bk_small", width_scale=0.5)
+    mapping = run_setup.feature_mapping(parts.unet, student, "bk_small", parts.fam)
+    with torch.no_grad():
+        projections = run_setup.feature_projections(parts.unet, student, mapping, family=parts.fam,
+                                                    cond=parts.encode([""], "cpu", 32))
+    assert projections is not None and any(projections.has_projection(name) for name in mapping)
+    kd = KDStep(parts.unet, student, parts.scheduler, DistillationLoss(1.0, 1.0, 0.0), feature_mapping=mapping,
+                projections=projections, family=parts.fam)
+    latents = torch.randn(2, 4, 16, 16)
+    terms = kd(student, latents, torch.randn_like(latents), torch.tensor([10, 500]),
+               parts.encode(["a", "b"], "cpu", 32))
+    assert torch.isfinite(terms.feature).all() and (terms.feature > 0).all()
+    pix = loaded["pixart"]
+    dit, _ = pix.fam.build_student(pix.unet, "dit_every_other")
+    dit_pairs = run_setup.feature_mapping(pix.unet, dit, "dit_every_other", pix.fam)
+    with torch.no_grad():  # a block-subset student keeps the teacher's widths: nothing to project
+        assert run_setup.feature_projections(pix.unet, dit, dit_pairs, family=pix.fam,
+                                             cond=pix.encode([""], "cpu", 32)) is None

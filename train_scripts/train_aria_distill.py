@@ -355,7 +355,10 @@ def _main(args: argparse.Namespace) -> None:
     loss_fn = DistillationLoss(args.lambda_kd_output, args.lambda_kd_feat, args.lambda_sd)
     mapping = (run_setup.feature_mapping(teacher, student, args.student_architecture, family, args.student_keep_blocks,
                                          taps=args.feature_kd_taps) if args.lambda_kd_feat else {})
-    projections = run_setup.feature_projections(teacher, student, mapping, accelerator.device, family=family)
+    with torch.no_grad():  # the widths of the feature pairs, from one forward pass on one prompt's conditioning
+        projections = run_setup.feature_projections(teacher, student, mapping, accelerator.device, family=family,
+                                                    cond=teacher_parts.encode([""], accelerator.device,
+                                                                              args.resolution))
     kd = KDStep(teacher, student, noise_scheduler, loss_fn, feature_mapping=mapping, projections=projections,
                 teacher_prediction_type=teacher_prediction_type, snr_gamma=args.snr_gamma, family=family)
     params = [p for p in student.parameters() if p.requires_grad]

@@ -165,15 +165,16 @@ def _channels(feature: torch.Tensor) -> int:
 
 @torch.no_grad()
 def infer_feature_channels(
-    model: nn.Module, module_names: list[str], *args: Any, **kwargs: Any
+    model: nn.Module, module_names: list[str], *args: Any, forward: Any = None, **kwargs: Any
 ) -> dict[str, int]:
-    """Run ``model(*args, **kwargs)`` once and return the channel count of each tapped output.
+    """Run ``model(*args, **kwargs)`` once (or ``forward(*args, **kwargs)``, a call of ``model`` with its own
+    inputs, e.g. a model family's) and return the channel count of each tapped output.
 
     Feature maps ``(batch, channels, ...)`` count dim 1; token sequences ``(batch, tokens, channels)`` (attention
     and transformer-block outputs) count the last dim.
     """
     with FeatureTaps(model, module_names) as taps:
-        model(*args, **kwargs)
+        (forward or model)(*args, **kwargs)
         return {name: _channels(feature) for name, feature in taps.features.items()}
 
 
