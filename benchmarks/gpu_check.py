@@ -178,23 +178,20 @@ def _real_components(family: str, resolution: int, device) -> dict:
 
 def build_family_teacher(family: str, resolution: int, smoke: bool, device):
     """A teacher of `family` as `run_setup.TeacherParts`: the real sizes, or the tiny random teacher (smoke)."""
-    from diffusers import DDPMScheduler
-
     from diffusers_aria.families import FAMILIES, FlowMatchingNoise
     from diffusers_aria.run_setup import TeacherParts
     from diffusers_aria.tiny_families import family_components
+    from diffusers_aria.tiny_teacher import tiny_scheduler
 
     fam = FAMILIES[family]
     parts = family_components(family, resolution) if smoke else _real_components(family, resolution, device)
-    denoiser = parts.pop(fam.denoiser)
     if fam.flow_matching:
         noise = FlowMatchingNoise.from_scheduler(parts["scheduler"])
     else:
-        noise = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+        noise = tiny_scheduler()  # SD/SDXL-style DDPM betas (the step time does not depend on them)
         parts.setdefault("scheduler", noise)
-    core = {k: parts.pop(k) for k in ("vae", "text_encoder", "tokenizer")}
-    return TeacherParts(denoiser, scheduler=noise, name_or_path=f"random-init-{family}", family=fam, extra=parts,
-                        pipeline_class=fam.pipeline_classes[0], **core)
+    return TeacherParts.from_components(fam, parts, noise, f"random-init-{family}",
+                                        pipeline_class=fam.pipeline_classes[0])
 
 
 def main(args) -> dict:

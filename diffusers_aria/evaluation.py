@@ -80,9 +80,7 @@ def evaluate_student(teacher_path: str, student_path: str, prompts: Sequence[str
         student.unet = family.load_lora(student.make_pipeline(), student_path)
     encode = None
     if family.name != "sd":  # the family's conditioning, at the size of the latents compared
-        vae = teacher.vae.config
-        resolution = int(teacher.unet.config.sample_size) * 2 ** (len(vae.block_out_channels) - 1)
-        teacher.to_weight_dtype("cpu", torch.float32)
+        resolution = teacher.native_resolution()
 
         def encode(chunk, device):
             return teacher.encode(chunk, device, resolution)

@@ -114,7 +114,7 @@ class FlowMatchingNoise:
 
 
 class Family:
-    """The SD 1.x/2.x family; the other families override what differs."""
+    """What a teacher family does, with SD 1.x/2.x's answers; each family overrides what differs."""
 
     name = "sd"
     denoiser = "unet"  # the pipeline's attribute and subfolder for the model that is distilled
@@ -152,11 +152,6 @@ class Family:
 
     def make_pipeline(self, components: dict[str, Any], denoiser, pipeline_class: str | None = None):
         """A pipeline of the family made of `components` (all parts but the denoiser) and `denoiser`."""
-        if self.name == "sd":
-            from diffusers import StableDiffusionPipeline
-
-            return StableDiffusionPipeline(unet=denoiser, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False, **components)
         return self.pipeline_class(pipeline_class)(**components, **{self.denoiser: denoiser})
 
     def call_kwargs(self) -> dict[str, Any]:
@@ -235,6 +230,14 @@ class Family:
         return getattr(pipe, self.denoiser)
 
 
+class SDFamily(Family):
+    def make_pipeline(self, components, denoiser, pipeline_class=None):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(unet=denoiser, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **components)
+
+
 class SDXLFamily(Family):
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
@@ -260,12 +263,43 @@ class SDXLFamily(Family):
         return model(noisy, timesteps, cond["encoder_hidden_states"], added_cond_kwargs=added).sample
 
 
-class PixArtFamily(Family):
-    name = "pixart"
+class TransformerFamily(Family):
+    """Diffusion-transformer teachers: block-subset students (`distillation.dit_students`) tapped per block."""
+
     denoiser = "transformer"
-    pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     students = DIT_STUDENTS
     default_student = "dit_every_other"
+
+    def build_student(self, teacher, architecture, width_scale=1.0, num_blocks=None, keep_blocks=None):
+        import torch
+
+        from .distillation.dit_students import build_dit_student
+
+        self.check_student(architecture)
+        if width_scale != 1.0:
+            raise ValueError(f"--student_width_scale {width_scale}: transformer students keep the teacher's width "
+                             "(they keep a subset of its blocks); leave it at 1")
+        return build_dit_student(teacher, architecture, num_blocks=num_blocks, keep_blocks=keep_blocks,
+                                 dtype=torch.float32)
+
+    def feature_mapping(self, teacher, student, architecture, keep_blocks=None, taps="auto"):
+        """The output of every kept transformer block (image tokens), paired with the teacher block it came from."""
+        from .distillation.dit_students import dit_block_indices, dit_feature_mapping
+
+        if taps != "auto":
+            raise ValueError(f"--feature_kd_taps {taps!r} applies to UNet students; transformer students tap the "
+                             "output of every kept block (leave it at auto)")
+
+        # the blocks the student kept, found again from its preset (dit_first_last: its own block count)
+        num_blocks = student.config.num_layers if architecture == "dit_first_last" and not keep_blocks else None
+        keep = dit_block_indices(teacher.config.num_layers, architecture, num_blocks=num_blocks,
+                                 keep_blocks=keep_blocks)
+        return dit_feature_mapping(keep)
+
+
+class PixArtFamily(TransformerFamily):
+    name = "pixart"
+    pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 
     def denoiser_class(self):
         from diffusers import PixArtTransformer2DModel
@@ -299,32 +333,6 @@ class PixArtFamily(Family):
             out = out[:, : noisy.shape[1]]
         return out
 
-    def build_student(self, teacher, architecture, width_scale=1.0, num_blocks=None, keep_blocks=None):
-        import torch
-
-        from .distillation.dit_students import build_dit_student
-
-        self.check_student(architecture)
-        if width_scale != 1.0:
-            raise ValueError(f"--student_width_scale {width_scale}: transformer students keep the teacher's width "
-                             "(they keep a subset of its blocks); leave it at 1")
-        return build_dit_student(teacher, architecture, num_blocks=num_blocks, keep_blocks=keep_blocks,
-                                 dtype=torch.float32)
-
-    def feature_mapping(self, teacher, student, architecture, keep_blocks=None, taps="auto"):
-        """The output of every kept transformer block (image tokens), paired with the teacher block it came from."""
-        from .distillation.dit_students import dit_block_indices, dit_feature_mapping
-
-        if taps != "auto":
-            raise ValueError(f"--feature_kd_taps {taps!r} applies to UNet students; transformer students tap the "
-                             "output of every kept block (leave it at auto)")
-
-        # the blocks the student kept, found again from its preset (dit_first_last: its own block count)
-        num_blocks = student.config.num_layers if architecture == "dit_first_last" and not keep_blocks else None
-        keep = dit_block_indices(teacher.config.num_layers, architecture, num_blocks=num_blocks,
-                                 keep_blocks=keep_blocks)
-        return dit_feature_mapping(keep)
-
     def save_lora(self, student, output_dir):
         """PixArt pipelines have no `load_lora_weights` and its transformer has no diffusers adapter loader, so
         the adapter is saved in peft's own format (`adapter_config.json`, `adapter_model.safetensors`), which
@@ -349,7 +357,7 @@ class PixArtFamily(Family):
                 f'pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "{model_ref}").merge_and_unload()\n')
 
 
-class SD3Family(PixArtFamily):
+class SD3Family(TransformerFamily):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
     flow_matching = True
@@ -359,11 +367,8 @@ class SD3Family(PixArtFamily):
 
         return SD3Transformer2DModel
 
-    def call_kwargs(self):
-        return {}
-
     def load_parts(self, name_or_path, revision, variant, pipeline_class=None):
-        parts, _ = Family.load_parts(self, name_or_path, revision, variant, pipeline_class)
+        parts, _ = super().load_parts(name_or_path, revision, variant, pipeline_class)
         return parts, FlowMatchingNoise.from_scheduler(parts["scheduler"])
 
     def encode(self, pipe, prompts, device, resolution, time_ids=None):
@@ -388,14 +393,8 @@ class SD3Family(PixArtFamily):
         StableDiffusion3Pipeline.save_lora_weights(output_dir, transformer_lora_layers=get_peft_model_state_dict(model),
                                                    transformer_lora_adapter_metadata=config.to_dict())
 
-    def lora_usage(self, model_ref):
-        return Family.lora_usage(self, model_ref)
 
-    def load_lora(self, pipe, path):
-        return Family.load_lora(self, pipe, path)
-
-
-FAMILIES: dict[str, Family] = {f.name: f for f in (Family(), SDXLFamily(), PixArtFamily(), SD3Family())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SDFamily(), SDXLFamily(), PixArtFamily(), SD3Family())}
 
 
 def family_of(name_or_path: str, revision: str | None = None) -> Family:

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -329,13 +329,13 @@ def _description(architecture: str, student_mode: str, hub_id: str | None, local
 
 
 def _usage(model_ref: str, base_pipeline: str | None, torch_dtype: str, device: str,
-           pipeline_class: str = "StableDiffusionPipeline", lora_load: str | None = None) -> str:
+           pipeline_class: str = "StableDiffusionPipeline", lora_load: Callable[[str], str] | None = None) -> str:
     """The "How to use" snippet; `base_pipeline` is where a LoRA student's base pipeline loads from (None: full);
-    `lora_load` the line that loads the adapter (default `pipe.load_lora_weights(model_ref)`)."""
+    `lora_load(model_ref)` the lines that load the adapter (default `pipe.load_lora_weights(model_ref)`)."""
     dtype = f"torch.{torch_dtype}"
     if base_pipeline is not None:
         load = (f'pipe = {pipeline_class}.from_pretrained("{base_pipeline}", torch_dtype={dtype})\n'
-                + (lora_load or f'pipe.load_lora_weights("{model_ref}")\n'))
+                + (lora_load(model_ref) if lora_load else f'pipe.load_lora_weights("{model_ref}")\n'))
     else:
         load = f'pipe = {pipeline_class}.from_pretrained("{model_ref}", torch_dtype={dtype})\n'
     return (
@@ -388,7 +388,7 @@ def write_model_card(
     torch_dtype: str = "float32",
     device: str = "cuda",
     pipeline_class: str = "StableDiffusionPipeline",
-    lora_load: str | None = None,
+    lora_load: Callable[[str], str] | None = None,
 ) -> str:
     """Write `output_dir/README.md`: a model card for an ARIA-distilled BK-SDM-style student.
 
@@ -414,7 +414,8 @@ def write_model_card(
         torch_dtype: the dtype of the usage snippet, one of "float32", "float16", "bfloat16".
         device: the device of the usage snippet (`pipe.to(device)`), e.g. "cuda", "cuda:0", "cpu", "mps".
         pipeline_class: the saved pipeline's class (the teacher's), named in the usage snippet.
-        lora_load: the snippet's line loading a LoRA student's adapter (default `pipe.load_lora_weights(...)`).
+        lora_load: the snippet's lines loading a LoRA student's adapter, from the card's model reference
+            (`families.Family.lora_usage`; default `pipe.load_lora_weights(...)`).
 
     Returns:
         The path of the written README.md. The card never contains an HF token.

@@ -58,6 +58,16 @@ class TeacherParts:
     student_prediction_type: str | None = None
     vae_name_or_path: str | None = None  # --pretrained_vae_model_name_or_path: a VAE other than the teacher's
 
+    @classmethod
+    def from_components(cls, family, components: dict[str, Any], noise_scheduler, name_or_path: str,
+                        **fields) -> TeacherParts:
+        """The parts of a pipeline of `family` given as its constructor arguments (`components`): the denoiser, VAE, first text encoder and tokenizer by name, everything else in `extra`."""
+        parts = dict(components)
+        denoiser = parts.pop(family.denoiser)
+        core = {k: parts.pop(k) for k in ("vae", "text_encoder", "tokenizer")}
+        return cls(denoiser, scheduler=noise_scheduler, name_or_path=name_or_path, family=family, extra=parts,
+                   **core, **fields)
+
     def training_scheduler(self, prediction_type: str | None = None):
         """The noise scheduler for training, in the student's parametrisation (`--prediction_type`; default the
         teacher's). The teacher's own scheduler is left as it is: its pipelines (teacher latents, the teacher
@@ -167,13 +177,11 @@ def load_teacher(name_or_path: str, revision: str | None = None, variant: str | 
     if family.name != "sd":
         pipeline_class = read_pipeline_class(name_or_path, revision)
         parts, noise_scheduler = family.load_parts(name_or_path, revision, variant, pipeline_class)
-        denoiser = family.load_denoiser(name_or_path, revision, variant)
-        core = {k: parts.pop(k) for k in ("vae", "text_encoder", "tokenizer")}
+        parts[family.denoiser] = family.load_denoiser(name_or_path, revision, variant)
         if vae:
-            core["vae"] = load_vae(vae)
-        return TeacherParts(denoiser, scheduler=noise_scheduler, name_or_path=name_or_path, revision=revision,
-                            variant=variant, family=family, extra=parts, pipeline_class=pipeline_class,
-                            vae_name_or_path=vae, **core)
+            parts["vae"] = load_vae(vae)
+        return TeacherParts.from_components(family, parts, noise_scheduler, name_or_path, revision=revision,
+                                            variant=variant, pipeline_class=pipeline_class, vae_name_or_path=vae)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
 
@@ -615,10 +623,7 @@ def write_card(args, report_paths: dict, validation_image: str | None, settings,
     from .model_card import write_model_card
 
     pipeline_class = (teacher.pipeline_class if teacher is not None else None) or "StableDiffusionPipeline"
-    lora_load = None
-    if teacher is not None and args.student_mode == "lora":
-        model_ref = args.hub_model_id or f"your-username/{os.path.basename(os.path.abspath(args.output_dir))}"
-        lora_load = teacher.fam.lora_usage(model_ref)
+    lora_load = teacher.fam.lora_usage if teacher is not None else None
 
     with open(report_paths["json"]) as fh:
         report = json.load(fh)
