@@ -69,6 +69,10 @@ def project_to_bounds(target: np.ndarray, lower: np.ndarray, upper: np.ndarray, 
     mass = target[free].sum()
     if free.any() and mass > 0:
         p[free] = target[free] * ((1.0 - p[~free].sum()) / mass)
+    deficit = 1.0 - p.sum()
+    if deficit > 1e-12:  # every entry with weight is at its upper bound: the rest goes where there is room
+        room = upper - p
+        p += room * (deficit / room.sum())
     return p
 
 
@@ -188,107 +192,428 @@ def credible_excess(means, standard_errors, threshold: float = 1.0) -> tuple[np.
     return score, float(a)
 
 
+# ------------------------------------------------------------------------------------ sparse empirical Bayes
+def _laplace_parts(z: np.ndarray, a: float) -> tuple[np.ndarray, np.ndarray]:
+    """log masses of the positive and negative halves of a Laplace(a) slab convolved with N(0, 1), at z."""
+    from scipy.special import log_ndtr
+
+    return -a * z + log_ndtr(z - a), a * z + log_ndtr(-z - a)
+
+
+def _exact_log_slab_ratio(z: np.ndarray, a: float) -> np.ndarray:
+    """log of (Laplace(a) * N(0,1))(z) / N(0,1)(z): how much better the slab explains z than pure noise."""
+    lp, ln = _laplace_parts(z, a)
+    return np.log(a / 2.0) + a * a / 2.0 + np.logaddexp(lp, ln) + 0.5 * z * z + 0.5 * np.log(2.0 * np.pi)
+
+
+_Z_GRID = np.linspace(0.0, 40.0, 8001)
+_RATIO_TABLES: dict[float, np.ndarray] = {}
+
+
+def _log_slab_ratio(z: np.ndarray, a: float) -> np.ndarray:
+    """`_exact_log_slab_ratio` of |z|, interpolated in a table made once per slab scale (|z| <= 40; exact beyond):
+    the special functions cost about 100 ns a value, and a 4,096-leaf tree needs them every update."""
+    if a not in _RATIO_TABLES:
+        _RATIO_TABLES[a] = _exact_log_slab_ratio(_Z_GRID, a)
+    table = _RATIO_TABLES[a]
+    za = np.abs(z)
+    pos = np.minimum(za, _Z_GRID[-1]) * ((_Z_GRID.size - 1) / _Z_GRID[-1])  # a uniform grid: no search
+    i = np.minimum(pos.astype(np.int64), _Z_GRID.size - 2)
+    frac = pos - i
+    out = table[i] * (1.0 - frac) + table[i + 1] * frac
+    far = za > _Z_GRID[-1]
+    if far.any():
+        out[far] = _exact_log_slab_ratio(za[far], a)
+    return out
+
+
+def _slab_posterior_median(z: np.ndarray, w, a: float) -> np.ndarray:
+    """Posterior median of mu under the prior (1 - w) delta_0 + w Laplace(a), observed z ~ N(mu, 1) (w may be an
+    array of z's shape)."""
+    from scipy.special import ndtr, ndtri
+
+    za = np.abs(z)
+    w = np.clip(w, 1e-300, 1.0 - 1e-12)
+    p_slab = 1.0 / (1.0 + np.exp(np.clip(-(np.log(w) - np.log1p(-w) + _log_slab_ratio(za, a)), -700.0, 700.0)))
+    lp, ln = _laplace_parts(za, a)
+    p_pos = 1.0 / (1.0 + np.exp(np.clip(ln - lp, -700.0, 700.0)))
+    # given mu > 0 the posterior is N(z - a, 1) truncated to mu > 0: solve P(mu > m | z) = 1/2 for m
+    arg = ndtr(za - a) / np.maximum(2.0 * p_slab * p_pos, 1e-300)
+    m = np.where(arg < 1.0, za - a - ndtri(np.minimum(arg, 1.0 - 1e-16)), 0.0)
+    return np.sign(z) * np.maximum(m, 0.0)
+
+
+_LOG_W_GRID = np.linspace(-40.0, 0.0, 321)
+_THRESHOLDS: dict[float, np.ndarray] = {}
+
+
+def _thresholds(a: float) -> np.ndarray:
+    """|z| below which the posterior median of `_slab_posterior_median` is 0, for every w of `_LOG_W_GRID`
+    (decreasing in w; computed once per slab scale by bisection)."""
+    if a not in _THRESHOLDS:
+        lo, hi = np.zeros_like(_LOG_W_GRID), np.full_like(_LOG_W_GRID, 40.0)
+        w = np.exp(_LOG_W_GRID)
+        for _ in range(50):
+            mid = 0.5 * (lo + hi)
+            positive = _slab_posterior_median(mid, w, a) > 0
+            hi, lo = np.where(positive, mid, hi), np.where(positive, lo, mid)
+        _THRESHOLDS[a] = hi
+    return _THRESHOLDS[a]
+
+
+def _min_slab_weight(n: int, fwer: float, a: float) -> float:
+    """The slab weight whose zero-threshold is the Bonferroni bound for n null z-scores at family-wise error
+    `fwer`: the fitted weight never goes below it, so pure noise stays at zero with probability ~1 - fwer."""
+    from scipy.special import ndtri
+
+    target = float(ndtri(1.0 - fwer / (2.0 * max(n, 2))))
+    t = _thresholds(a)  # decreasing in log w
+    return float(np.exp(np.interp(-target, -t, _LOG_W_GRID)))
+
+
+def sparse_shrinkage(z, fwer: float = 0.05, slab_scale: float = 0.5) -> tuple[np.ndarray, float]:
+    r"""Empirical-Bayes posterior medians of standardised effects under a sparse (spike-and-slab) prior.
+
+    The model: :math:`z_i \sim N(\mu_i, 1)` with :math:`\mu_i = 0` for most i and :math:`\mu_i` from a
+    Laplace slab of rate `slab_scale` for a share w (Johnstone & Silverman's "needles and straw in haystacks"
+    empirical Bayes). w is fitted by marginal maximum likelihood, never below the weight whose zero-threshold is
+    the Bonferroni bound for n values at family-wise error `fwer`. So pure noise gives exactly zero everywhere
+    with probability about 1 - fwer, while a few large effects keep nearly their full size (a normal prior, as
+    in `credible_excess`, fits one spread to all and flattens a sparse few).
+
+    Returns (posterior medians [n], fitted w).
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.size == 0:
+        return z.copy(), 0.0
+    a = float(slab_scale)
+    w_lo = _min_slab_weight(z.size, fwer, a)
+    beta = np.expm1(np.minimum(_log_slab_ratio(np.abs(z), a), 700.0))
+
+    def slope(w: float) -> tuple[float, float]:  # the marginal log-likelihood's first and second derivatives
+        r = beta / (1.0 + w * beta)
+        return float(r.sum()), float(-(r * r).sum())
+
+    if slope(w_lo)[0] <= 0:
+        w = w_lo
+    elif slope(1.0)[0] >= 0:
+        w = 1.0
+    else:  # the log-likelihood is concave in w: safeguarded Newton steps inside a shrinking bracket
+        lo, hi = w_lo, 1.0
+        w = float(np.sqrt(lo * hi))
+        for _ in range(40):
+            g, h = slope(w)
+            lo, hi = (w, hi) if g > 0 else (lo, w)
+            step = w - g / h if h < 0 else 0.5 * (lo + hi)
+            w_new = step if lo < step < hi else float(np.sqrt(lo * hi))
+            if abs(w_new - w) <= 1e-9 * w:
+                w = w_new
+                break
+            w = w_new
+    out = np.zeros_like(z)
+    # only values beyond the zero-threshold of this w can have a non-zero median (with a margin for the grid)
+    t = float(np.interp(np.log(w), _LOG_W_GRID, _thresholds(a))) - 0.05
+    big = np.abs(z) > t
+    out[big] = _slab_posterior_median(z[big], w, a)
+    return out, w
+
+
+def tree_excess(counts, sums, sq_weights, variance: float, tree=None, method: str = "sparse",
+                threshold: float = 1.0, fwer: float = 0.05, weights=None) -> tuple[np.ndarray, dict[str, Any]]:
+    r"""Credible relative excess of every leaf region, estimated level by level down a `RegionTree`.
+
+    A leaf's mean score is :math:`\bar y_k = \text{sum}_k / n_k` with variance :math:`\sigma^2 q_k / n_k^2`
+    (Kish: `variance` the pooled within-region variance, q the sum of squared weights). A node's mean is the
+    `weights`-weighted mean of its observed leaves' means (default: the counts, i.e. the mean of its samples;
+    `ARIAAllocation` passes the prompt shares, so that a leaf drawn ten times as often does not pull its parent
+    and the average toward itself), and its relative excess :math:`x = \bar y / \bar y_{root} - 1`, with
+    standard error s. Going down, each node's difference from its parent, :math:`d = x - x_{parent}`, has variance
+    :math:`s^2 (1 - 2 W/W_{parent}) + s_{parent}^2` under "no difference" (W the node's share of the weights), and
+    is shrunk across all the nodes of its level: `method="sparse"` by `sparse_shrinkage` of :math:`d/sd` (exact
+    zeros for noise, large effects kept), `method="normal"` by a DerSimonian-Laird normal prior as
+    `credible_excess` (threshold c). A leaf's score is its ancestors' shrunk differences plus its own: a small
+    hard concept inside an average coarse region stands out at the leaves, and a coarse region that is harder as
+    a whole moves all its leaves together. With no tree this is one level of leaves under the root.
+
+    Returns (scores [K], info): info["leaf_excess"] the leaves' raw relative excess x (0 where unobserved),
+    info["leaf_se"] its standard error with the pooled variance, info["reference"] the mean score x is relative to,
+    info["levels"] per level the nodes, the fitted slab weight (sparse) or real variance (normal) and the number
+    of non-zero differences.
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    m1 = np.asarray(sums, dtype=np.float64)
+    q = np.asarray(sq_weights, dtype=np.float64)
+    k = n.size
+    omega = n.copy() if weights is None else np.asarray(weights, dtype=np.float64)
+    info: dict[str, Any] = {"levels": [], "leaf_excess": np.zeros(k), "leaf_se": np.zeros(k)}
+    seen = n > 0
+    if not seen.any() or not np.isfinite(variance) or variance <= 0:
+        return np.zeros(k), info
+    safe = np.where(seen, n, 1.0)
+    omega = np.where(seen, omega, 0.0)
+    ybar_leaf = np.where(seen, m1 / safe, 0.0)
+    v_leaf = np.where(seen, q / safe ** 2, 0.0)  # variance of a leaf mean / sigma^2
+    total = omega.sum()
+    ybar = float((omega * ybar_leaf).sum() / total) if total > 0 else 0.0
+    if not np.isfinite(ybar) or ybar <= 0:
+        return np.zeros(k), info
+    levels = [] if tree is None else [tree.ancestors[lvl] for lvl in range(tree.num_levels)]
+    levels.append(np.arange(k))
+    prev = np.zeros(k, dtype=np.int64)  # each leaf's node at the level above (the root: 0)
+    scale = variance / ybar ** 2
+    x_up, s2_up, w_up = np.zeros(1), np.array([scale * (omega ** 2 * v_leaf).sum() / total ** 2]), np.array([total])
+    theta_up = np.zeros(1)
+    for node in levels:
+        size = int(node.max()) + 1
+        w = np.bincount(node, weights=omega, minlength=size)
+        parent = np.zeros(size, dtype=np.int64)
+        parent[node] = prev
+        obs = w > 0
+        wsafe = np.where(obs, w, 1.0)
+        x = np.where(obs, np.bincount(node, weights=omega * ybar_leaf, minlength=size) / wsafe / ybar - 1.0, 0.0)
+        s2 = np.where(obs, scale * np.bincount(node, weights=omega ** 2 * v_leaf, minlength=size) / wsafe ** 2, 0.0)
+        var_d = s2 * (1.0 - 2.0 * w / np.maximum(w_up[parent], 1e-300)) + s2_up[parent]
+        d = x - x_up[parent]
+        ok = obs & (var_d > 0) & np.isfinite(var_d)
+        delta = np.zeros(size)
+        level_info: dict[str, Any] = {"nodes": size}
+        if ok.sum() >= 2:
+            if method == "sparse":
+                sd = np.sqrt(var_d[ok])
+                mu, slab = sparse_shrinkage(d[ok] / sd, fwer)
+                delta[ok] = mu * sd
+                level_info["slab_weight"] = slab
+            elif method == "normal":
+                wt = 1.0 / var_d[ok]
+                groups = parent[ok]
+                stat = float((wt * d[ok] ** 2).sum())
+                df = int(ok.sum()) - np.unique(groups).size
+                sw = np.bincount(groups, weights=wt)
+                sw2 = np.bincount(groups, weights=wt * wt)
+                denom = float((sw - np.divide(sw2, sw, out=np.zeros_like(sw), where=sw > 0)).sum())
+                a = max(stat - df - threshold * np.sqrt(2.0 * max(df, 0)), 0.0) / denom if df > 0 and denom > 0 else 0.0
+                delta[ok] = a / (a + var_d[ok]) * d[ok]
+                level_info["real_variance"] = a
+            else:
+                raise ValueError(f"method={method!r} is not valid; use 'sparse' or 'normal'")
+        level_info["nonzero"] = int(np.count_nonzero(delta))
+        info["levels"].append(level_info)
+        theta_up = theta_up[parent] + delta
+        x_up, s2_up, w_up, prev = x, s2, w, node
+    info["leaf_excess"], info["leaf_se"], info["reference"] = x_up, np.sqrt(s2_up), ybar
+    return theta_up, info
+
+
 class ARIAAllocation(AllocationPolicy):
-    r"""ARIA: a tempered size prior tilted by each region's credible excess discrepancy, bounded and damped.
+    r"""ARIA: the prompt-uniform prior tilted by each region's credible, reducible excess discrepancy.
 
     .. math:: p_k \propto s_k^\alpha \exp(\hat\theta_k / \tau)
 
-    with :math:`s_k` the region size and :math:`\hat\theta_k` the posterior-mean relative excess of
-    `credible_excess` (derived there and in docs/architecture.md): a region credibly 10% harder than the
-    average gets :math:`e^{0.1/\tau}` times its prior share before normalisation; differences within the
-    estimation noise give :math:`\hat\theta \approx 0`, i.e. the prior. The target is kept within a floor
-    and a cap on :math:`p_k/\text{prior}_k`, the probabilities move toward it by `damping` per update, and
-    they are the prior until `warmup_steps` updates have been seen. With equal estimates and alpha=1 it is
-    exactly `PromptUniform` (Random Conditioning).
+    with :math:`s_k` the region size and :math:`\hat\theta_k` the region's credible relative excess
+    (`tree_excess`: estimated level by level down the region tree when there is one, each level's differences
+    shrunk by a sparse empirical-Bayes prior, so noise gives exactly 0 and a few real effects keep their size).
+    With no credible difference anywhere the allocation *is* the prior, and with the default alpha=1 the prior is
+    Random Conditioning's prompt share. The target is kept within a floor and an optional cap on
+    :math:`p_k/\text{prior}_k`, moves at most `max_shift` of the probability mass away from the prior (total
+    variation), is approached by `damping` per update, and is the prior until `warmup_steps` updates.
+
+    Reducible excess: a region boosted above its prior must show progress. Until its relative excess has fallen
+    by `stall_decline` of what it was when the boost began, it gets at most `trial_ratio` times its prior;
+    once it has, the test starts again from there and the region may go up to the policy's bounds. If it
+    receives `stall_draws` draws more than its prior share would have given it without such progress, it is
+    held at its prior (its score is 0) until its excess falls by that much on its own. So a region that stays
+    hard however much it is drawn (the student's capacity, or noise the student cannot fit) stops gaining mass.
 
     Args:
-        sizes: prompts per region.
-        alpha: size exponent of the prior (1 = prompt-uniform/RC, 0 = region-uniform). The default 0.5 gives
-            small regions more draws than their prompt share (the quality benchmark's evidence,
-            docs/benchmarks-quality.md).
-        tau: temperature, in units of relative excess for score="credible" (a credible excess of tau
-            multiplies the weight by e), in standard deviations for score="zscore".
-        score: "credible" (default) or "zscore", the earlier rule `exp(z / tau)` with z standardised across
-            regions, kept for comparison: it moves on pure noise (docs/benchmarks-calibration.md).
-        threshold: heterogeneity threshold c of `credible_excess` (score="credible").
+        sizes: prompts per region (leaf).
+        alpha: size exponent of the prior (1 = prompt share, Random Conditioning; 0 = region-uniform).
+        tau: temperature, in units of relative excess (a credible excess of tau multiplies the weight by e);
+            in standard deviations for score="zscore".
+        score: "sparse" (default; sparse empirical Bayes per tree level), "credible" (a normal prior per level,
+            DerSimonian-Laird, heterogeneity threshold `threshold`) or "zscore" (the early rule: estimates
+            standardised across regions; it moves on pure noise).
+        threshold: heterogeneity threshold c of score="credible", in null standard deviations of Cochran's Q.
+        fwer: family-wise error of score="sparse" at each tree level: the chance that pure noise moves anything.
         floor: each region keeps at least `min(prior_k, floor / K)`; a tilt never starves a region.
-        max_ratio: no region gets more than `max_ratio` times its prior share (None: no bound). It bounds the
-            concentration of swaps on a few regions, which costs prompt diversity.
+        max_ratio: no region gets more than `max_ratio` times its prior share (None: no bound).
+        max_shift: at most this much probability mass moves away from the prior (total variation; 1: no bound).
         cap: no region gets more than `max(prior_k, cap)` of the probability (None: no cap).
         damping: step size toward the target each update (1 = jump to the target).
         warmup_steps: the prior is used until this many updates have been seen.
         z_clip: clip z-scores to [-z_clip, z_clip] (score="zscore").
+        tree: a `RegionTree` over the regions (None: all regions under one root).
+        stall_draws: extra draws a boosted region gets to show progress (None: no reducibility test).
+        stall_decline: the share of its excess a boosted region must shed within `stall_draws` extra draws.
+        trial_ratio: the most a boosted region gets (x its prior) before it has shown progress.
     """
 
     name = "aria"
 
-    def __init__(self, sizes, alpha: float = 0.5, tau: float = 0.1, score: str = "credible",
-                 threshold: float = 1.0, floor: float = 0.05, max_ratio: float | None = 4.0,
-                 cap: float | None = None, damping: float = 0.1, warmup_steps: int = 40,
-                 z_clip: float | None = 3.0) -> None:
+    def __init__(self, sizes, alpha: float = 1.0, tau: float = 0.1, score: str = "sparse",
+                 threshold: float = 1.0, fwer: float = 0.05, floor: float = 0.05, max_ratio: float | None = None,
+                 max_shift: float = 0.5, cap: float | None = None, damping: float = 0.1, warmup_steps: int = 40,
+                 z_clip: float | None = 3.0, tree=None, stall_draws: float | None = 200.0,
+                 stall_decline: float = 0.25, trial_ratio: float = 4.0) -> None:
         if score not in SCORES:
             raise ValueError(f"score={score!r} is not valid; use one of {', '.join(SCORES)}")
         if not tau > 0:
             raise ValueError(f"tau={tau!r} must be > 0")
         if not threshold >= 0:
             raise ValueError(f"threshold={threshold!r} must be >= 0")
+        if not 0 < fwer < 1:
+            raise ValueError(f"fwer={fwer!r} must lie in (0, 1)")
         if not 0 <= floor <= 1:
             raise ValueError(f"floor={floor!r} must lie in [0, 1]")
         if max_ratio is not None and not max_ratio >= 1:
             raise ValueError(f"max_ratio={max_ratio!r} must be >= 1 (or None for no bound)")
+        if not 0 < max_shift <= 1:
+            raise ValueError(f"max_shift={max_shift!r} must lie in (0, 1]")
         if cap is not None and not 0 < cap <= 1:
             raise ValueError(f"cap={cap!r} must lie in (0, 1] or be None")
         if not 0 < damping <= 1:
             raise ValueError(f"damping={damping!r} must lie in (0, 1]")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps!r} must be >= 0")
+        if stall_draws is not None and not stall_draws > 0:
+            raise ValueError(f"stall_draws={stall_draws!r} must be > 0 (or None for no reducibility test)")
+        if not 0 <= stall_decline < 1:
+            raise ValueError(f"stall_decline={stall_decline!r} must lie in [0, 1)")
+        if not trial_ratio >= 1:
+            raise ValueError(f"trial_ratio={trial_ratio!r} must be >= 1")
         self.alpha, self.tau, self.score, self.threshold = float(alpha), float(tau), score, float(threshold)
-        self.floor, self.max_ratio, self.cap, self.damping = float(floor), max_ratio, cap, float(damping)
-        self.warmup_steps, self.z_clip = int(warmup_steps), z_clip
+        self.fwer, self.floor, self.max_ratio, self.max_shift = float(fwer), float(floor), max_ratio, float(max_shift)
+        self.cap, self.damping, self.warmup_steps, self.z_clip = cap, float(damping), int(warmup_steps), z_clip
+        self.stall_draws = None if stall_draws is None else float(stall_draws)
+        self.stall_decline, self.trial_ratio = float(stall_decline), float(trial_ratio)
         super().__init__(sizes)
+        if tree is not None and tree.num_leaves != self.num_regions:
+            raise ValueError(f"the region tree has {tree.num_leaves} leaves but there are {self.num_regions} regions")
+        self.tree = tree
         self.prior = _normalise(self.sizes ** self.alpha)
         self.lower = np.minimum(self.prior, self.floor / self.num_regions)
         self.upper = np.ones_like(self.prior) if cap is None else np.maximum(self.prior, float(cap))
         if max_ratio is not None:
             self.upper = np.minimum(self.upper, float(max_ratio) * self.prior)
         self.probabilities = self.prior.copy()
-        self.between_variance = 0.0  # A of the latest credible score (logged as aria/real_spread)
+        self.scores = np.zeros(self.num_regions)  # the credible excess used by the latest target (0 when stalled)
+        self.between_variance = 0.0  # the prior-weighted variance of the scores (logged as aria/real_spread)
+        self.trial_excess = np.full(self.num_regions, np.nan)  # relative excess when the current boost began
+        self.trial_draws = np.zeros(self.num_regions)  # extra draws since then
+        self.stalled_excess = np.full(self.num_regions, np.nan)  # excess at which a region was held (NaN: not held)
+        self.proven = np.zeros(self.num_regions)  # 1 once a region's boost has shown progress (until it ends)
+        self.trial_se = np.zeros(self.num_regions)  # standard error of the excess when the current test began
+        self.stalled_se = np.zeros(self.num_regions)
 
-    def tilt(self, estimates: np.ndarray, standard_errors: np.ndarray | None = None) -> np.ndarray:
-        """Unnormalised weights exp(score / tau) per region."""
-        e = np.asarray(estimates, dtype=np.float64)
+    # ------------------------------------------------------------------------------- scores and target
+    def credible_scores(self, tracker) -> np.ndarray:
+        """The credible relative excess of every region for the tracker's current evidence (before stalls)."""
+        return self._scores(tracker)[0]
+
+    def _scores(self, tracker) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(credible excess, raw relative excess, its standard error) per region; regions are averaged by prompt
+        share."""
         if self.score == "zscore":
-            return np.exp(standardise(e, self.z_clip) / self.tau)
-        se = np.zeros_like(e) if standard_errors is None else standard_errors
-        score, self.between_variance = credible_excess(e, se, self.threshold)
-        return np.exp(score / self.tau)
+            e = tracker.estimates()
+            return standardise(e, self.z_clip), e / tracker.global_mean() - 1.0, tracker.uncertainty()
+        counts, sums, sq_weights, variance = tracker.region_moments()
+        scores, info = tree_excess(counts, sums, sq_weights, variance, self.tree,
+                                   "sparse" if self.score == "sparse" else "normal", self.threshold, self.fwer,
+                                   weights=self.prompt_share)
+        # the test of progress reads each region's own variance: a harder region's scores vary more (the noise
+        # of a loss grows with it), and the pooled variance would take its chance swings for progress
+        own_se = np.where(counts > 0, tracker.standard_errors(), 0.0) / info.get("reference", 1.0)
+        return scores, info["leaf_excess"], own_se
 
-    def target(self, estimates: np.ndarray, standard_errors: np.ndarray | None = None) -> np.ndarray:
-        """The undamped allocation for given per-region means (and their standard errors; None: exact)."""
-        w = self.tilt(estimates, standard_errors)
-        if np.all(w == w[0]):
+    def target(self, scores: np.ndarray, upper: np.ndarray | None = None) -> np.ndarray:
+        """The undamped allocation for given per-region scores (credible relative excess; z for "zscore"),
+        within the policy's bounds (or `upper` instead of its upper bounds)."""
+        s = np.asarray(scores, dtype=np.float64) / self.tau
+        if np.all(s == s[0]):
             return self.prior.copy()
-        return project_to_bounds(_normalise(self.prior * w), self.lower, self.upper)
+        w = np.exp(np.clip(s - s.max(), -700.0, 0.0))
+        p = project_to_bounds(_normalise(self.prior * w), self.lower, self.upper if upper is None else upper)
+        shift = 0.5 * np.abs(p - self.prior).sum()
+        if shift > self.max_shift:  # mix back toward the prior (stays within the bounds, which hold the prior)
+            p = self.prior + (self.max_shift / shift) * (p - self.prior)
+        return p
 
     def target_from(self, tracker) -> np.ndarray:
-        """The undamped allocation for the tracker's current evidence."""
-        if self.score == "zscore":
-            return self.target(tracker.estimates())
-        # The pooled variance: weights estimated from the same samples as the means bias Cochran's Q low
-        # (measured under the null at K=1024: Q/df = 0.88 with per-region variances, 1.00 pooled).
-        return self.target(tracker.raw_means(), tracker.standard_errors(pooled=True))
+        """The undamped allocation for the tracker's current evidence (without the reducibility test)."""
+        return self.target(self.credible_scores(tracker))
+
+    def _reducible(self, scores: np.ndarray, excess: np.ndarray, se: np.ndarray, tracker) -> np.ndarray:
+        """Apply the reducibility test (class docstring) to this update's scores; returns the scores to use."""
+        if self.stall_draws is None or self.score == "zscore":
+            self.proven[:] = 1.0
+            return scores
+        counts = tracker.last_counts
+        extra = np.maximum(counts - self.prior * counts.sum(), 0.0)  # draws beyond what the prior would give
+        held = np.isfinite(self.stalled_excess)
+        # a held region is released once its excess has fallen on its own
+        release = held & (self.stalled_excess - excess >= np.maximum(
+            self.stall_decline * self.stalled_excess, 2.0 * np.sqrt(self.stalled_se ** 2 + se ** 2)))
+        self.stalled_excess[release] = np.nan
+        held &= ~release
+        boosted = (scores > 0) & ~held
+        start = boosted & ~np.isfinite(self.trial_excess)
+        self.trial_excess[start] = excess[start]
+        self.trial_se[start] = se[start]
+        self.trial_draws[start] = 0.0
+        ended = ~boosted & np.isfinite(self.trial_excess)
+        self.trial_excess[ended] = np.nan
+        self.proven[ended] = 0.0
+        in_trial = np.isfinite(self.trial_excess)
+        self.trial_draws[in_trial] += extra[in_trial]
+        # the test measures the fall from the highest level seen during it (a boost can begin while the excess
+        # is still underestimated); the noise margin below keeps a high draw of the noise from counting
+        higher = in_trial & (excess > self.trial_excess)
+        self.trial_excess[higher] = excess[higher]
+        self.trial_se[higher] = se[higher]
+        # progress: the excess fell by stall_decline of where the boost began, and by more than its noise (the
+        # boost begins when a region first looks hard, often at a high draw of its noise: regression to the mean
+        # alone must not count)
+        noise = 2.0 * np.sqrt(self.trial_se ** 2 + se ** 2)
+        progressed = in_trial & (self.trial_excess - excess >= np.maximum(self.stall_decline * self.trial_excess, noise))
+        self.trial_excess[progressed] = excess[progressed]  # a new test from here
+        self.trial_se[progressed] = se[progressed]
+        self.trial_draws[progressed] = 0.0
+        self.proven[progressed] = 1.0
+        failed = in_trial & ~progressed & (self.trial_draws >= self.stall_draws)
+        self.stalled_excess[failed] = np.maximum(self.trial_excess[failed], 1e-12)
+        self.stalled_se[failed] = self.trial_se[failed]
+        self.trial_excess[failed] = np.nan
+        self.proven[failed] = 0.0
+        return np.where(np.isfinite(self.stalled_excess), np.minimum(scores, 0.0), scores)
 
     def step(self, step: int, tracker) -> np.ndarray:
         if tracker.num_updates < self.warmup_steps:
             self.probabilities = self.prior.copy()
             return self.probabilities
-        target = self.target_from(tracker)
+        self.scores = self._reducible(*self._scores(tracker), tracker)
+        self.between_variance = float((self.prior * self.scores ** 2).sum()) if self.score != "zscore" else 0.0
+        # a boost that has not yet shown progress goes no higher than trial_ratio x the prior
+        upper = np.where(self.proven > 0, self.upper, np.minimum(self.upper, np.maximum(
+            self.trial_ratio * self.prior, self.lower)))
+        target = self.target(self.scores, upper)
         p = self.probabilities + self.damping * (target - self.probabilities)
         self.probabilities = p / p.sum() if abs(p.sum() - 1.0) > 1e-12 else p
         return self.probabilities
 
+    _STATE = ("scores", "trial_excess", "trial_se", "trial_draws", "stalled_excess", "stalled_se", "proven")
 
-SCORES = ("credible", "zscore")
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), **{k: torch.from_numpy(getattr(self, k).copy()) for k in self._STATE},
+                "between_variance": float(self.between_variance)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for k in self._STATE:
+            setattr(self, k, np.asarray(state[k], dtype=np.float64).copy())
+        self.between_variance = float(state["between_variance"])
+
+
+SCORES = ("sparse", "credible", "zscore")
+
 
 
 class StaticAfterWarmup(ARIAAllocation):

@@ -148,7 +148,8 @@ class ARIACallback:
         if any_t and not bool(has_t.all()):
             raise ValueError(f"step {step}: some micro-batches came with timesteps and some without; "
                              "pass timesteps always or never")
-        self.tracker.update(regions, rows[:, 1], torch.nan_to_num(t, nan=0.0) if any_t else None)
+        self.tracker.update(regions, rows[:, 1], torch.nan_to_num(t, nan=0.0) if any_t else None,
+                            baseline_weights=self._baseline_weights(regions.numpy()))
         probs = self.policy.step(step, self.tracker)
         self.sampler.set_probabilities(probs)
         self.last_step = int(step)
@@ -159,6 +160,14 @@ class ARIACallback:
         if self.log_every and self.accelerator is not None and step % self.log_every == 0:
             self.accelerator.log(self.metrics(), step=step)
         return probs
+
+    def _baseline_weights(self, regions: np.ndarray) -> np.ndarray:
+        """Prompt share / sampling probability of each sample's region: the tracker's baselines then measure the
+        pool's average prompt, not the allocation's (see `DiscrepancyTracker.batch_statistics`)."""
+        share = self.policy.prompt_share
+        p = np.maximum(self.sampler.probabilities, 1e-12)
+        r = np.clip(regions, 0, share.size - 1)
+        return np.where(regions >= 0, share[r] / p[r], 1.0)
 
     def _record(self, step: int, probs: np.ndarray) -> None:
         if step % self.history_stride:

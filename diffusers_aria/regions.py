@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_save, atomic_write_json, replace_dir
+from .hierarchy import DEFAULT_BRANCHING, RegionTree, build_tree, default_level_sizes
 from .pool import (
     PROMPT_COLUMN,
     PromptPoolError,
@@ -35,6 +36,18 @@ DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 CONFIG_NAME = "regions_config.json"
 CENTROIDS_NAME = "centroids.safetensors"
 REGION_IDS_NAME = "region_ids.npy"
+TREE_NAME = "region_tree.npy"
+PROMPTS_PER_LEAF = 4  # the default number of regions: about this many prompts each (a power of 2, 64 to 4096)
+MIN_DEFAULT_REGIONS, MAX_DEFAULT_REGIONS = 64, 4096
+
+
+def default_num_regions(num_prompts: int) -> int:
+    """The default K for a pool of `num_prompts` prompts: the power of 2 nearest to num_prompts / 4, within
+    [64, 4096] and at most the pool's size. Regions this fine isolate a concept of a few dozen prompts; the
+    region tree keeps their estimates honest (docs/architecture.md)."""
+    target = max(num_prompts / PROMPTS_PER_LEAF, 1.0)
+    k = 2 ** int(round(np.log2(target)))
+    return int(min(max(k, MIN_DEFAULT_REGIONS), MAX_DEFAULT_REGIONS, max(num_prompts, 1)))
 _FORMAT_VERSION = 1
 
 
@@ -284,11 +297,13 @@ class ConditionRegions:
         region_ids: int32 [N], the region of every pool prompt (pool order).
         centroids: float32 [K, D], unit-norm centroids in the embedder's space.
         metadata: embedder, num_regions, seed, method, pool fingerprint, ...
+        tree: coarser nested groupings of the regions (`RegionTree`), or None.
     """
 
     region_ids: np.ndarray
     centroids: np.ndarray
     metadata: dict[str, Any] = field(default_factory=dict)
+    tree: RegionTree | None = None
 
     def __post_init__(self) -> None:
         if self.region_ids.ndim != 1:
@@ -296,6 +311,8 @@ class ConditionRegions:
         k = len(self.centroids)
         if len(self.region_ids) and (int(self.region_ids.min()) < 0 or int(self.region_ids.max()) >= k):
             raise ValueError(f"region ids must lie in [0, {k}); got [{self.region_ids.min()}, {self.region_ids.max()}]")
+        if self.tree is not None and self.tree.num_leaves != k:
+            raise ValueError(f"the region tree has {self.tree.num_leaves} leaves but there are {k} regions")
 
     @property
     def num_regions(self) -> int:
@@ -367,9 +384,12 @@ class ConditionRegions:
         try:
             save_file({"centroids": np.ascontiguousarray(self.centroids, dtype=np.float32)}, os.path.join(tmp, CENTROIDS_NAME))
             np.save(os.path.join(tmp, REGION_IDS_NAME), np.asarray(self.region_ids, dtype=np.int32), allow_pickle=False)
+            if self.tree is not None:
+                np.save(os.path.join(tmp, TREE_NAME), self.tree.ancestors, allow_pickle=False)
             meta = dict(self.metadata)
             meta.update(num_regions=self.num_regions, num_prompts=self.num_prompts, format_version=_FORMAT_VERSION,
-                        sizes=self.sizes.tolist() if self.num_regions <= 4096 else None)
+                        sizes=self.sizes.tolist() if self.num_regions <= 4096 else None,
+                        tree_levels=None if self.tree is None else self.tree.level_sizes()[:-1])
             with open(os.path.join(tmp, CONFIG_NAME), "w") as fh:
                 json.dump(meta, fh, indent=2)
             replace_dir(tmp, save_directory)
@@ -393,7 +413,9 @@ class ConditionRegions:
         ids = np.load(os.path.join(directory, REGION_IDS_NAME), mmap_mode="r" if mmap else None, allow_pickle=False)
         if ids.dtype != np.int32:
             raise ValueError(f"{REGION_IDS_NAME} in {directory!r} has dtype {ids.dtype}; expected int32")
-        return cls(region_ids=ids, centroids=centroids, metadata=meta)
+        tree_path = os.path.join(directory, TREE_NAME)
+        tree = RegionTree(np.load(tree_path, allow_pickle=False)) if os.path.isfile(tree_path) else None
+        return cls(region_ids=ids, centroids=centroids, metadata=meta, tree=tree)
 
     from_pretrained = load
 
@@ -450,7 +472,7 @@ class ConditionRegions:
 
 def build_regions(
     prompts,
-    num_regions: int = 64,
+    num_regions: int | None = None,
     embedder: str | Any = DEFAULT_EMBEDDER,
     seed: int = 0,
     method: str = "auto",
@@ -460,22 +482,30 @@ def build_regions(
     min_region_size: int = 1,
     max_iter: int = 50,
     progress: bool = True,
+    branching: int | None = DEFAULT_BRANCHING,
 ) -> ConditionRegions:
-    """Partition a prompt pool into regions of the conditioning space.
+    """Partition a prompt pool into regions of the conditioning space, and group them into a region tree.
 
     Args:
         prompts: list of strings, `datasets.Dataset` (with `column`), or a path (see `load_prompt_pool`).
-        num_regions: K, the number of k-means clusters (at most the number of unique prompts).
+        num_regions: K, the number of k-means clusters (at most the number of unique prompts); None: about 4
+            prompts a region (`default_num_regions`: a power of 2 from 64 to 4096).
         embedder: sentence-transformers id, local path, or a loaded `SentenceTransformer`.
         seed: k-means seed.
         method: "auto" (faiss for pools of 50k+ prompts when installed, else scikit-learn), "faiss" or "sklearn".
         embeddings_cache_dir: keep the pool's embeddings there and reuse them on the next call.
         min_region_size: regions smaller than this are dissolved into their members' next-best regions.
+        branching: the region tree above the regions shrinks by about this factor per level (8: 512 regions ->
+            64 -> 8); None or 0: no tree.
     """
-    if not isinstance(num_regions, (int, np.integer)) or num_regions < 1:
-        raise ValueError(f"num_regions={num_regions!r} is not valid; it must be a positive integer")
+    if num_regions is not None and (not isinstance(num_regions, (int, np.integer)) or num_regions < 1):
+        raise ValueError(f"num_regions={num_regions!r} is not valid; it must be a positive integer (or None)")
+    if branching and branching < 2:
+        raise ValueError(f"branching={branching!r} is not valid; it must be >= 2 (or None for no tree)")
     pool = load_prompt_pool(prompts, column=column)
     n_unique = count_unique(pool)
+    if num_regions is None:
+        num_regions = default_num_regions(n_unique)
     if num_regions > n_unique:
         raise PromptPoolError(
             f"num_regions={num_regions} is larger than the number of unique prompts in the pool ({n_unique}); "
@@ -486,6 +516,8 @@ def build_regions(
     emb = embed_pool(pool, embedder, batch_size=batch_size, cache_dir=embeddings_cache_dir, progress=progress)
     centroids, ids = spherical_kmeans(emb, int(num_regions), seed=seed, method=method, max_iter=max_iter,
                                       min_region_size=min_region_size)
+    tree = (build_tree(centroids, np.bincount(ids, minlength=len(centroids)), branching=branching, seed=seed)
+            if branching and default_level_sizes(len(centroids), branching) else None)
     resolved = resolve_method(method, len(pool))
     meta = {
         "embedder": _embedder_name(embedder),
@@ -494,11 +526,12 @@ def build_regions(
         "seed": int(seed),
         "method": resolved,
         "min_region_size": int(min_region_size),
+        "branching": int(branching) if branching else None,
         "fingerprint": pool_fingerprint(pool),
     }
     if len(centroids) < num_regions:
         logger.warning("%d of %d regions were empty or below min_region_size and were dissolved", num_regions - len(centroids), num_regions)
-    return ConditionRegions(region_ids=ids, centroids=centroids, metadata=meta)
+    return ConditionRegions(region_ids=ids, centroids=centroids, metadata=meta, tree=tree)
 
 
 def load_or_build_regions(regions_dir: str, pool, **build_kwargs) -> ConditionRegions:
@@ -579,4 +612,5 @@ __all__ = [
     "nearest_centroid",
     "DEFAULT_EMBEDDER",
     "PROMPT_COLUMN",
+    "default_num_regions",
 ]

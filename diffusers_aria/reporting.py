@@ -44,10 +44,13 @@ def metrics(cb) -> dict[str, float]:
         "aria/effective_regions": effective_regions(p),
         "aria/kl_to_prompt_share": kl_divergence(p, cb.policy.prompt_share),
         "aria/max_prob_ratio": float((p / cb.policy.prompt_share).max()),
-        # ARIA: the between-region sd of the relative excess that the credible score counts as real
-        # (0: every difference is within the noise, so the allocation stays at its prior)
-        **({"aria/real_spread": float(np.sqrt(cb.policy.between_variance))}
-           if hasattr(cb.policy, "between_variance") else {}),
+        # ARIA: the prompt-share weighted sd of the credible excess it acts on (0: every difference is within
+        # the noise, so the allocation stays at its prior), how many regions have one, and how many are held at
+        # their prior because their boost showed no progress
+        **({"aria/real_spread": float(np.sqrt(cb.policy.between_variance)),
+            "aria/credible_regions": float(np.count_nonzero(cb.policy.scores > 0)),
+            "aria/held_regions": float(np.isfinite(cb.policy.stalled_excess).sum())}
+           if hasattr(cb.policy, "stalled_excess") else {}),
         "aria/nonfinite_total": float(cb.tracker.num_nonfinite),
         "aria/tracker_updates": float(cb.tracker.num_updates),
     }
@@ -144,12 +147,8 @@ def plot_allocation(cb, path: str) -> str:
 
     handles = [Patch(color="0.75", label="estimate, +-2 standard errors")]
     credible, spread = None, None
-    if getattr(cb.policy, "score", None) == "credible":
-        from .allocation import credible_excess
-
-        score, a = credible_excess(cb.tracker.raw_means(), cb.tracker.standard_errors(pooled=True),
-                                   getattr(cb.policy, "threshold", 1.0))
-        credible, spread = mean * (1.0 + score), float(np.sqrt(a))
+    if getattr(cb.policy, "score", None) in ("sparse", "credible"):
+        credible, spread = mean * (1.0 + cb.policy.scores), float(np.sqrt(cb.policy.between_variance))
         handles.append(ax2.scatter(x, credible, marker="D", s=22, color="k", zorder=3,
                                    label="credible estimate (what ARIA uses)"))
     lows = [est - err] + ([credible] if credible is not None else [])
@@ -179,18 +178,20 @@ def plot_allocation(cb, path: str) -> str:
 def plot_caption(cb) -> str:
     """Why a region's probability and its estimate differ, in the policy's own numbers."""
     pol = cb.policy
-    if getattr(pol, "score", None) == "credible":
-        bound = (f"no region above {pol.max_ratio:g}x its prior" if pol.max_ratio is not None
-                 else "no upper bound")
+    if getattr(pol, "score", None) in ("sparse", "credible"):
+        bounds = [f"at least {pol.floor:g}/K each", f"at most {pol.max_shift:.0%} of the mass moved"]
+        if pol.max_ratio is not None:
+            bounds.append(f"no region above {pol.max_ratio:g}x its prior")
+        prior = "the prompt share (Random Conditioning)" if pol.alpha == 1 else f"size^{pol.alpha:g}"
         return (
-            f"Probability is not the estimate. ARIA starts from a size prior (size^{pol.alpha:g}: with alpha < 1 "
-            f"small regions get more than their prompt share, large ones less) and multiplies it by "
-            f"exp(credible excess / {pol.tau:g}). The credible excess is the estimate's excess shrunk toward "
-            f"the mean by A / (A + se^2): differences inside the error bars count for almost nothing. The "
-            f"result is bounded (at least {pol.floor:g}/K each, {bound}), and the probability moves "
-            f"{pol.damping:.0%} of the way to it per update after a {pol.warmup_steps}-update warm-up. So a "
-            "small region can stay above 1x with an average estimate, and a bar above the line moves "
-            "nothing until the tracker is sure of it.")
+            f"Probability is not the estimate. ARIA starts from {prior} and multiplies it by "
+            f"exp(credible excess / {pol.tau:g}). The credible excess is each region's excess over its parent "
+            "in the region tree, shrunk by how sure the tracker is of it: differences inside the error bars "
+            f"count for nothing. The result is bounded ({', '.join(bounds)}); a region gets at most "
+            f"{pol.trial_ratio:g}x its prior until its excess falls while it is boosted, and one that does not "
+            f"fall is held at its prior. The probability moves {pol.damping:.0%} of the way per update after a "
+            f"{pol.warmup_steps}-update warm-up. So a bar above the line moves nothing until the tracker is sure "
+            "of it.")
     if getattr(pol, "score", None) == "zscore":
         return (f"Score 'zscore': probability = size prior (size^{pol.alpha:g}) x exp(z / {pol.tau:g}), z the "
                 "estimates standardised across regions (any spread, noise included, becomes unit spread), "

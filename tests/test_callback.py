@@ -272,7 +272,8 @@ def test_logging_summary_report_and_nonfinite(tmp_path):
 def test_mask_limits_tracker_to_swapped_samples():
     cb = _objects(warmup=0)
     reg = np.array([0, 1, 2, 3])
-    cb.on_step_end(0, reg, np.array([5.0, 1.0, 1.0, 1.0]), mask=np.array([False, True, True, True]))
+    cb.on_step_end(0, reg, np.array([1.0, 1.0, 1.0, 1.0]), mask=np.array([False, True, True, True]))  # baseline
+    cb.on_step_end(1, reg, np.array([5.0, 1.0, 1.0, 1.0]), mask=np.array([False, True, True, True]))
     assert cb.tracker.counts()[0] == 0 and cb.tracker.counts()[1] == 1
 
 

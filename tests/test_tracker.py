@@ -43,7 +43,7 @@ def test_update_of_concatenation_equals_summed_batch_statistics():
         whole.update(np.concatenate([r1, r2]), np.concatenate([l1, l2]), np.concatenate([t1, t2]))
         s1, n1 = parts.batch_statistics(r1, l1, t1)
         s2, n2 = parts.batch_statistics(r2, l2, t2)
-        assert s1.dtype == np.float64 and s1.shape == (3, 4, 10)
+        assert s1.dtype == np.float64 and s1.shape == (4, 4 + 10)  # regions, then timestep bins
         parts.apply_statistics(s1 + s2, n1 + n2)
     _assert_same_statistics(whole, parts)
     assert whole.num_updates == parts.num_updates == 20
@@ -63,13 +63,16 @@ def test_torch_inputs_match_numpy_inputs():
 
 def test_batch_statistics_counts_sums_squares():
     tr = DiscrepancyTracker(2, num_timestep_bins=2, num_train_timesteps=10)
-    stats, nonfinite = tr.batch_statistics([0, 0, 1, -1], [1.0, 3.0, 2.0, 100.0], [1, 7, 9, 0])
+    first, _ = tr.batch_statistics([0, 1], [2.0, 4.0], [1, 9])
+    np.testing.assert_array_equal(first[:, :2], 0.0)  # no baseline yet: the samples only start the bins' baselines
+    np.testing.assert_array_equal(first[:, 2:], [[1, 1], [2.0, 4.0], [4.0, 16.0], [1, 1]])
+    tr.apply_statistics(first)
+    np.testing.assert_array_equal(tr.bin_baseline(), [2.0, 4.0])
+    stats, nonfinite = tr.batch_statistics([0, 0, 1, -1], [1.0, 6.0, 2.0, 100.0], [1, 7, 9, 0])
     assert nonfinite == 0
-    expected = np.zeros((3, 2, 2))
-    expected[:, 0, 0] = [1, 1.0, 1.0]  # region 0, t=1 -> bin 0
-    expected[:, 0, 1] = [1, 3.0, 9.0]  # region 0, t=7 -> bin 1
-    expected[:, 1, 1] = [1, 2.0, 4.0]  # region 1, t=9 -> bin 1; region -1 ignored
-    np.testing.assert_array_equal(stats, expected)
+    # scores against the baseline of each sample's bin: 1/2 (t=1, bin 0), 6/4 and 2/4 (bin 1); region -1 ignored
+    np.testing.assert_allclose(stats[:, :2], [[2, 1], [0.5 + 1.5, 0.5], [0.25 + 2.25, 0.25], [2, 1]])
+    np.testing.assert_allclose(stats[:, 2:], [[1, 2], [1.0, 8.0], [1.0, 40.0], [1, 2]])
 
 
 # ------------------------------------------------------------------------------------------- robustness
@@ -100,6 +103,7 @@ def test_non_finite_losses_counted_and_ignored():
 
 def test_null_region_samples_ignored_and_not_counted_as_nonfinite():
     tr = DiscrepancyTracker(2)
+    tr.update([0, 1], [1.0, 1.0], [0, 0])  # starts the baseline of bin 0
     tr.update([-1, -1, 0, 1], [np.nan, 5.0, 1.0, 1.0], [0, 0, 0, 0])
     assert tr.last_nonfinite == 0
     np.testing.assert_array_equal(tr.counts(), [1.0, 1.0])
@@ -134,13 +138,13 @@ def test_no_discounting_and_infinite_half_life():
     for hl in (None, math.inf):
         tr = DiscrepancyTracker(2, half_life=hl)
         assert tr.decay == 1.0
-        for _ in range(5):
+        for _ in range(6):
             tr.update([0, 1], [1.0, 1.0])
-        np.testing.assert_array_equal(tr.counts(), [5.0, 5.0])
+        np.testing.assert_array_equal(tr.counts(), [5.0, 5.0])  # the first update only started the baseline
 
 
 def test_discounting_halves_weight_after_half_life():
-    tr = DiscrepancyTracker(1, half_life=10.0, samples_per_half_life=None)
+    tr = DiscrepancyTracker(1, half_life=10.0, samples_per_half_life=None, normalize_timesteps=False)
     tr.update([0], [1.0])
     for _ in range(10):
         tr.update(np.zeros(0, dtype=np.int64), np.zeros(0))
@@ -155,8 +159,8 @@ def test_samples_per_half_life_lengthens_the_half_life_for_sparse_regions():
     assert tr.update_decay(1024) == pytest.approx(0.5 ** (1 / 50), rel=1e-15)  # half_life is the minimum
     assert tr.update_decay(4096) == pytest.approx(0.5 ** (1 / 50), rel=1e-15)
     assert tr.update_decay(0) == 1.0  # no samples, no forgetting
-    tr.update(np.arange(256), np.ones(256))
-    tr.update(np.arange(256), np.ones(256))
+    for _ in range(3):  # the first update starts the baseline; the next two are scored
+        tr.update(np.arange(256), np.ones(256))
     np.testing.assert_allclose(tr.counts()[:256], 1 + 0.5 ** (1 / 200), rtol=1e-14)
     with pytest.raises(ValueError, match=r"samples_per_half_life=0 must be > 0"):
         DiscrepancyTracker(4, samples_per_half_life=0)
@@ -281,19 +285,52 @@ def test_timestep_normalisation_keeps_real_differences():
     assert est[0] / est[1:].mean() == pytest.approx(1.5, rel=0.08)
 
 
-def test_checkpoints_without_squared_weights_still_load():
-    tr = DiscrepancyTracker(2)
-    tr.update([0, 1, 1], [1.0, 2.0, 3.0])
-    state = tr.state_dict()
-    del state["q"]  # a checkpoint written before the tracker kept sum w^2
-    other = DiscrepancyTracker(2)
-    other.load_state_dict(state)
-    np.testing.assert_array_equal(other.q, other.s0)  # sum w^2 <= sum w: the conservative bound
+def test_scores_follow_the_learning_curve():
+    """Losses fall 10x over training; a region 1.3x harder throughout keeps a 1.3x estimate with a tight
+    standard error (scored against a long-run baseline, the early, large losses would dominate its mean and
+    variance), and the others stay at 1."""
+    rng = np.random.default_rng(12)
+    tr = DiscrepancyTracker(4, half_life=400.0, num_timestep_bins=5)
+    for step in range(400):
+        r, loss, t = _batch(rng, 4, 64, scale=[1.3, 1.0, 1.0, 1.0])
+        tr.update(r, loss * 10.0 ** (-step / 400), t)
+    est = tr.estimates() / tr.global_mean()
+    assert est[0] / est[1:].mean() == pytest.approx(1.3, rel=0.04)
+    assert np.all(tr.standard_errors() < 0.03)
+
+
+def test_baseline_weights_keep_the_baseline_of_the_pool_whatever_the_allocation():
+    """Region 0 is 2x harder. Drawn 9 times as often as region 1, it would pull an unweighted baseline up to
+    1.9 and its own score down to 1.05; weighted by prompt share / probability, the scores stay 2 and 1."""
+    rng = np.random.default_rng(13)
+    weighted, plain = DiscrepancyTracker(2, num_timestep_bins=1), DiscrepancyTracker(2, num_timestep_bins=1)
+    p = np.array([0.9, 0.1])  # the allocation; each region holds half of the pool
+    for _ in range(300):
+        r = rng.choice(2, size=64, p=p)
+        loss = np.where(r == 0, 2.0, 1.0) * rng.uniform(0.9, 1.1, 64)
+        weighted.update(r, loss, baseline_weights=0.5 / p[r])
+        plain.update(r, loss)
+    assert weighted.bin_baseline()[0] == pytest.approx(1.5, rel=0.03)
+    np.testing.assert_allclose(weighted.raw_means(), [4 / 3, 2 / 3], rtol=0.03)
+    assert plain.bin_baseline()[0] == pytest.approx(1.9, rel=0.03)
+    with pytest.raises(ValueError, match=r"baseline_weights has 1 entries but losses has 2"):
+        weighted.update([0, 1], [1.0, 1.0], baseline_weights=[1.0])
+
+
+def test_baseline_follows_the_latest_samples_of_each_bin():
+    tr = DiscrepancyTracker(1, num_timestep_bins=2, num_train_timesteps=10, baseline_samples=4.0)
+    tr.update(np.zeros(4, dtype=np.int64), [8.0] * 4, [0] * 4)
+    tr.update(np.zeros(4, dtype=np.int64), [2.0] * 4, [0] * 4)  # 4 samples: the old ones weigh half
+    assert tr.bin_baseline()[0] == pytest.approx((0.5 * 32 + 8) / (0.5 * 4 + 4))
+    assert tr.bin_baseline()[1] == 0.0  # no evidence: no baseline
+    with pytest.raises(ValueError, match=r"baseline_samples=0 must be > 0"):
+        DiscrepancyTracker(2, baseline_samples=0)
 
 
 def test_uncertainty_shrinks_with_evidence():
     rng = np.random.default_rng(7)
-    tr = DiscrepancyTracker(2, half_life=None)
+    tr = DiscrepancyTracker(2, half_life=None, num_timestep_bins=1)
+    tr.update(*_batch(rng, 2, 20))
     tr.update(*_batch(rng, 2, 20))
     first = tr.uncertainty()
     for _ in range(50):
@@ -359,8 +396,10 @@ def test_state_loads_with_weights_only(tmp_path):
 
 def test_load_state_with_wrong_shape_raises():
     a = _fed_tracker()
-    with pytest.raises(ValueError, match=r"tracker state has shape \(5, 4\).*this tracker has \(5, 10\)"):
+    with pytest.raises(ValueError, match=r"tracker state has 5 regions and 4 timestep bins but this tracker has 5 and 10"):
         DiscrepancyTracker(5, num_timestep_bins=10).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"tracker state has 5 regions .* this tracker has 6 and 4"):
+        DiscrepancyTracker(6, num_timestep_bins=4).load_state_dict(a.state_dict())
 
 
 # ------------------------------------------------------------------------------------------- tracking error

