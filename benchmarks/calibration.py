@@ -41,7 +41,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from diffusers_aria.allocation import make_policy
+from diffusers_aria.allocation import make_policy, policy_arguments
+from diffusers_aria.callback import ARIACallback
+from diffusers_aria.hierarchy import RegionTree, default_level_sizes
 from diffusers_aria.sampler import AdaptiveRegionSampler
 from diffusers_aria.tracker import DiscrepancyTracker
 
@@ -71,6 +73,25 @@ def region_ids(k: int, seed: int, per_region: int = 100) -> np.ndarray:
     return rng.permutation(np.repeat(np.arange(k), sizes)).astype(np.int32)
 
 
+def region_tree(k: int, seed: int) -> RegionTree:
+    """A random nested grouping of k synthetic regions with the library's level sizes (regions here have no
+    geometry, so any nesting is as good as another: the tree must not create differences from noise)."""
+    rng = np.random.default_rng([seed, k, 13])
+    ancestors, node, current = [], np.arange(k), k
+    for n in reversed(default_level_sizes(k)):
+        node = rng.permutation(np.arange(current) % n)[node]
+        ancestors.append(node.copy())
+        current = n
+    return RegionTree(np.array(ancestors[::-1], dtype=np.int32).reshape(len(ancestors), k))
+
+
+def make_run_policy(name: str, sizes, k: int, seed: int, **pol_kw):
+    """The policy of a spec, with the regions' tree when it takes one."""
+    if "tree" in policy_arguments(name):
+        pol_kw.setdefault("tree", region_tree(k, seed))
+    return make_policy(name, sizes, **pol_kw)
+
+
 class LossModel:
     """Per-sample losses: baseline(t) * factor[region] * lognormal(mean 1, CV)."""
 
@@ -98,9 +119,9 @@ def simulate(spec: str, k: int, batch: int, cv: float, seed: int, steps: int = S
     name, pol_kw, trk_kw = parse_spec(spec)
     ids = region_ids(k, seed)
     sampler = AdaptiveRegionSampler(ids, seed=seed)
-    policy = make_policy(name, sampler.sizes, **pol_kw)
+    policy = make_run_policy(name, sampler.sizes, k, seed, **pol_kw)
     tracker = DiscrepancyTracker(k, **trk_kw)
-    sampler.set_probabilities(policy.probabilities)
+    cb = ARIACallback(None, sampler, tracker, policy, log_every=0, register_hooks=False)  # the library's glue
     prior = policy.probabilities.copy()
     model = LossModel(k, cv, seed)
     probs = np.empty((steps, k))
@@ -112,9 +133,7 @@ def simulate(spec: str, k: int, batch: int, cv: float, seed: int, steps: int = S
                 model.factor[regions] = factor
         reg = sampler.draw_regions(step, batch)
         losses, t = model.sample(reg)
-        tracker.update(reg, losses, t)
-        p = policy.step(step, tracker)
-        sampler.set_probabilities(p)
+        cb.on_step_end(step, reg, losses, t)
         probs[step] = sampler.probabilities
     return {"probs": probs, "prior": prior, "seconds": time.perf_counter() - t0}
 
@@ -162,6 +181,43 @@ def drift_case(spec: str, k: int, batch: int, cv: float, seed: int, factor: floa
     return {"old_before": float(l_old[switch - 100:switch].mean()), "new_at_300": float(l_new[at]),
             "old_at_300": float(l_old[at]), "steps_to_switch": int(ok[0]) if ok.size else None,
             "seconds": r["seconds"]}
+
+
+def response_case(spec: str, k: int, batch: int, seed: int, steps: int, learn_draws: float = 500.0) -> dict:
+    """Two planted regions among K equal ones (CV 1): an *unlearnable* one, 2x harder with CV 3 however often it
+    is drawn (the student's capacity floor, or noise it cannot fit), and a *learnable* one, 2x harder at first,
+    whose excess halves every `learn_draws * ln 2` draws it receives (learnt faster when drawn more often)."""
+    name, pol_kw, trk_kw = parse_spec(spec)
+    ids = region_ids(k, seed)
+    sampler = AdaptiveRegionSampler(ids, seed=seed)
+    policy = make_run_policy(name, sampler.sizes, k, seed, **pol_kw)
+    tracker = DiscrepancyTracker(k, **trk_kw)
+    cb = ARIACallback(None, sampler, tracker, policy, log_every=0, register_hooks=False)
+    prior = policy.probabilities.copy()
+    rng = np.random.default_rng([seed, k, 29])
+    middle = np.argsort(sampler.sizes)[k // 4: 3 * k // 4]  # regions of typical size
+    unlearnable, learnable = rng.choice(middle, size=2, replace=False)
+    drawn = np.zeros(k)
+    s2 = np.log1p(np.full(k, 1.0))
+    s2[unlearnable] = np.log1p(9.0)  # CV 3
+    ratio_u, ratio_l, excess_l = np.empty(steps), np.empty(steps), np.empty(steps)
+    for step in range(steps):
+        reg = sampler.draw_regions(step, batch)
+        drawn += np.bincount(reg, minlength=k)
+        factor = np.ones(k)
+        factor[unlearnable] = 2.0
+        factor[learnable] = 1.0 + np.exp(-drawn[learnable] / learn_draws)
+        t = rng.integers(0, 1000, reg.size)
+        noise = rng.lognormal(-s2[reg] / 2, np.sqrt(s2[reg]))
+        p = cb.on_step_end(step, reg, baseline(t) * factor[reg] * noise, t)
+        ratio_u[step] = p[unlearnable] / prior[unlearnable]
+        ratio_l[step] = p[learnable] / prior[learnable]
+        excess_l[step] = factor[learnable] - 1.0
+    learnt = np.flatnonzero(excess_l < 0.05)
+    return {"unlearnable_mean": float(ratio_u.mean()), "unlearnable_max": float(ratio_u.max()),
+            "learnable_peak": float(ratio_l.max()), "learnable_end": float(ratio_l[-100:].mean()),
+            "learnable_learnt_step": int(learnt[0]) if learnt.size else None,
+            "learnable_excess_end": float(excess_l[-1])}
 
 
 def se_case(k: int, half_life: float, cv: float, allocation: str, reps: int, seed: int) -> dict:
@@ -227,22 +283,35 @@ def jobs(args) -> list[tuple[str, dict]]:
     for spec in args.policies:
         for seed in args.seeds:
             if "null" in args.parts:
-                for k in ((16, 256) if args.quick else (16, 64, 256, 1024)):
-                    batch = 256 if k == 1024 else max(32, k)
+                for k in ((16, 256) if args.quick else (64, 256, 1024, 4096)):
+                    batch = 256 if k >= 1024 else max(32, k)
                     for cv in (0.5, 1.0):
                         out.append(("null", dict(spec=spec, k=k, batch=batch, cv=cv, seed=seed, steps=steps)))
             if "power" in args.parts:
                 for k, factor, target in ((256, 1.2, 1.5), (256, 1.5, 2.5), (1024, 1.2, 1.3)):
-                    out.append(("power", dict(spec=spec, k=k, batch=256, cv=1.0, seed=seed, factor=factor,
+                    out.append(("power", dict(spec=_detection(spec), k=k, batch=256, cv=1.0, seed=seed, factor=factor,
                                               target=target, steps=steps)))
             if "drift" in args.parts:
-                out.append(("drift", dict(spec=spec, k=256, batch=256, cv=1.0, seed=seed, factor=1.5, steps=steps)))
+                out.append(("drift", dict(spec=_detection(spec), k=256, batch=256, cv=1.0, seed=seed, factor=1.5,
+                                          steps=steps)))
+            if "response" in args.parts:
+                out.append(("response", dict(spec=spec, k=64, batch=256, seed=seed, steps=steps)))
     return out
+
+
+def _detection(spec: str) -> str:
+    """The spec with ARIA's reducibility test off: power and drift plant regions that stay harder however often
+    they are drawn, which that test is made to stop chasing (the response part measures it)."""
+    full = ALIASES.get(spec, spec)
+    name, settings = split_spec(full)
+    if "stall_draws" not in policy_arguments(name) or "stall_draws" in settings:
+        return spec
+    return full + ("," if ":" in full else ":") + "stall_draws=null"
 
 
 def run_job(job: tuple[str, dict]) -> dict:
     kind, kw = job
-    fn = {"null": null_case, "power": power_case, "drift": drift_case, "se": se_case}[kind]
+    fn = {"null": null_case, "power": power_case, "drift": drift_case, "se": se_case, "response": response_case}[kind]
     return {"part": kind, **kw, **fn(**kw)}
 
 
@@ -282,7 +351,7 @@ def summarise(results: list[dict], policies: list[str]) -> dict[str, str]:
         rows = []
         for spec in policies:
             for k, factor in ((256, 1.2), (256, 1.5), (1024, 1.2)):
-                rs = [r for r in power if r["spec"] == spec and r["k"] == k and r["factor"] == factor]
+                rs = [r for r in power if r["spec"] == _detection(spec) and r["k"] == k and r["factor"] == factor]
                 if not rs:
                     continue
                 firsts = [r["first_step"] for r in rs]
@@ -295,7 +364,7 @@ def summarise(results: list[dict], policies: list[str]) -> dict[str, str]:
     if drift:
         rows = []
         for spec in policies:
-            rs = [r for r in drift if r["spec"] == spec]
+            rs = [r for r in drift if r["spec"] == _detection(spec)]
             if not rs:
                 continue
             ok = min(r["new_at_300"] for r in rs) >= 1.5 and max(r["old_at_300"] for r in rs) <= 1.1
@@ -303,13 +372,34 @@ def summarise(results: list[dict], policies: list[str]) -> dict[str, str]:
                          str([r["steps_to_switch"] for r in rs]), "yes" if ok else "**no**"])
         tables["drift"] = table(rows, ["policy", "old set before switch", "new set at +300", "old set at +300",
                                        "steps to new>=1.5 & old<=1.1", "met"])
+    response = [r for r in results if r["part"] == "response"]
+    if response:
+        rows = []
+        for spec in policies:
+            rs = [r for r in response if r["spec"] == spec]
+            if not rs:
+                continue
+            ok = (max(r["unlearnable_mean"] for r in rs) <= 1.1 and min(r["learnable_peak"] for r in rs) >= 1.5
+                  and max(r["learnable_end"] for r in rs) <= 1.1)
+            rows.append([spec, max(r["unlearnable_mean"] for r in rs), max(r["unlearnable_max"] for r in rs),
+                         min(r["learnable_peak"] for r in rs), max(r["learnable_end"] for r in rs),
+                         str([r["learnable_learnt_step"] for r in rs]), "yes" if ok else "**no**"])
+        tables["response"] = table(rows, ["policy", "unlearnable: mean p/prior (worst seed)", "max any step",
+                                          "learnable: peak p/prior (worst seed)", "at the end (worst seed)",
+                                          "step it was learnt", "met"])
     return tables
+
+
+def missed(tables: dict[str, str], policy: str = "aria") -> list[str]:
+    """The criteria the library default (`policy`) misses: the rows of its tables marked **no**."""
+    return [f"{part}: {line.strip()}" for part, text in tables.items() for line in text.splitlines()
+            if line.startswith(f"| {policy} |") and "**no**" in line]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", default=["se", "null", "power", "drift"],
-                   choices=["se", "null", "power", "drift"])
+    p.add_argument("--parts", nargs="+", default=["se", "null", "power", "drift", "response"],
+                   choices=["se", "null", "power", "drift", "response"])
     p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES),
                    help="policy specs, e.g. aria 'aria:tau=0.2' rc (aria_zscore = the previous default)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -345,8 +435,11 @@ def main(argv=None) -> dict:
     name = "calibration" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     path = write_json(name, payload, args.out_dir)
     print(f"\n{len(results)} runs in {payload['seconds']:.0f} s; wrote {os.path.relpath(path)}")
+    payload["missed"] = missed(tables)
+    for line in payload["missed"]:
+        print(f"MISSED by the default: {line}")
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["missed"] else 0)

@@ -1,38 +1,42 @@
-"""Quality benchmark v3: ARIA vs Random Conditioning when labels, not embedding geometry, decide what is hard.
+"""Quality benchmark: does ARIA help unseen and rare concepts, and cost nothing when there is nothing to find?
 
-The miniature of benchmarks/quality.py (a tiny text-conditioned UNet teacher, a student with its text
-pathway re-initialised, output KD, swaps with p(t) = 0.5), with a design in which ARIA gets no help:
+A miniature of distillation with Random Conditioning (a tiny text-conditioned UNet teacher, a student with its
+text pathway re-initialised, output KD) in which ARIA gets no help from the design:
 
 * **Prompts** from the project's generated pool (`builtin_prompt_records(..., with_parts=True)`): each prompt
-  depicts a subject of a group ("animals"/"fox") with a setting and a style. A *class* is a (group,
-  subject) pair.
+  depicts a subject of a group ("animals"/"fox") with a setting and a style. A *class* is a (group, subject) pair.
 * **Label-driven latents**: a prompt's clean latent is the normalised sum of random 4x8x8 patterns of its
   group (weight 1), subject (1), setting (0.5) and style (0.3), as real images depend on what they depict.
   Nothing depends on MiniLM coordinates.
-* **Label-defined groups**: a design *instance* picks 3 unseen classes (no paired data; 70% of their prompts
-  held out, the rest in the pool) and 3 rare classes (4 pool prompts, also paired) among the classes with
-  >= 12 prompts; 20% of every other class is held out. The instance also fixes the latent patterns, the
-  teacher's training seed and the student's initialisation.
-* **Regions built by the library as a user would**: `build_regions` (MiniLM, spherical k-means) over the
-  pool at the training script's default K=64, with the instance's own seed. Their purity with respect to the
+* **Designs** (`--design`), each with *instances* that also fix the latent patterns, the teacher's training seed
+  and the student's initialisation:
+  - `small` (formerly v3): 3 unseen classes (no paired data; 70% of their prompts held out, the rest in the pool)
+    and 3 rare classes (4 pool prompts, also paired) among the classes with >= 12 prompts; 20% of every other
+    class held out. The hard concepts are a few prompts each, smaller than any K=64 region.
+  - `concept`: one whole topic group unseen (a coherent concept of 6-10% of the corpus, drawn per instance
+    among the groups of that size; 70% held out), and 3 rare classes as in `small`.
+  - the all-seen control (`--control_seeds`): every class seen, nothing to find.
+* **Swap schedules** (`--schedules`): `constant` (p = 0.5) and `exponential` (Random Conditioning's
+  p(t) = exp(-5 (1 - t/T)), the training script's default: most swaps at large t). Every cell runs both.
+* **Regions built by the library as a user would**: `build_regions` over the pool with its defaults (about 4
+  prompts a region, a power of 2, and the region tree), seeded per instance. Their purity with respect to the
   groups is reported. The "aligned" row (ARIA whose regions are the label classes) is an upper bound, never
   the headline.
 * **References**: `mix:u=..,r=..`, a fixed mixture of swaps over the unseen / rare / seen *label groups*
-  (size-proportional within a group; it knows the labels); the grid is run on tuning instances and the best
-  one is frozen for the reported instances. `aria_true`: ARIA's own rule (the library default, damping and
-  bounds included) fed every 50 steps with the student's *true* per-region held-out errors instead of
-  tracker estimates (the best that the rule can do with these regions).
+  (size-proportional within a group; it knows the labels), frozen by the rule of docs/benchmarks-quality.md.
+  `aria_true`: ARIA's own rule fed every 50 steps with the student's *true* per-region held-out relative
+  excess instead of tracker estimates (the best that the rule can do with these regions).
 * **Metrics** at every length in `--eval_steps` of one run (constant learning rate): held-out normalised
   epsilon MSE of student vs teacher per group, overall on the evaluation mix and at natural weights (each
   class weighted by its share of the corpus), as paired ratios to RC (same paired batches, t, noise, swap
   coins and sampler uniforms; only the region probabilities differ); per policy also the share of swaps per
   group and the number of distinct pool prompts drawn (coverage).
 
-    python benchmarks/quality_v3.py --quick                               # smoke, < 5 min
-    python benchmarks/quality_v3.py --instances 100 101 --seeds 0 --policies rc aria mix:u=0.33,r=0.17 ...
-    python benchmarks/quality_v3.py --report benchmarks/results/quality_v3.json
+    python benchmarks/quality_unseen_rare.py --quick                      # smoke, < 5 min
+    python benchmarks/quality_unseen_rare.py --design small --instances 100 101 --seeds 0 --tag tuning ...
+    python benchmarks/quality_unseen_rare.py --report benchmarks/results/quality_unseen_rare_TAG.json
 
-Writes benchmarks/results/quality_v3[_TAG].json and prints Markdown tables.
+Writes benchmarks/results/quality_unseen_rare[_TAG].json and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ for _p in (REPO, HERE):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from diffusers_aria.allocation import AllocationPolicy, make_policy  # noqa: E402
+from diffusers_aria.allocation import AllocationPolicy, make_policy, policy_arguments  # noqa: E402
 from diffusers_aria.builtin_pool import builtin_prompt_records  # noqa: E402
 from diffusers_aria.callback import ARIACallback  # noqa: E402
 from diffusers_aria.sampler import AdaptiveRegionSampler  # noqa: E402
@@ -72,6 +76,9 @@ from _miniature import (  # noqa: E402
 )
 
 KINDS = ("seen", "unseen", "rare")
+SCHEDULES = ("constant", "exponential")
+DESIGNS = ("small", "concept")
+CONCEPT_GROUP_SHARE = (0.06, 0.10)  # the `concept` design's unseen group: a topic group of this share of the corpus
 BASE_POLICIES = ("rc", "region_uniform", "static", "doremi", "exp3", "aria")
 TRACKER_KEYS = tracker_keys()
 LATENT_WEIGHTS = {"group": 1.0, "subject": 1.0, "setting": 0.5, "style": 0.3}
@@ -110,11 +117,21 @@ def make_design(corpus: dict, instance: int, args, control: bool = False) -> dic
     n_cls = len(corpus["subject_names"])
     sizes = np.bincount(cls, minlength=n_cls)
     kinds = np.array(["seen"] * n_cls, dtype=object)
+    group_of_class = np.zeros(n_cls, dtype=np.int64)
+    group_of_class[cls] = corpus["group"]
+    unseen_group = None
     if not control:
-        eligible = [c for c in rng.permutation(n_cls) if sizes[c] >= args.min_class_size]
-        for c in eligible[:args.num_unseen]:
+        if args.design == "concept":
+            share = np.bincount(corpus["group"], minlength=len(corpus["group_names"])) / len(cls)
+            lo, hi = CONCEPT_GROUP_SHARE
+            groups = [g for g in range(len(share)) if lo <= share[g] <= hi]
+            unseen_group = int(groups[np.random.default_rng([instance, 37]).integers(len(groups))])
+            kinds[group_of_class == unseen_group] = "unseen"
+        eligible = [c for c in rng.permutation(n_cls) if sizes[c] >= args.min_class_size and kinds[c] == "seen"]
+        num_unseen = 0 if args.design == "concept" else args.num_unseen
+        for c in eligible[:num_unseen]:
             kinds[c] = "unseen"
-        for c in eligible[args.num_unseen:args.num_unseen + args.num_rare]:
+        for c in eligible[num_unseen:num_unseen + args.num_rare]:
             kinds[c] = "rare"
     heldout, pool = [], []
     for c in range(n_cls):
@@ -129,15 +146,18 @@ def make_design(corpus: dict, instance: int, args, control: bool = False) -> dic
     heldout, pool = np.sort(heldout), np.sort(pool)
     paired = np.array([i for i in pool if kinds[cls[i]] != "unseen"])
     return {"instance": instance, "kinds": kinds, "heldout": heldout, "pool": pool, "paired": paired,
-            "class_sizes": sizes, "control": control}
+            "class_sizes": sizes, "control": control,
+            "unseen_group": None if unseen_group is None else corpus["group_names"][unseen_group]}
 
 
-def library_regions(prompts: list[str], pool: np.ndarray, k: int, seed: int, cache_dir: str):
-    """`build_regions` over the pool prompts, as the training script builds them (embeddings cached)."""
+def library_regions(prompts: list[str], pool: np.ndarray, k: int | None, seed: int, cache_dir: str):
+    """`build_regions` over the pool prompts with the library's defaults (K: `default_num_regions` unless `k`
+    is given; the region tree), as the training script builds them (embeddings cached)."""
     from diffusers_aria.regions import build_regions
 
-    return build_regions([prompts[i] for i in pool], num_regions=min(k, len(pool)), seed=seed, method="sklearn",
-                         embeddings_cache_dir=os.path.join(cache_dir, "v3-embeddings"), progress=False)
+    return build_regions([prompts[i] for i in pool], num_regions=None if k is None else min(k, len(pool)),
+                         seed=seed, method="sklearn", embeddings_cache_dir=os.path.join(cache_dir, "v3-embeddings"),
+                         progress=False)
 
 
 def region_purity(region_ids: np.ndarray, labels: np.ndarray) -> float:
@@ -171,7 +191,7 @@ class FixedMixture(AllocationPolicy):
 
 
 class TrueErrorARIA(AllocationPolicy):
-    """ARIA's rule (the library default) applied to true per-region held-out errors, set by the loop."""
+    """ARIA's rule (the library default) applied to true per-region held-out relative excess, set by the loop."""
 
     name = "aria_true"
 
@@ -184,7 +204,10 @@ class TrueErrorARIA(AllocationPolicy):
     def step(self, step: int, tracker) -> np.ndarray:
         if self.true_errors is None or tracker.num_updates < self.rule.warmup_steps:
             return self.probabilities
-        target = self.rule.target(self.true_errors, None)  # exact values: the excess itself
+        e = self.true_errors
+        seen = np.isfinite(e)
+        excess = np.where(seen, e / np.average(e[seen], weights=self.sizes[seen]) - 1.0, 0.0)
+        target = self.rule.target(excess)  # exact values: the excess itself
         p = self.probabilities + self.rule.damping * (target - self.probabilities)
         self.probabilities = p / p.sum()
         return self.probabilities
@@ -247,7 +270,14 @@ def scores(num: np.ndarray, ev: Evaluator, design: dict, corpus: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ one run
-def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
+def swap_probability(schedule: str, t: torch.Tensor, args) -> torch.Tensor:
+    """p(t) of a swap: constant `--swap_p`, or Random Conditioning's exp(-5 (1 - t/T))."""
+    if schedule == "constant":
+        return torch.full(t.shape, float(args.swap_p))
+    return torch.exp(-5.0 * (1.0 - t.double() / 1000.0)).float()
+
+
+def run_one(spec: str, seed: int, ctx: dict, args, schedule: str = "constant") -> dict:
     name, pol_kw, trk_kw, run_kw = parse_spec(spec)
     design, corpus, text, latents, teacher = ctx["design"], ctx["corpus"], ctx["text"], ctx["latents"], ctx["teacher"]
     pool, paired = design["pool"], design["paired"]
@@ -264,7 +294,8 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
     elif name == "aria_true":
         policy = TrueErrorARIA(sizes)
     else:
-        policy = make_policy(name, sizes, **pol_kw)
+        tree = ctx["tree"] if run_kw["regions"] == "library" and "tree" in policy_arguments(name) else None
+        policy = make_policy(name, sizes, **pol_kw, **({"tree": tree} if tree is not None and "tree" not in pol_kw else {}))
     tracker = DiscrepancyTracker(K, **trk_kw)
     sampler = AdaptiveRegionSampler(reg, seed=seed)
     cb = ARIACallback(None, sampler, tracker, policy, log_every=0, register_hooks=False)
@@ -293,7 +324,7 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
         t = torch.randint(0, 1000, (B,), generator=g)
         x0 = latents[pi] + args.target_noise * torch.randn((B,) + tuple(latents.shape[1:]), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        coins = torch.rand(B, generator=g) < args.swap_p
+        coins = torch.rand(B, generator=g) < swap_probability(schedule, t, args)
         x = scheduler.add_noise(x0, noise, t)
         drawn, _ = sampler.draw(step, B)
         cond = torch.where(coins, pool_t[torch.as_tensor(drawn)], pi)
@@ -329,7 +360,7 @@ def run_one(spec: str, seed: int, ctx: dict, args) -> dict:
             res["distinct_drawn"] = {k: len(drawn_sets[k]) for k in KINDS}
             res["max_p_over_prior"] = float((sampler.probabilities / prior0).max())
             evals[str(step + 1)] = res
-    return {"policy": spec, "seed": seed, "instance": design["instance"], "evals": evals,
+    return {"policy": spec, "seed": seed, "instance": design["instance"], "schedule": schedule, "evals": evals,
             "seconds": time.time() - t0, "num_regions": K}
 
 
@@ -346,7 +377,7 @@ def prepare_instance(instance: int, args, control: bool = False) -> dict:
     regions = library_regions(corpus["prompts"], design["pool"], args.num_regions, 1000 + instance, args.cache_dir)
     ev = Evaluator(teacher, text, latents, design["heldout"], args.eval_t)
     ctx = {"design": design, "corpus": corpus, "text": text, "latents": latents, "teacher": teacher, "eval": ev,
-           "region_ids": np.asarray(regions.region_ids, dtype=np.int64), "teacher_info": tinfo}
+           "region_ids": np.asarray(regions.region_ids, dtype=np.int64), "tree": regions.tree, "teacher_info": tinfo}
     # aria_true's held-out set: every held-out prompt at 3 timesteps, mapped to the library regions
     true_ev = Evaluator(teacher, text, latents, design["heldout"], [150, 450, 750], seed=778)
     ctx["true_eval"] = true_ev
@@ -369,16 +400,18 @@ def _minority_share(region_ids, kind_ids, kind) -> float | None:
     return float(np.mean([major[r] == kind for r in region_ids[m]]))
 
 
-def _part_path(args, instance: int, seed: int, control: bool) -> str:
-    return os.path.join(args.parts_dir, f"{'control' if control else 'main'}_i{instance}_s{seed}.json")
+def _part_path(args, instance: int, seed: int, control: bool, schedule: str) -> str:
+    kind = "control" if control else args.design
+    return os.path.join(args.parts_dir, f"{kind}_{schedule}_i{instance}_s{seed}.json")
 
 
 def _worker(job) -> list[dict]:
-    """All policies of one (instance, seed), written to its part file as each finishes (a rerun with the
-    same tag resumes: finished (policy, instance, seed) runs with the same settings are not run again)."""
-    instance, seed, specs, args, control = job
+    """All policies of one (instance, seed, schedule), written to its part file as each finishes (a rerun with
+    the same tag resumes: finished (policy, instance, seed, schedule) runs with the same settings are not run
+    again)."""
+    instance, seed, specs, args, control, schedule = job
     torch.set_num_threads(1)
-    path = _part_path(args, instance, seed, control)
+    path = _part_path(args, instance, seed, control, schedule)
     key = _settings_key(args)
     done = {}
     if os.path.exists(path):
@@ -392,10 +425,10 @@ def _worker(job) -> list[dict]:
         return out
     ctx = prepare_instance(instance, args, control)
     for spec in todo:
-        r = run_one(spec, seed, ctx, args)
+        r = run_one(spec, seed, ctx, args, schedule)
         r["control"] = control
         out.append(r)
-        log(f"  instance {instance} seed {seed} {spec}: {r['seconds']:.0f}s "
+        log(f"  {schedule} instance {instance} seed {seed} {spec}: {r['seconds']:.0f}s "
             + " ".join(f"{k}={r['evals'][str(max(args.eval_steps))][k]:.4f}" for k in ("seen", "unseen", "rare")))
         tmp = path + f".tmp-{os.getpid()}"
         with open(tmp, "w") as fh:
@@ -407,7 +440,7 @@ def _worker(job) -> list[dict]:
 def _settings_key(args) -> dict:
     """Every setting a run's numbers depend on (not which policies, instances or seeds are asked for)."""
     skip = {"policies", "instances", "seeds", "control_seeds", "control_policies", "workers", "cache_dir", "out_dir",
-            "tag", "parts_dir", "quick"}
+            "tag", "parts_dir", "quick", "schedules"}
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
@@ -423,7 +456,9 @@ def _teacher_job(job) -> dict:
             "teacher_text_sensitivity": {str(t): v for t, v in sens.items()},
             "teacher_cached": ctx["teacher_info"].cached, "teacher_seconds": ctx["teacher_info"].train_seconds,
             "num_heldout": int(len(d["heldout"])), "num_pool": int(len(d["pool"])),
-            "num_paired": int(len(d["paired"])),
+            "num_paired": int(len(d["paired"])), "unseen_group": d["unseen_group"],
+            "num_regions": int(ctx["region_ids"].max()) + 1,
+            "tree_levels": None if ctx["tree"] is None else ctx["tree"].level_sizes(),
             "unseen_classes": [ctx["corpus"]["subject_names"][c] for c in np.flatnonzero(d["kinds"] == "unseen")],
             "rare_classes": [ctx["corpus"]["subject_names"][c] for c in np.flatnonzero(d["kinds"] == "rare")]}
 
@@ -470,9 +505,27 @@ def summarise(runs: list[dict], length: str) -> dict:
     return out
 
 
+def summaries(runs: list[dict], lengths) -> dict:
+    """{schedule: {length: summarise(...)}} over the schedules the runs hold."""
+    out = {}
+    for schedule in SCHEDULES:
+        sub = [r for r in runs if r.get("schedule", "constant") == schedule]
+        if sub:
+            out[schedule] = {str(L): summarise(sub, str(L)) for L in lengths}
+    return out
+
+
 def format_tables(results: dict) -> str:
     lines = []
-    for length, summ in results["summary"].items():
+    for schedule, by_length in results["summary"].items():
+        lines.append(f"\n### swap schedule: {schedule}\n")
+        lines.append(_format_schedule(by_length))
+    return "\n".join(lines)
+
+
+def _format_schedule(by_length: dict) -> str:
+    lines = []
+    for length, summ in by_length.items():
         lines.append(f"\n#### {length} steps (paired ratio to RC; mean over instances ± sd across instances)\n")
         rows = []
         for spec, s in summ.items():
@@ -510,8 +563,8 @@ def report_parts(parts_dir: str) -> dict:
     lengths = sorted({L for r in runs for L in r["evals"]}, key=int)
     out = {"parts_dir": parts_dir, "num_runs": len(runs),
            "instances_seeds": sorted({(r["instance"], r["seed"]) for r in main_runs}),
-           "summary": {L: summarise(main_runs, L) for L in lengths},
-           "control_summary": {L: summarise(ctrl_runs, L) for L in lengths} if ctrl_runs else None}
+           "summary": summaries(main_runs, lengths),
+           "control_summary": summaries(ctrl_runs, lengths) if ctrl_runs else None}
     text = format_tables(out)
     if ctrl_runs:
         text += "\n\n### all-seen control\n" + format_tables({"summary": out["control_summary"]})
@@ -533,7 +586,10 @@ def parse_args(argv=None):
     ap.add_argument("--control_policies", nargs="+", default=["rc", "aria"])
     ap.add_argument("--eval_steps", nargs="+", type=int, default=[300, 1000])
     ap.add_argument("--pool_size", type=int, default=3000)
-    ap.add_argument("--num_regions", type=int, default=64, help="the training script's default K")
+    ap.add_argument("--design", choices=DESIGNS, default="small", help="small unseen classes, or one unseen concept")
+    ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES), help="swap schedules to run")
+    ap.add_argument("--num_regions", type=int, default=None,
+                    help="K of the library regions (default: the library's, `default_num_regions`)")
     ap.add_argument("--num_unseen", type=int, default=3)
     ap.add_argument("--num_rare", type=int, default=3)
     ap.add_argument("--rare_size", type=int, default=4)
@@ -555,7 +611,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.instances, args.seeds = args.instances[:1], args.seeds[:1]
-        args.pool_size, args.num_regions, args.teacher_steps = 1200, 16, 300
+        args.pool_size, args.num_regions, args.teacher_steps = 1200, 64, 300
         args.eval_steps, args.true_every = [60, 120], 30
         args.control_seeds = args.control_seeds[:1]
         if args.policies is None:
@@ -578,10 +634,10 @@ def main(argv=None) -> dict:
         return report_parts(argv[1])
     args = parse_args(argv)
     os.makedirs(args.cache_dir, exist_ok=True)
-    name = "quality_v3" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    name = "quality_unseen_rare" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     args.parts_dir = os.path.join(args.out_dir or os.path.join(HERE, "results"), name + "_parts")
     os.makedirs(args.parts_dir, exist_ok=True)
-    meta = header(argv, "quality_v3.py")
+    meta = header(argv, "quality_unseen_rare.py")
     t0 = time.time()
     encode_prompts(load_corpus(args.pool_size)["prompts"], args.cache_dir)  # once, before the workers read it
     jobs_t = [(i, args, False) for i in args.instances if args.seeds]
@@ -591,17 +647,17 @@ def main(argv=None) -> dict:
     for inst in instances:
         log(f"instance {inst['instance']}{' (control)' if inst['control'] else ''}: unseen {inst['unseen_classes']}, "
             f"rare {inst['rare_classes']}; region purity {inst['purity']}")
-    jobs = [(i, s, args.policies, args, False) for i in args.instances for s in args.seeds]
-    jobs += [(args.instances[0], s, args.control_policies, args, True) for s in args.control_seeds]
+    jobs = [(i, s, args.policies, args, False, sch) for sch in args.schedules for i in args.instances for s in args.seeds]
+    jobs += [(args.instances[0], s, args.control_policies, args, True, sch)
+             for sch in args.schedules for s in args.control_seeds]
     with ProcessPoolExecutor(max(1, args.workers)) as ex:
         runs = [r for rs in ex.map(_worker, jobs) for r in rs]
     main_runs = [r for r in runs if not r["control"]]
     ctrl_runs = [r for r in runs if r["control"]]
     results = {**meta, "args": {k: v for k, v in vars(args).items() if k not in ("cache_dir", "out_dir", "parts_dir")},
                "instances": instances, "runs": runs,
-               "summary": {str(L): summarise(main_runs, str(L)) for L in args.eval_steps},
-               "control_summary": ({str(L): summarise(ctrl_runs, str(L)) for L in args.eval_steps}
-                                   if ctrl_runs else None),
+               "summary": summaries(main_runs, args.eval_steps),
+               "control_summary": summaries(ctrl_runs, args.eval_steps) if ctrl_runs else None,
                "seconds": time.time() - t0, "loadavg_end": loadavg()}
     text = format_tables(results)
     if ctrl_runs:
