@@ -115,12 +115,13 @@ def _run_as_main(script: str) -> None:
     runpy.run_path(script, run_name="__main__")
 
 
-def run_two_processes(script: Path, argv: list) -> None:
+def run_two_processes(script: Path, argv: list, timeout: float = 600) -> None:
     """The script in 2 CPU processes (gloo), like `accelerate.debug_launcher` but forked from a fork server
     rather than from this process: a process forked after this one used OpenMP threads can hang in its first
     parallel region (GNU libgomp is not fork-safe), and the server imports the libraries only once for every
-    run of the session."""
+    run of the session. A run still going after `timeout` seconds is killed and fails the test."""
     import tempfile
+    import time
 
     import torch.multiprocessing as mp
 
@@ -130,8 +131,14 @@ def run_two_processes(script: Path, argv: list) -> None:
         env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "ACCELERATE_MIXED_PRECISION": "no",
                "ACCELERATE_DEBUG_RDV_FILE": os.path.join(rdv, "store"), "ACCELERATE_USE_CPU": "yes",
                "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-        mp.start_processes(_Process(str(script), [str(a) for a in argv], env), nprocs=2, join=True,
-                           start_method="forkserver")
+        run = mp.start_processes(_Process(str(script), [str(a) for a in argv], env), nprocs=2, join=False,
+                                 start_method="forkserver")
+        deadline = time.monotonic() + timeout
+        while not run.join(timeout=1):  # raises with the failing process's traceback
+            if time.monotonic() > deadline:
+                for process in run.processes:
+                    process.kill()
+                raise AssertionError(f"{script.name} {' '.join(map(str, argv))} still ran after {timeout} s")
 
 
 def rank_records(out: Path) -> list[dict]:
