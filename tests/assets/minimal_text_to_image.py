@@ -1,24 +1,23 @@
-"""A small training script shaped like diffusers' examples/text_to_image/train_text_to_image.py, with ARIA added.
+"""A small training script shaped like diffusers' examples/text_to_image/train_text_to_image.py, without ARIA.
 
 It keeps that script's argument names, variable names and statements around every place ARIA goes: the
 dataset as `dataset["train"]` until `train_dataset = dataset["train"].with_transform(preprocess_train)`, a
 `collate_fn` that returns a dict literal, the DataLoader with `shuffle=True` and `num_workers`, the
 `snr_gamma` loss branch, `train_loss += ...`, clipping inside `if accelerator.sync_gradients:`,
 `lr_scheduler.step()`, `global_step`, checkpoints saved by the main process and `--resume_from_checkpoint`.
-Everything else is shortened (no VAE/EMA/validation/hub options). It is written for the tests; it is not a
-copy of the diffusers file.
+Everything else is shortened (no EMA/validation/hub options; the tiny teacher's text encoder is a small BERT,
+so the CLIP classes are the Auto ones). It is written for the tests; it is not a copy of the diffusers file.
 
-The blocks between `# --- ARIA` markers are those of docs/add-to-your-script.md, verbatim, each right after the
-line the page names (tests/test_add_to_your_script.py checks both). Lines marked `# test only` are not part of
-the stock shape: they make a resumed run see the same noise as an uninterrupted one (diffusers' script does
-not promise that), let ARIA move from the first step, and write what the test compares.
+The tests paste the blocks of docs/add-to-your-script.md into it, each right after the stock line the page
+names (tests/add_to_your_script/). Lines marked `# test only` are not part of the stock shape
+(tests/assets/aria_test_hooks.py): they name `aria` and `regions`, which the pasted blocks define.
 """
 
 import argparse
-import json
 import math
 import os
 
+import aria_test_hooks  # test only
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,13 +32,16 @@ from transformers import AutoModel, AutoTokenizer
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description="text-to-image fine-tuning with ARIA (test asset)")
+    parser = argparse.ArgumentParser(description="text-to-image fine-tuning (test asset)")
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True)
     parser.add_argument("--train_data_dir", type=str, required=True)
     parser.add_argument("--image_column", type=str, default="image")
     parser.add_argument("--caption_column", type=str, default="text")
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--output_dir", type=str, default="sd-model-finetuned")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--report_to", type=str, default=None)
+    parser.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--train_batch_size", type=int, default=2)
@@ -54,15 +56,17 @@ def parse_args():
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--checkpointing_steps", type=int, default=500)
     parser.add_argument("--resume_from_checkpoint", type=str, default=None)
-    parser.add_argument("--aria_test_warmup", type=int, default=None)  # test only
+    aria_test_hooks.add_arguments(parser)  # test only
     return parser.parse_args()
 
 
 def main():
     args = parse_args()
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        project_config=ProjectConfiguration(project_dir=args.output_dir),
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
     if args.seed is not None:
         set_seed(args.seed)
@@ -70,7 +74,6 @@ def main():
         os.makedirs(args.output_dir, exist_ok=True)
 
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-    # the stock script's CLIPTokenizer / CLIPTextModel; the tiny test teacher's text encoder is a small BERT
     tokenizer = AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer")
     text_encoder = AutoModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder")
     vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae")
@@ -118,19 +121,7 @@ def main():
         batch_size=args.train_batch_size,
         num_workers=args.dataloader_num_workers,
     )
-    # --- ARIA (1/3): regions of the captions (built once, then loaded from output_dir), ARIA's sampler in place
-    # of shuffle=True (every other DataLoader argument is kept), and the callback
-    from diffusers_aria import ARIAAllocation, ARIACallback, DiscrepancyTracker, load_or_build_regions, region_dataloader
-
-    with accelerator.main_process_first():
-        regions = load_or_build_regions(os.path.join(args.output_dir, "aria_regions"), dataset["train"],
-                                        column=caption_column, num_regions=64, seed=args.seed)
-    train_dataloader = region_dataloader(train_dataloader, regions, accelerator.num_processes, seed=args.seed)
-    aria = ARIACallback(accelerator, train_dataloader.sampler, DiscrepancyTracker(regions.num_regions),
-                        ARIAAllocation(regions.sizes))
-    # --- end ARIA
-    if args.aria_test_warmup is not None:  # test only: ARIA moves from the first steps (and on noise: z-scores)
-        aria.policy = ARIAAllocation(regions.sizes, warmup_steps=args.aria_test_warmup, score="zscore", damping=0.5)
+    aria_test_hooks.after_block_1(args, aria, regions)  # test only  # noqa: F821
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -152,6 +143,9 @@ def main():
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, {"seed": args.seed})
 
     global_step = 0
     first_epoch = 0
@@ -179,7 +173,7 @@ def main():
         train_loss = 0.0
         for step, batch in enumerate(train_dataloader):  # noqa: B007
             with accelerator.accumulate(unet):
-                torch.manual_seed(1000 * micro_step + accelerator.process_index)  # test only
+                aria_test_hooks.reseed(micro_step, accelerator.process_index)  # test only
                 micro_step += 1  # test only
                 latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
                 latents = latents * vae.config.scaling_factor
@@ -207,11 +201,6 @@ def main():
 
                 avg_loss = accelerator.gather(loss.repeat(args.train_batch_size)).mean()
                 train_loss += avg_loss.item() / args.gradient_accumulation_steps
-                # --- ARIA (2/3): this micro-batch's per-sample losses (a detached copy: the loss you back-propagate
-                # is unchanged), with each row's region and timestep
-                per_sample = F.mse_loss(model_pred.detach().float(), target.float(), reduction="none").flatten(1).mean(1)
-                aria.accumulate(batch["aria_region"], per_sample, timesteps)
-                # --- end ARIA
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -224,9 +213,6 @@ def main():
             if accelerator.sync_gradients:
                 progress_bar.update(1)
                 global_step += 1
-                # --- ARIA (3/3): one ARIA update per optimizer step (all processes), logged at global_step
-                aria.on_step_end(global_step)
-                # --- end ARIA
                 accelerator.log({"train_loss": train_loss}, step=global_step)
                 train_loss = 0.0
 
@@ -239,11 +225,8 @@ def main():
             if global_step >= args.max_train_steps:
                 break
 
-    with open(os.path.join(args.output_dir, f"trained_rank{accelerator.process_index}.json"), "w") as fh:  # test only
-        json.dump({"world": accelerator.num_processes, "trained": trained, "history_steps": aria.history_steps,
-                   "tracker_updates": aria.tracker.num_updates, "probs": aria.sampler.probabilities.tolist(),
-                   "sizes": regions.sizes.tolist(), "read_ahead": aria.sampler.read_ahead}, fh)
-    aria.write_report(args.output_dir)
+    aria_test_hooks.record(args, accelerator, aria, regions, trained)  # test only  # noqa: F821
+    aria.write_report(args.output_dir)  # noqa: F821 (the doc's optional report: `aria` is block 1's)
     # the prepared model goes before the process group, or a gloo rank can hang at exit (docs/reliability.md)
     from diffusers_aria.run_setup import end_run
 
