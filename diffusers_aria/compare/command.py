@@ -151,7 +151,7 @@ def resolve_settings(a: argparse.Namespace, extra: list[str]) -> tuple[Preset, d
         "extra_train_args": list(preset.extra_train_args) + list(extra),
     }
     if preset.name == "smoke" and not a.prompt_pool and not data_given:
-        settings["prompt_pool"], settings["prompt_pool_column"] = auto["pool"], "prompt"
+        settings["prompt_pool"], settings["prompt_pool_column"] = auto["pool"], a.prompt_pool_column or "prompt"
     if preset.teacher is None and a.teacher is None:
         settings["smoke_teacher"] = True
     if a.teacher and os.path.exists(a.teacher):
