@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 
 from ..atomic import atomic_write_json, atomic_write_text
@@ -32,6 +33,10 @@ from .presets import PRESETS, Preset, apply_overrides, get_preset, measured_cost
 from .stages import PLAN_NAME, STAGES, WorkFolder, check_stage_name
 
 SMOKE_INPUTS = "smoke-inputs"
+
+
+class StageFailed(RuntimeError):
+    """A stage's process failed (its own output says why); a second launch resumes it."""
 #: the flags that override a preset's value (flag name = Preset field)
 OVERRIDES = ("teacher", "student_architecture", "resolution", "train_batch_size", "gradient_accumulation_steps",
              "max_train_steps", "checkpointing_steps", "learning_rate", "mixed_precision", "num_processes",
@@ -125,6 +130,9 @@ def resolve_settings(a: argparse.Namespace, extra: list[str]) -> tuple[Preset, d
             raise UserError(f"--preset {preset.name} needs {' and '.join(missing)}: the paired data (e.g. COCO train "
                             "captions with their images) and the evaluation prompts with reference images "
                             "(docs/compare.md shows how to write them)")
+    if "--prediction_type" in extra:
+        raise UserError("--prediction_type changes what the students predict; the epsilon error compares the teacher's "
+                        "and the students' predictions as they are, so compare keeps the teacher's: drop it")
     fid = None if a.skip_fid else preset.fid_features
     settings = {
         "preset": preset.name, "teacher": preset.teacher or auto["teacher"],
@@ -344,19 +352,18 @@ def stage_train(work: WorkFolder, preset: Preset, settings: dict, arm: str, log=
         startup, step_seconds = _watch(proc, stream, steps)
         if step_seconds is not None:
             step_seconds *= preset.gradient_accumulation_steps
-            rows = sum(1 for _ in open(work.path("data", "eval.jsonl")))
-            cost = measured_cost(preset, step_seconds, startup or 0.0, rows)
+            cost = measured_cost(preset, step_seconds, startup or 0.0, _count_lines(work.path("data", "eval.jsonl")))
             atomic_write_json(work.path("cost.json"), cost.to_json())
             log(f"cost: {cost.describe()}")
     rc = proc.wait()
     if rc != 0:
-        raise RuntimeError(f"the {arm} arm's training failed (exit code {rc}); run the same command again to resume it "
+        raise StageFailed(f"the {arm} arm's training failed (exit code {rc}); run the same command again to resume it "
                            f"from its latest checkpoint in {work.path(arm)}")
     info_path = work.path(arm, "run_info.json")
     with open(info_path) as fh:
         info = json.load(fh)
     if info.get("global_step") != preset.max_train_steps:
-        raise RuntimeError(f"the {arm} arm stopped at step {info.get('global_step')} of {preset.max_train_steps}")
+        raise StageFailed(f"the {arm} arm stopped at step {info.get('global_step')} of {preset.max_train_steps}")
     work.mark_done(f"train-{arm}", global_step=info["global_step"])
 
 
@@ -375,7 +382,7 @@ def stage_generate(work: WorkFolder, settings: dict, log=print) -> None:
     rows = read_eval_rows(work.root)
     missing = {m: missing_shards(work.root, m, len(rows), settings["shard_size"]) for m in MODELS}
     if rc != 0 or any(missing.values()):
-        raise RuntimeError(f"generation stopped (exit code {rc}; shards left: "
+        raise StageFailed(f"generation stopped (exit code {rc}; shards left: "
                            f"{ {m: len(v) for m, v in missing.items()} }); run the same command again to generate "
                            "the rest")
     work.mark_done("generate")
@@ -442,8 +449,16 @@ def stage_table(work: WorkFolder, settings: dict, log=print) -> dict:
 
 
 def run(a: argparse.Namespace, extra: list[str], log=None) -> int:
-    """The `compare` command (see the module doc). Returns the exit code."""
-    log = log or say
+    """The `compare` command (see the module doc). Returns the exit code: 0, 2 for a mistake in the inputs (one
+    line), 1 when a stage's process failed (a second launch resumes it)."""
+    try:
+        return _run(a, extra, log or say)
+    except StageFailed as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _run(a: argparse.Namespace, extra: list[str], log) -> int:
     check_stage_name(a.stop_after)
     preset, settings = resolve_settings(a, extra)
     concept = concept_of(settings)

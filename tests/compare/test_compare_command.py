@@ -232,3 +232,59 @@ def test_a_folder_of_something_else_is_refused(smoke_run, tmp_path, capfd):
     assert compare_main(_inputs(smoke_run) + ["--output_dir", str(tmp_path / "work")]) == 2
     assert "holds no compare_plan.json" in capfd.readouterr().err
     shutil.rmtree(tmp_path / "work")
+
+
+def test_a_failed_arm_ends_in_one_line_and_resumes_later(smoke_run, monkeypatch, capfd):
+    """A training process that fails: exit code 1, one line that says how to go on, the stage not marked."""
+    from diffusers_aria.compare import command
+
+    work = smoke_run.work
+    marker = smoke_run.path("stages", "train-aria.json")
+    saved = open(marker).read()
+    os.remove(marker)
+
+    class Failed:
+        def __init__(self, cmd, env=None):
+            self.cmd = cmd
+
+        def poll(self):
+            return 1
+
+        def wait(self):
+            return 1
+
+    monkeypatch.setattr(command.subprocess, "Popen", Failed)
+    try:
+        code = compare_main(["--preset", "smoke", "--teacher", smoke_run.teacher, "--output_dir", work])
+        err = capfd.readouterr().err.strip().splitlines()
+        assert code == 1 and err == [f"error: the aria arm's training failed (exit code 1); run the same command again "
+                                     f"to resume it from its latest checkpoint in {smoke_run.path('aria')}"]
+        assert not os.path.exists(marker)
+    finally:
+        with open(marker, "w") as fh:
+            fh.write(saved)
+
+
+def test_the_docs_show_the_table_a_run_writes_and_every_flag(smoke_run):
+    """docs/compare.md: the smoke table pasted there has the rows and columns of the table a run writes, and
+    its flag table names every flag of the command."""
+    from diffusers_aria.cli import build_parser
+
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "compare.md")).read()
+
+    def shape(markdown: str) -> list[list[str]]:  # the table rows, numbers blanked
+        rows = []
+        for line in markdown.splitlines():
+            if line.startswith("| ") and not line.startswith("| flag") and not line.startswith("| preset"):
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                rows.append([c if not c.replace(".", "").replace("-", "").isdigit() else "#" for c in cells[:2]])
+        return rows
+
+    pasted = docs.split("<!-- smoke-table -->")[1].split("What the smoke numbers say")[0]
+    written = open(smoke_run.path("compare_table.md")).read()
+    assert shape(written)[:14] == shape(pasted)[:14]  # the split x model rows, in order
+    assert written.splitlines()[0] in pasted and "ARIA / RC" in pasted
+    compare = build_parser()._subparsers._group_actions[0].choices["compare"]
+    flags = {o for a in compare._actions for o in a.option_strings if o.startswith("--")} - {"--help", "--debug"}
+    missing = sorted(f for f in flags if f"`{f}`" not in docs)
+    assert not missing, missing

@@ -189,6 +189,8 @@ def test_skip_fid_and_the_preset_flag():
         resolve_settings(_args(max_train_steps=0), [])
     with pytest.raises(UserError, match="pass one of them"):
         resolve_settings(_args(train_data_dir="/a", dataset_name="b"), [])
+    with pytest.raises(UserError, match="drop it"):
+        resolve_settings(_args(), ["--prediction_type", "v_prediction"])
 
 
 # ------------------------------------------------------------------------------------------ command lines
