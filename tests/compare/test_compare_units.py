@@ -367,3 +367,29 @@ def test_table_build_and_markdown():
     md = table.render_markdown(t)
     assert "| unseen (2) | ARIA student | 20 | 25 | 0.3 |" in md and "| rare (0) | RC student | - | - | - |" in md
     assert "off (--skip_fid)" in md and "3 of 10 paired rows dropped" in md
+
+
+def test_a_dataset_is_read_with_its_config_and_filtered_by_label(monkeypatch, tmp_path):
+    import datasets
+
+    from diffusers_aria import data
+    from diffusers_aria.compare import paired
+
+    seen = {}
+
+    def fake_load(dataset_name=None, dataset_config_name=None, **_):
+        seen.update(name=dataset_name, config=dataset_config_name)
+        return datasets.Dataset.from_dict({"text": [["a dog", "a pet"], ["a car"], ["a cat"]],
+                                           "kind": [["animal"], ["vehicle"], ["animal"]]})
+
+    monkeypatch.setattr(data, "load_image_caption_dataset", fake_load)
+    concept = concepts.make_filter(column="kind", labels=["animal"])
+    source = paired.read_paired(None, "org/coco", "text", concept, dataset_config_name="2014")
+    assert seen == {"name": "org/coco", "config": "2014"} and source.first_captions() == ["a dog", "a car", "a cat"]
+    unseen = paired.unseen_rows(source, concept)
+    assert unseen.tolist() == [True, False, True]
+    flags = paired.write_filtered(source, ~unseen, str(tmp_path / "kept"))
+    assert flags == {"dataset_name": str(tmp_path / "kept")}
+    assert datasets.load_from_disk(str(tmp_path / "kept"))["text"] == [["a car"]]
+    with pytest.raises(UserError, match="is not a column"):
+        paired.read_paired(None, "org/coco", "caption", concept)
