@@ -7,6 +7,7 @@
     diffusers-aria make-tiny-teacher OUTPUT_DIR [--train_steps N] [--num_prompts N] [--force]
     diffusers-aria make-tiny-teacher OUTPUT_DIR --family {sdxl,pixart,sd3} [--seed N] [--force]
     diffusers-aria demo [--output_dir outputs/demo]
+    diffusers-aria compare --preset {smoke,one-gpu,paper} --output_dir DIR [...] (docs/compare.md)
 
 A mistake in the arguments (a missing file, an empty pool, a bad column, --num_regions above the pool's size,
 an output folder that holds something else, a damaged checkpoint) ends in one line `error: ...` and exit code 2,
@@ -347,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max_train_steps", type=int, default=300)
     d.add_argument("--num_processes", type=int, default=1)
     d.add_argument("--builtin_pool_size", type=int, default=4000, help="prompts of the built-in pool (teacher and run)")
+    from .compare import add_parser as add_compare_parser
+
+    add_compare_parser(sub, parents=[common])  # `compare`: arguments after `--` go to both training arms
     return p
 
 
@@ -383,6 +387,8 @@ def _main(argv: list[str]) -> int:
     handlers = {"report": _cmd_report, "evaluate": _cmd_evaluate, "make-tiny-teacher": _cmd_make_tiny_teacher}
     if a.command == "demo":
         return _cmd_demo(a, extra)
+    if a.command == "compare":
+        return a.compare_handler(a, extra)
     return handlers[a.command](a)
 
 
