@@ -17,7 +17,7 @@ memory and the student's parameter count, and writes `benchmarks/results/gpu_che
 
 The other families' teachers are the real configs of `diffusers_aria.distillation.reference_configs` with text
 encoders of the real sizes (vocabulary: the MiniLM BERT tokenizer's); `--smoke --family F` runs the tiny
-random teacher of `diffusers_aria.tiny_families` instead.
+random teacher of `diffusers_aria.embedded.tiny_families` instead.
 
 Random weights: the figures measure speed and memory, not image quality.
 """
@@ -91,8 +91,8 @@ def build_teacher(resolution: int, scale: float):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from diffusers_aria.minilm import load_minilm_text_encoder
-    from diffusers_aria.run_setup import TeacherParts
+    from diffusers_aria.embedded.minilm import load_minilm_text_encoder
+    from diffusers_aria.teachers.parts import TeacherParts
 
     _, minilm_tok = load_minilm_text_encoder(max_length=77)
     tokenizer = BertTokenizerFast.from_pretrained(minilm_tok.name_or_path)
@@ -139,7 +139,7 @@ def _real_components(family: str, resolution: int, device) -> dict:
     )
 
     from diffusers_aria.distillation import reference_configs as rc
-    from diffusers_aria.tiny_families import bert_tokenizer
+    from diffusers_aria.embedded.tiny_families import bert_tokenizer
 
     def clip(size: dict, projection: bool):
         tok = bert_tokenizer(77)
@@ -178,10 +178,10 @@ def _real_components(family: str, resolution: int, device) -> dict:
 
 def build_family_teacher(family: str, resolution: int, smoke: bool, device):
     """A teacher of `family` as `run_setup.TeacherParts`: the real sizes, or the tiny random teacher (smoke)."""
-    from diffusers_aria.families import FAMILIES, FlowMatchingNoise
-    from diffusers_aria.run_setup import TeacherParts
-    from diffusers_aria.tiny_families import family_components
-    from diffusers_aria.tiny_teacher import tiny_scheduler
+    from diffusers_aria.embedded.tiny_families import family_components
+    from diffusers_aria.embedded.tiny_teacher import tiny_scheduler
+    from diffusers_aria.teachers.families import FAMILIES, FlowMatchingNoise
+    from diffusers_aria.teachers.parts import TeacherParts
 
     fam = FAMILIES[family]
     parts = family_components(family, resolution) if smoke else _real_components(family, resolution, device)
@@ -200,8 +200,11 @@ def main(args) -> dict:
 
     from diffusers_aria.distillation import DistillationLoss, add_lora, cast_trainable_to_fp32
     from diffusers_aria.regions import build_regions
-    from diffusers_aria.run_setup import feature_mapping, feature_projections, load_pool, make_student
-    from diffusers_aria.training import AriaSettings, KDStep, build_aria, sample_noise_and_timesteps
+    from diffusers_aria.settings import AriaSettings
+    from diffusers_aria.training.aria import build_aria
+    from diffusers_aria.training.inputs import load_pool
+    from diffusers_aria.training.step import KDStep, sample_noise_and_timesteps
+    from diffusers_aria.training.student import feature_mapping, feature_projections, make_student
 
     rec = header(sys.argv[1:], "gpu_check.py")
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.smoke)

@@ -44,7 +44,7 @@ def make_pool(n: int, kind: str, folder: str) -> str:
     if os.path.isdir(path):
         return path
     if kind == "builtin":
-        from diffusers_aria.builtin_pool import builtin_prompt_pool
+        from diffusers_aria.embedded.builtin_pool import builtin_prompt_pool
 
         texts = list(builtin_prompt_pool(num_prompts=n, seed=0)["prompt"])
         table_ = pa.table({"prompt": texts})

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     import psutil
 
-    from diffusers_aria.tiny_teacher import make_tiny_teacher
+    from diffusers_aria.embedded.tiny_teacher import make_tiny_teacher
 
     teacher = a.teacher or str(ROOT / "benchmarks" / "results" / "cache" / "soak-teacher")
     if a.teacher is None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_save, atomic_write_json, replace_dir
 from .pool import (
     PROMPT_COLUMN,
     PromptPoolError,
@@ -28,10 +27,12 @@ from .pool import (
     load_prompt_pool,
     pool_fingerprint,
 )
+from .utils.atomic import atomic_save, atomic_write_json, replace_dir
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_NUM_REGIONS = 64  # K when none is given (`build_regions`, the training script, `regions build`)
 CONFIG_NAME = "regions_config.json"
 CENTROIDS_NAME = "centroids.safetensors"
 REGION_IDS_NAME = "region_ids.npy"
@@ -450,7 +451,7 @@ class ConditionRegions:
 
 def build_regions(
     prompts,
-    num_regions: int = 64,
+    num_regions: int = DEFAULT_NUM_REGIONS,
     embedder: str | Any = DEFAULT_EMBEDDER,
     seed: int = 0,
     method: str = "auto",
@@ -528,48 +529,8 @@ def load_or_build_regions(regions_dir: str, pool, **build_kwargs) -> ConditionRe
     return regions
 
 
-class RegionCollate:
-    """A collate function that adds each example's region to the batch: `batch[column] = LongTensor [B]`.
-
-    Wraps a script's own `collate_fn` (which may drop unknown columns, as diffusers' returns a dict literal)
-    so the region column travels without editing it. Picklable (a plain object, not a closure), so it works
-    with DataLoader workers. The examples must carry `column` (`ConditionRegions.add_to_dataset`; a
-    `with_transform` function must return its input dict, as diffusers' `preprocess_train` does).
-    """
-
-    def __init__(self, collate_fn=None, column: str = "aria_region") -> None:
-        if collate_fn is None:
-            from torch.utils.data import default_collate
-
-            collate_fn = default_collate
-        self.collate_fn = collate_fn
-        self.column = column
-
-    def __call__(self, examples):
-        import torch
-
-        try:
-            region = torch.as_tensor([int(e[self.column]) for e in examples], dtype=torch.long)
-        except KeyError:
-            keys = sorted(examples[0].keys()) if examples and hasattr(examples[0], "keys") else []
-            raise KeyError(
-                f"the examples have no {self.column!r} column (they have {keys}): add it with "
-                "ConditionRegions.add_to_dataset (region_dataloader does), and make a with_transform function "
-                "return its input dict"
-            ) from None
-        batch = self.collate_fn(examples)
-        if not hasattr(batch, "__setitem__") or isinstance(batch, (list, tuple)):
-            raise TypeError(f"RegionCollate needs the wrapped collate function to return a dict, got {type(batch).__name__}")
-        batch[self.column] = region
-        return batch
-
-    def __repr__(self) -> str:
-        return f"RegionCollate({getattr(self.collate_fn, '__name__', self.collate_fn)!r}, column={self.column!r})"
-
-
 __all__ = [
     "ConditionRegions",
-    "RegionCollate",
     "RegionsMismatchError",
     "build_regions",
     "load_or_build_regions",
@@ -578,5 +539,6 @@ __all__ = [
     "spherical_kmeans",
     "nearest_centroid",
     "DEFAULT_EMBEDDER",
+    "DEFAULT_NUM_REGIONS",
     "PROMPT_COLUMN",
 ]

@@ -48,7 +48,6 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_save, atomic_write
 from .pool import PROMPT_COLUMN, PromptPoolError, get_prompts, load_prompt_pool, pool_fingerprint
 from .regions import (
     DEFAULT_EMBEDDER,
@@ -60,6 +59,7 @@ from .regions import (
     resolve_method,
     spherical_kmeans,
 )
+from .utils.atomic import atomic_save, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     state = launched_state()
     with state.main_process_first():  # a parquet/json pool is converted to Arrow once, by the main process
         if a.pool == "builtin":
-            from .run_setup import load_pool
+            from .training.inputs import load_pool
 
             pool, _ = load_pool("builtin", builtin_size=a.builtin_pool_size, seed=a.seed)
         else:

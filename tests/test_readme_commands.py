@@ -66,8 +66,8 @@ def _demo_stand_in(outputs: Path, teacher: str) -> None:
     )
     from diffusers_aria.pool import pool_fingerprint
     from diffusers_aria.regions import DEFAULT_EMBEDDER
-    from diffusers_aria.run_setup import load_pool
-    from diffusers_aria.training import region_names_from_groups
+    from diffusers_aria.training.aria import region_names_from_groups
+    from diffusers_aria.training.inputs import load_pool
 
     os.symlink(teacher, outputs / "tiny-teacher")
     demo = outputs / "demo"

@@ -15,8 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from diffusers_aria.regions import RegionCollate, RegionsMismatchError
-from diffusers_aria.sampler import AdaptiveRegionSampler, keyed_permutation, region_dataloader
+from diffusers_aria.dataloading import RegionCollate, region_dataloader
+from diffusers_aria.regions import RegionsMismatchError
+from diffusers_aria.rng import keyed_permutation
+from diffusers_aria.sampler import AdaptiveRegionSampler
 
 # 60 prompts in 4 regions of sizes 7, 13, 25, 15, interleaved in pool order
 REGION_IDS = np.random.default_rng(0).permutation(np.repeat([0, 1, 2, 3], [7, 13, 25, 15]))

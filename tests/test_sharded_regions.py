@@ -206,7 +206,7 @@ def test_two_processes_build_the_same_regions_as_one(tmp_path, reference):
 
 def test_build_killed_on_one_process_resumes_on_two(tmp_path):
     from diffusers_aria.regions import ConditionRegions
-    from diffusers_aria.run_setup import load_pool
+    from diffusers_aria.training.inputs import load_pool
 
     pool, _ = load_pool("builtin", builtin_size=600, seed=1)
     kw = {"num_regions": 6, "seed": 1, "chunk_size": 50, "sample_size": 400, "method": "sklearn", "progress": False}

@@ -245,7 +245,7 @@ def main():
                    "sizes": regions.sizes.tolist(), "read_ahead": aria.sampler.read_ahead}, fh)
     aria.write_report(args.output_dir)
     # the prepared model goes before the process group, or a gloo rank can hang at exit (docs/reliability.md)
-    from diffusers_aria.run_setup import end_run
+    from diffusers_aria.training.outputs import end_run
 
     del unet, optimizer, train_dataloader, lr_scheduler
     end_run(accelerator)
