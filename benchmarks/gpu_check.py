@@ -25,10 +25,11 @@ Random weights: the figures measure speed and memory, not image quality.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-from _common import header, loadavg, offline_env, summarize, table, write_json
+from _common import REPO, header, loadavg, offline_env, summarize, table, write_json
 
 offline_env()
 
@@ -47,6 +48,9 @@ SD_VAE = dict(
 TEXT = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 
 
+#: where a --smoke run writes its JSON unless --out_dir is given (untracked: outputs/ is git-ignored)
+SMOKE_OUT_DIR = os.path.join(REPO, "outputs", "benchmarks")
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU, 64 px, 1/10 widths, a few steps (CI)")
@@ -64,9 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--pool_size", type=int, default=None, help="built-in pool prompts (default 4000; smoke 300)")
     p.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"],
                    help="default bf16 (smoke: bf16 on CPU)")
-    p.add_argument("--out_dir", default=None)
+    p.add_argument("--out_dir", default=None,
+                   help="folder of the JSON (default benchmarks/results; with --smoke outputs/benchmarks, untracked)")
     args = p.parse_args(argv)
     small = args.smoke
+    if args.smoke and args.out_dir is None:  # a smoke run never writes into the tracked results
+        args.out_dir = str(SMOKE_OUT_DIR)
     other = args.family != "sd"
     for name, full, smoke in (("steps", 20, 3), ("warmup", 3, 1), ("batch_size", 4 if other else 8, 2),
                               ("resolution", 1024 if other else 512, 64), ("pool_size", 4000, 300)):
@@ -252,6 +259,7 @@ def main(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     n_steps = args.warmup + args.steps
+    nonfinite: dict[str, int] = {k: 0 for k in policies}
     for step in range(n_steps):
         gen = torch.Generator().manual_seed(1000 * step + accelerator.process_index)
         latents = torch.randn(args.batch_size, channels, latent, latent, generator=gen).to(device, weight_dtype)
@@ -265,6 +273,7 @@ def main(args) -> dict:
             with torch.no_grad():
                 hidden = parts.encode(cond.prompts, device, args.resolution)
             terms = kd(student, latents, noise, timesteps, hidden)
+            nonfinite[name] += int(not bool(torch.isfinite(terms.total.detach()).all()))
             accelerator.backward(terms.total.mean())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -287,6 +296,7 @@ def main(args) -> dict:
         "step_ms": {"aria": summarize(a), "rc": summarize(r)}, "ratio_aria_rc": float(a.sum() / r.sum()),
         "samples_per_s": {"aria": global_batch / float(a.mean()), "rc": global_batch / float(r.mean())},
         "peak_gpu_memory_gib": None if peak is None else peak / 2**30, "loadavg_end": loadavg(),
+        "nonfinite_loss_steps": nonfinite, "finite_loss": not any(nonfinite.values()),
         "aria_max_p_over_prior": float((policies["aria"].sampler.probabilities
                                         / policies["aria"].policy.prompt_share).max()),
     })
@@ -300,9 +310,12 @@ def main(args) -> dict:
         name = ("gpu_check" + ("" if args.family == "sd" else f"_{args.family}") + ("_smoke" if args.smoke else "")
                 + ("_lora" if args.lora else ""))
         print("wrote", write_json(name, rec, args.out_dir))
+        if not rec["finite_loss"]:
+            print(f"FAILED: a non-finite loss in {nonfinite} steps (aria, rc)")
     accelerator.end_training()
     return rec
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    # the criterion: every measured step's loss is finite (exit 1 otherwise)
+    sys.exit(0 if main(parse_args())["finite_loss"] else 1)

@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Any
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as _common does
+
 import numpy as np
 import torch
 

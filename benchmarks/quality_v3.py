@@ -45,6 +45,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as _common does
+
 import numpy as np
 import torch
 
