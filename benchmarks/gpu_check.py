@@ -99,6 +99,7 @@ def build_teacher(resolution: int, scale: float):
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     from diffusers_aria.embedded.minilm import load_minilm_text_encoder
+    from diffusers_aria.teachers.families import FAMILIES
     from diffusers_aria.teachers.parts import TeacherParts
 
     _, minilm_tok = load_minilm_text_encoder(max_length=77)
@@ -116,7 +117,7 @@ def build_teacher(resolution: int, scale: float):
     vae = AutoencoderKL(sample_size=resolution, **vae_cfg)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               num_train_timesteps=1000)
-    return TeacherParts(unet, vae, text_encoder, tokenizer, scheduler, "random-init-sd15-size")
+    return TeacherParts(unet, vae, text_encoder, tokenizer, scheduler, "random-init-sd15-size", FAMILIES["sd"])
 
 
 # Text encoders of the real sizes (CLIP ViT-L/14, OpenCLIP bigG/14, T5 v1.1 XXL's encoder).
@@ -225,8 +226,8 @@ def main(args) -> dict:
         parts = build_teacher(args.resolution, scale=0.1 if args.smoke else 1.0)
     else:
         parts = build_family_teacher(args.family, args.resolution, args.smoke, device)
-    parts.fam.check_student(args.student)
-    student, init_report = make_student(parts.unet.to(device), args.student, family=parts.fam)
+    parts.family.check_student(args.student)
+    student, init_report = make_student(parts.denoiser.to(device), args.student, family=parts.family)
     student.to(device)
     parts.to_weight_dtype(device, weight_dtype)
     if args.lora:
@@ -240,12 +241,12 @@ def main(args) -> dict:
     with accelerator.main_process_first():
         pool, _ = load_pool("builtin", builtin_size=args.pool_size, seed=0)
         regions = build_regions(pool, num_regions=args.num_regions, seed=0, progress=False)
-    mapping = feature_mapping(parts.unet, student, args.student, parts.fam)
+    mapping = feature_mapping(parts.denoiser, student, args.student, parts.family)
     with torch.no_grad():
-        projections = feature_projections(parts.unet, student, mapping, device, family=parts.fam,
+        projections = feature_projections(parts.denoiser, student, mapping, device, family=parts.family,
                                           cond=parts.encode([""], device, args.resolution))
-    kd = KDStep(parts.unet, student, parts.scheduler, DistillationLoss(1.0, 1.0, 0.0), feature_mapping=mapping,
-                projections=projections, family=parts.fam)
+    kd = KDStep(parts.denoiser, student, parts.scheduler, DistillationLoss(1.0, 1.0, 0.0), feature_mapping=mapping,
+                projections=projections, family=parts.family)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -253,7 +254,7 @@ def main(args) -> dict:
                 "rc": build_aria(AriaSettings(allocation="rc"), regions, pool, accelerator, seed=0)}
 
     latent = args.resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    channels = parts.unet.config.in_channels
+    channels = parts.denoiser.config.in_channels
     times: dict[str, list[float]] = {k: [] for k in policies}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -289,7 +290,7 @@ def main(args) -> dict:
         "num_processes": world, "mixed_precision": accelerator.mixed_precision, "resolution": args.resolution,
         "batch_size_per_device": args.batch_size, "family": args.family,
         "student": args.student + (" LoRA r8" if args.lora else ""),
-        "teacher_params": sum(p.numel() for p in parts.unet.parameters()),
+        "teacher_params": sum(p.numel() for p in parts.denoiser.parameters()),
         "frozen_params": sum(p.numel() for m in parts.modules() for p in m.parameters()),
         "student_params": n_total, "student_trainable_params": n_train, "student_init": str(init_report),
         "build_seconds": build_s, "num_regions": regions.num_regions, "feature_pairs": len(mapping),

@@ -45,7 +45,8 @@ def default_cpu_env() -> None:
 def _cmd_regions_build(a: argparse.Namespace) -> int:
     preflight.check_regions_output(a.output, "--output")
     preflight.check_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, num_regions=a.num_regions)
-    preflight.check_embedder(a.embedder)
+    if not (a.work_dir is not None and a.embedder.split(":")[0] == "hashing"):  # the sharded build's stand-in
+        preflight.check_embedder(a.embedder)
     from .regions import build_regions
     from .training.inputs import load_pool
 
@@ -62,19 +63,27 @@ def _cmd_regions_build(a: argparse.Namespace) -> int:
 
 def _regions_build_sharded(a: argparse.Namespace) -> int:
     """`regions build --work_dir W`: every process of the launch embeds its shard (see `sharded_regions`)."""
+    from .pool import load_prompt_pool
     from .sharded_regions import build_regions_sharded, launched_state
     from .training.inputs import load_pool
 
     state = launched_state()
-    with state.main_process_first():
-        pool, _ = load_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, seed=a.seed)
+    with state.main_process_first():  # a parquet/json pool is converted to Arrow once, by the main process
+        if a.pool == "builtin":
+            pool, _ = load_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, seed=a.seed)
+        else:  # memory-mapped, not validated row by row (pools of tens of millions of prompts)
+            pool = load_prompt_pool(a.pool, column=a.column, validate=False)
     regions = build_regions_sharded(pool, a.num_regions, a.work_dir, embedder=a.embedder, seed=a.seed,
-                                    sample_size=a.sample_size, chunk_size=a.chunk_size, method=a.method,
-                                    accelerator=state, progress=state.is_main_process)
+                                    sample_size=a.sample_size, chunk_size=a.chunk_size, batch_size=a.batch_size,
+                                    method=a.method, min_region_size=a.min_region_size, accelerator=state,
+                                    progress=state.is_main_process and not a.no_progress)
     if state.is_main_process:
         regions.save(a.output)
-        print(regions.summary(pool))
-        print(f"saved {regions.num_regions} regions to {a.output} ({state.num_processes} processes)")
+        s = regions.metadata["sharded_build"]
+        if not a.no_progress:
+            print(regions.summary(pool))
+        print(f"saved {regions.num_regions} regions of {regions.num_prompts} prompts to {a.output} "
+              f"({s['num_processes']} processes; this one embedded {s['chunks_embedded']} of {s['chunks']} chunks)")
     state.wait_for_everyone()
     return 0
 
@@ -272,7 +281,7 @@ def _cmd_demo(a: argparse.Namespace, extra: list[str]) -> int:
           "  aria_report.md        per-region table: size, prompt share, probability, discrepancy estimate\n"
           "  README.md             the model card; model_index.json + unet/ ...: the student pipeline\n"
           f"  logs/                 tensorboard --logdir {a.output_dir}/logs\n"
-          f"Next: diffusers-aria report {a.output_dir} (the README's \"Command line\" section lists more).")
+          f"Next: diffusers-aria report {a.output_dir} (docs/usage.md's \"Command line\" section lists more).")
     return 0
 
 
@@ -304,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "processes and machines; a killed build resumes where it stopped")
     b.add_argument("--sample_size", type=int, default=None, help="with --work_dir: k-means sample (default 256 x K)")
     b.add_argument("--chunk_size", type=int, default=65_536, help="with --work_dir: prompts per chunk")
+    b.add_argument("--batch_size", type=int, default=256, help="with --work_dir: prompts per embedder call")
+    b.add_argument("--min_region_size", type=int, default=1, help="with --work_dir: merge smaller regions")
+    b.add_argument("--no_progress", action="store_true", help="with --work_dir: no progress bars or summary")
     s = rsub.add_parser("show", parents=[common])
     s.add_argument("regions_dir")
     pool_args(s)
@@ -356,7 +368,7 @@ def _cmd_train(argv: list[str]) -> int:
     saved = sys.argv
     sys.argv = ["diffusers-aria train", *argv]
     try:
-        runpy.run_module(TRAIN_MODULE, run_name="__main__", alter_sys=True)
+        runpy.run_module(TRAIN_MODULE, run_name="__main__")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     finally:

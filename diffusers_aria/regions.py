@@ -449,6 +449,15 @@ class ConditionRegions:
         return "\n".join(lines)
 
 
+def region_metadata(embedder: str, embedding_dim: int, num_regions: int, seed: int, method: str,
+                    min_region_size: int, fingerprint: str, **extra: Any) -> dict[str, Any]:
+    """The metadata a regions folder records about its build (`regions_config.json`, with the counts `save`
+    adds): what `setting_differences` and `check_pool` compare. `extra`: builder-specific entries."""
+    return {"embedder": embedder, "embedding_dim": int(embedding_dim), "requested_num_regions": int(num_regions),
+            "seed": int(seed), "method": method, "min_region_size": int(min_region_size), "fingerprint": fingerprint,
+            **extra}
+
+
 def build_regions(
     prompts,
     num_regions: int = DEFAULT_NUM_REGIONS,
@@ -488,45 +497,61 @@ def build_regions(
     centroids, ids = spherical_kmeans(emb, int(num_regions), seed=seed, method=method, max_iter=max_iter,
                                       min_region_size=min_region_size)
     resolved = resolve_method(method, len(pool))
-    meta = {
-        "embedder": _embedder_name(embedder),
-        "embedding_dim": int(emb.shape[1]),
-        "requested_num_regions": int(num_regions),
-        "seed": int(seed),
-        "method": resolved,
-        "min_region_size": int(min_region_size),
-        "fingerprint": pool_fingerprint(pool),
-    }
+    meta = region_metadata(_embedder_name(embedder), emb.shape[1], num_regions, seed, resolved, min_region_size,
+                           pool_fingerprint(pool))
     if len(centroids) < num_regions:
         logger.warning("%d of %d regions were empty or below min_region_size and were dissolved", num_regions - len(centroids), num_regions)
     return ConditionRegions(region_ids=ids, centroids=centroids, metadata=meta)
 
 
-def load_or_build_regions(regions_dir: str, pool, **build_kwargs) -> ConditionRegions:
-    """Load `regions_dir` if it exists, else build the regions with `build_regions` and save them there.
+#: the build settings a saved regions folder records and `load_or_build_regions` compares
+BUILD_SETTINGS = ("num_regions", "embedder", "seed", "method", "min_region_size")
 
-    The folder is reused only for the pool it was built from: its saved content fingerprint (sha256 over the
-    prompts in order) must match `pool`'s, else `RegionsMismatchError` (delete the folder to rebuild). `pool`
-    is anything `build_regions` takes (a `datasets.Dataset` with `column=...` in `build_kwargs`, whose other
-    columns, images included, are never read). Settings in `build_kwargs` that differ from the saved ones
-    (num_regions, seed, embedder) are logged: the saved regions are used as they are. `seed=None` means 0.
-    Under accelerate call it inside `accelerator.main_process_first()`: the main process builds, the others load.
+
+def load_or_build_regions(regions_dir: str, pool, overwrite: bool = False, check=None,
+                          **build_kwargs) -> ConditionRegions:
+    """The regions saved in `regions_dir` when they were built from `pool` with these settings; else, when the
+    folder holds none, the regions built with `build_regions(pool, **build_kwargs)` and saved there.
+
+    Strict: a saved folder is reused only for the pool it was built from (its content fingerprint, sha256 over
+    the prompts in order) and the same build settings. Otherwise it raises `RegionsMismatchError` naming what
+    differs, or with `overwrite=True` builds the regions again and replaces the folder. `check` names the
+    settings compared (of `BUILD_SETTINGS`; settings not given compare with `build_regions`' defaults); default:
+    those given in `build_kwargs`; `()`: only the pool must match (regions a user built and named). `pool` is
+    anything `build_regions` takes (a `datasets.Dataset` with `column=...` in `build_kwargs`, whose other columns,
+    images included, are never read). `seed=None` means 0. Under accelerate call it inside
+    `accelerator.main_process_first()`: the main process builds, the others load.
     """
     if build_kwargs.get("seed", 0) is None:
         build_kwargs["seed"] = 0
-    if os.path.isfile(os.path.join(regions_dir, CONFIG_NAME)):
-        regions = ConditionRegions.load(regions_dir)
+    if not os.path.isfile(os.path.join(regions_dir, CONFIG_NAME)):
+        regions = build_regions(pool, **build_kwargs)
+        regions.save(regions_dir)
+        return regions
+    regions = ConditionRegions.load(regions_dir)
+    try:
         regions.check_pool(pool if isinstance(pool, (list, tuple))
                            else load_prompt_pool(pool, column=build_kwargs.get("column"), validate=False))
-        differ = regions.setting_differences(build_kwargs, [k for k in ("num_regions", "seed", "embedder")
-                                                            if k in build_kwargs])
-        if differ:
-            logger.warning("using the regions saved in %s as they are: %s (delete the folder to rebuild them)",
-                           regions_dir, ", ".join(f"{k}={a!r} was saved, {b!r} was asked" for k, a, b in differ))
-        return regions
-    regions = build_regions(pool, **build_kwargs)
-    regions.save(regions_dir)
-    return regions
+    except RegionsMismatchError as err:
+        if not overwrite:
+            raise
+        differ = [f"the prompt pool ({err})"]
+    else:
+        keys = [k for k in BUILD_SETTINGS if k in build_kwargs] if check is None else list(check)
+        differ = [f"{k} {old!r} (this run: {new!r})" for k, old, new in regions.setting_differences(build_kwargs, keys)]
+        if not differ:
+            return regions
+        if not overwrite:
+            raise RegionsMismatchError(
+                f"the regions in {regions_dir!r} were built with other settings than this run's: {'; '.join(differ)}. "
+                "Build them again with overwrite=True (the training script: --overwrite_output_dir, for the regions "
+                "inside its output folder), or use regions built with these settings (`diffusers-aria regions build`, "
+                "the training script's --regions_dir)")
+    logger.warning("rebuilding the regions in %s (overwrite): %s", regions_dir, "; ".join(differ))
+    del regions  # the old folder's region ids are memory-mapped
+    rebuilt = build_regions(pool, **build_kwargs)
+    rebuilt.save(regions_dir)
+    return rebuilt
 
 
 __all__ = [
@@ -540,5 +565,7 @@ __all__ = [
     "nearest_centroid",
     "DEFAULT_EMBEDDER",
     "DEFAULT_NUM_REGIONS",
+    "region_metadata",
+    "BUILD_SETTINGS",
     "PROMPT_COLUMN",
 ]

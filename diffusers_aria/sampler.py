@@ -167,7 +167,7 @@ class AdaptiveRegionSampler(Sampler[int]):
 
     # ----------------------------------------------------------------------------------- drawing
     def _rng(self, step: int) -> np.random.Generator:
-        # the 0 is a format constant (it held the epoch once): the streams of earlier versions are kept
+        # the 0 is a constant of the stream's key (the streams are fixed: changing it changes every draw)
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, 0, int(step)])))
 
     def _probabilities_at(self, step: int) -> np.ndarray:
@@ -318,14 +318,10 @@ class AdaptiveRegionSampler(Sampler[int]):
         self.counters = counters.copy()
         self.probabilities = np.asarray(state["probabilities"], dtype=np.float64).copy()
         self.step, self.seed = int(state["step"]), int(state["seed"])
-        # states saved before read_ahead existed: everything drawn was trained on, the probabilities in use
-        self.consumed = int(state.get("consumed", self.step))
-        self.read_ahead = int(state.get("read_ahead", self.read_ahead))  # the saved lag keeps the stream exact
-        if "schedule_steps" in state:
-            steps = np.asarray(state["schedule_steps"], dtype=np.int64).reshape(-1)
-            probs = np.asarray(state["schedule_probabilities"], dtype=np.float64)
-            self._schedule = [(int(first), probs[i].copy()) for i, first in enumerate(steps)]
-        else:
-            self._schedule = [(0, self.probabilities)]
+        self.consumed = int(state["consumed"])
+        self.read_ahead = int(state["read_ahead"])  # the saved lag keeps the stream exact
+        steps = np.asarray(state["schedule_steps"], dtype=np.int64).reshape(-1)
+        probs = np.asarray(state["schedule_probabilities"], dtype=np.float64)
+        self._schedule = [(int(first), probs[i].copy()) for i, first in enumerate(steps)]
         self._pending = deque()
         self._warned = False

@@ -27,15 +27,15 @@ similarities, P x C x 4 of gathered ids). The shard and id files are mapped one 
 pool should be Arrow (a `save_to_disk` folder or parquet), which is memory-mapped. Measured peak anonymous
 RSS: the same at N = 1M and N = 10M (docs/benchmarks-speed.md, section 4).
 
-Run it with accelerate (the stand-in embedder `hashing` is for tests and benchmarks):
+Its command line is `diffusers-aria regions build --work_dir W`, under accelerate for several processes (the
+stand-in embedder `hashing` is for tests and benchmarks):
 
-    accelerate launch --multi_gpu --num_processes 8 -m diffusers_aria.sharded_regions \\
+    accelerate launch --multi_gpu --num_processes 8 -m diffusers_aria.cli regions build \\
         --pool captions.parquet --num_regions 1024 --output regions-1024/ --work_dir /scratch/regions-work
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -55,6 +55,7 @@ from .regions import (
     _embedder_name,
     load_embedder,
     nearest_centroid,
+    region_metadata,
     resolve_embedder_path,
     resolve_method,
     spherical_kmeans,
@@ -587,17 +588,8 @@ def build_regions_sharded(
                  peak_rss_anon_bytes=mem.peak_anon, peak_rss_file_bytes=mem.peak_file,
                  vm_hwm_bytes=_PeakMemory.read().get("VmHWM", 0))
     _write_json_atomic(os.path.join(work_dir, f"{STATS_PREFIX}{comm.rank:05d}.json"), stats)
-    meta = {
-        "embedder": name,
-        "embedding_dim": dim,
-        "requested_num_regions": int(num_regions),
-        "seed": int(seed),
-        "method": fitted_method,
-        "min_region_size": int(min_region_size),
-        "fingerprint": fingerprint,
-        "sample_size": sample_size,
-        "sharded_build": stats,
-    }
+    meta = region_metadata(name, dim, num_regions, seed, fitted_method, min_region_size, fingerprint,
+                           sample_size=sample_size, sharded_build=stats)
     if k < num_regions:
         logger.warning("%d of %d regions were empty or below min_region_size in the sample and were dissolved",
                        num_regions - k, num_regions)
@@ -615,54 +607,6 @@ def _broadcast_str(comm: _Comm, value: str | None, width: int = 128) -> str:
     return bytes(comm.broadcast(buf)).rstrip(b"\0").decode("utf-8")
 
 
-# --------------------------------------------------------------------------------------------- entry point
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m diffusers_aria.sharded_regions",
-        description="Build regions of a large prompt pool over all processes of `accelerate launch`.")
-    p.add_argument("--pool", required=True, help="'builtin', a prompt file, a save_to_disk folder or parquet")
-    p.add_argument("--column", default=None)
-    p.add_argument("--builtin_pool_size", type=int, default=4000)
-    p.add_argument("--num_regions", type=int, required=True)
-    p.add_argument("--output", required=True, help="the regions folder to write (main process)")
-    p.add_argument("--work_dir", required=True, help="shards, chunk records and ids; reuse it to resume")
-    p.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id/path, or 'hashing[:DIM]'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample_size", type=int, default=None, help="default: 256 x num_regions (at most N)")
-    p.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE)
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--method", default="auto", choices=["auto", "faiss", "sklearn"])
-    p.add_argument("--min_region_size", type=int, default=1)
-    p.add_argument("--no_progress", action="store_true")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`accelerate launch -m diffusers_aria.sharded_regions ...` (or plain `python -m ...` for one process)."""
-    a = parse_args(argv)
-    state = launched_state()
-    with state.main_process_first():  # a parquet/json pool is converted to Arrow once, by the main process
-        if a.pool == "builtin":
-            from .training.inputs import load_pool
-
-            pool, _ = load_pool("builtin", builtin_size=a.builtin_pool_size, seed=a.seed)
-        else:
-            pool = load_prompt_pool(a.pool, column=a.column, validate=False)
-    regions = build_regions_sharded(pool, a.num_regions, a.work_dir, embedder=a.embedder, seed=a.seed,
-                                    sample_size=a.sample_size, chunk_size=a.chunk_size, batch_size=a.batch_size,
-                                    method=a.method, min_region_size=a.min_region_size, accelerator=state,
-                                    progress=not a.no_progress)
-    if state.is_main_process:
-        regions.save(a.output)
-        s = regions.metadata["sharded_build"]
-        print(f"saved {regions.num_regions} regions of {regions.num_prompts} prompts to {a.output} "
-              f"({s['num_processes']} processes; this one embedded {s['chunks_embedded']} of {s['chunks']} chunks)")
-    state.wait_for_everyone()
-    return 0
-
-
 __all__ = [
     "HashingEmbedder",
     "ShardedBuildError",
@@ -675,6 +619,3 @@ __all__ = [
     "shard_chunks",
 ]
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -144,7 +144,7 @@ def validation_picture(run: str, teacher: str, path: str) -> str:
     student = UNet2DConditionModel.from_pretrained(os.path.join(run, "unet")).eval()
     renderer = load_latent_renderer(teacher)
     with torch.no_grad():
-        grid = validation_grid(parts.pipeline_components(), parts.unet, student, v["prompts"], seed=v["seed"],
+        grid = validation_grid(parts.pipeline_components(), parts.denoiser, student, v["prompts"], seed=v["seed"],
                                num_inference_steps=v["num_inference_steps"], guidance_scale=v["guidance_scale"],
                                resolution=v["resolution"], renderer=renderer,
                                title="end of training" + (f" - {RENDER_TITLE}" if renderer is not None else ""))

@@ -409,17 +409,6 @@ def test_reading_further_ahead_than_read_ahead_warns(caplog):
     assert "more than read_ahead=1 ahead" in caplog.text and "not exact under resume" in caplog.text
 
 
-def test_old_states_without_read_ahead_still_load():
-    s = _sampler(seed=3, batch_size=4)
-    state = s.state_dict()
-    for key in ("consumed", "read_ahead", "schedule_steps", "schedule_probabilities"):
-        state.pop(key)
-    t = _sampler(seed=0, batch_size=4, read_ahead=2)
-    state["epoch"] = 3  # older states recorded it
-    t.load_state_dict(state)
-    assert t.consumed == t.step == 0 and t.read_ahead == 2
-
-
 # ------------------------------------------------------------------------------------------- region_dataloader
 
 

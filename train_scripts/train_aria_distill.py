@@ -51,7 +51,7 @@ def _main(args: argparse.Namespace) -> None:
 
     from diffusers_aria.distillation import DistillationLoss, add_lora, cast_trainable_to_fp32
     from diffusers_aria.embedded.latent_renderer import load_latent_renderer
-    from diffusers_aria.regions import DEFAULT_NUM_REGIONS
+    from diffusers_aria.regions import BUILD_SETTINGS, DEFAULT_NUM_REGIONS, load_or_build_regions
     from diffusers_aria.reporting import effective_regions
     from diffusers_aria.settings import AriaSettings
     from diffusers_aria.teachers.parts import load_teacher
@@ -59,7 +59,7 @@ def _main(args: argparse.Namespace) -> None:
     from diffusers_aria.training.aria import build_aria
     from diffusers_aria.training.data import StepBatchSampler, collate
     from diffusers_aria.training.ema import ema_step, make_ema, register_ema_hooks
-    from diffusers_aria.training.inputs import check_ranks_agree, load_pool, load_regions, paired_dataset
+    from diffusers_aria.training.inputs import check_ranks_agree, load_pool, paired_dataset
     from diffusers_aria.training.outputs import (
         check_output_dir,
         end_run,
@@ -111,7 +111,7 @@ def _main(args: argparse.Namespace) -> None:
     # --- teacher (frozen) and student -------------------------------------------------------------------
     teacher_parts = load_teacher(args.pretrained_model_name_or_path, revision=args.revision,
                                            variant=args.variant, vae=args.pretrained_vae_model_name_or_path)
-    family = teacher_parts.fam  # the teacher's pipeline class picks it: sd, sdxl, pixart or sd3
+    family = teacher_parts.family  # the teacher's pipeline class picks it: sd, sdxl, pixart or sd3
     if args.resolution is None:
         args.resolution = teacher_parts.native_resolution()
     if args.student_architecture is None:
@@ -120,7 +120,7 @@ def _main(args: argparse.Namespace) -> None:
     if args.snr_gamma is not None and family.flow_matching:
         raise ValueError(f"--snr_gamma {args.snr_gamma}: Min-SNR weights are for DDPM teachers; a {family.name} "
                          "teacher is trained by rectified flow, so drop --snr_gamma")
-    teacher = teacher_parts.unet
+    teacher = teacher_parts.denoiser
     teacher_prediction_type = teacher_parts.scheduler.config.prediction_type
     # the student's parametrisation (--prediction_type); the saved pipeline's scheduler records it
     noise_scheduler = teacher_parts.training_scheduler(args.prediction_type)
@@ -158,12 +158,12 @@ def _main(args: argparse.Namespace) -> None:
         # --overwrite_output_dir; regions the user names are never rebuilt and only need the same pool (and K,
         # when --num_regions is given)
         own = args.regions_dir is None
-        regions = load_regions(
+        regions = load_or_build_regions(
             args.regions_dir or os.path.join(args.output_dir, "regions"), pool,
             overwrite=args.overwrite_output_dir and own,
-            check=None if own else (("num_regions",) if args.num_regions is not None else ()),
-            num_regions=args.num_regions or DEFAULT_NUM_REGIONS, embedder=args.embedder, seed=args.seed, method=args.clustering,
-            progress=accelerator.is_local_main_process)
+            check=BUILD_SETTINGS if own else (("num_regions",) if args.num_regions is not None else ()),
+            num_regions=args.num_regions or DEFAULT_NUM_REGIONS, embedder=args.embedder, seed=args.seed,
+            method=args.clustering, progress=accelerator.is_local_main_process)
     check_ranks_agree(accelerator, pool, regions, args.seed)
     from diffusers_aria.training.aria import region_names_from_groups
 

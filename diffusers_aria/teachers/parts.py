@@ -11,19 +11,20 @@ import torch
 
 @dataclass
 class TeacherParts:
-    """A loaded teacher: `unet` is its denoiser (a UNet, or a transformer for PixArt / SD3), `scheduler` the
-    training noise scheduler, `extra` the other parts of its pipeline (second and third text encoders and
-    tokenizers, the sampling scheduler of non-SD families), `family` its `families.Family` (None: SD 1.x/2.x)."""
+    """A loaded teacher: `denoiser` (a UNet, or a transformer for PixArt / SD3), `scheduler` the training noise
+    scheduler, `family` its `families.Family` (its pipeline class picks it: `families.family_of`), `extra` the
+    other parts of its pipeline (second and third text encoders and tokenizers, the sampling scheduler of non-SD
+    families)."""
 
-    unet: Any
+    denoiser: Any
     vae: Any
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
     name_or_path: str
+    family: Any
     revision: str | None = None
     variant: str | None = None
-    family: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
     pipeline_class: str | None = None
     student_prediction_type: str | None = None
@@ -50,16 +51,6 @@ class TeacherParts:
         self.student_prediction_type = prediction_type
         return type(self.scheduler).from_config(self.scheduler.config, prediction_type=prediction_type)
 
-    @property
-    def denoiser(self):
-        return self.unet
-
-    @property
-    def fam(self):
-        from .families import FAMILIES
-
-        return self.family or FAMILIES["sd"]
-
     def pipeline_components(self, student: bool = False) -> dict[str, Any]:
         """The pipeline's parts but the denoiser (SD 1.x/2.x: with the teacher's DDPM scheduler). `student`: the
         scheduler in the student's parametrisation (`training_scheduler`), for the student's pipelines."""
@@ -76,8 +67,8 @@ class TeacherParts:
 
     def make_pipeline(self, denoiser=None, components: dict[str, Any] | None = None):
         """A pipeline of the teacher's class with `denoiser` (default: the teacher's own)."""
-        return self.fam.make_pipeline(dict(components or self.pipeline_components()),
-                                      self.unet if denoiser is None else denoiser, self.pipeline_class)
+        return self.family.make_pipeline(dict(components or self.pipeline_components()),
+                                      self.denoiser if denoiser is None else denoiser, self.pipeline_class)
 
     def encode(self, prompts: list[str], device, resolution: int, time_ids=None) -> dict[str, Any]:
         """The denoiser's conditioning for `prompts` (a dict of batch-first tensors), as the pipeline makes it;
@@ -85,17 +76,17 @@ class TeacherParts:
         if getattr(self, "_pipe", None) is None:
             self._pipe = self.make_pipeline()
             self._pipe.set_progress_bar_config(disable=True)
-        return self.fam.encode(self._pipe, prompts, device, resolution, time_ids=time_ids)
+        return self.family.encode(self._pipe, prompts, device, resolution, time_ids=time_ids)
 
     def native_resolution(self) -> int:
         """The size the teacher's pipeline generates by default: the denoiser's sample size times the VAE's
         downsampling (SD 1.5: 64 x 8 = 512; SDXL, PixArt-XL, SD3: 128 x 8 = 1024)."""
-        size = self.unet.config.sample_size
+        size = self.denoiser.config.sample_size
         size = size if isinstance(size, int) else size[0]
         return int(size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.vae, self.text_encoder, *self.extra.values())
+        return [m for m in (self.denoiser, self.vae, self.text_encoder, *self.extra.values())
                 if isinstance(m, torch.nn.Module)]
 
     def to_weight_dtype(self, device, dtype: torch.dtype) -> None:
@@ -109,11 +100,11 @@ class TeacherParts:
         """`pipeline_components()` with the text encoders and VAE in float32, reloaded from the teacher when
         training holds them in a lower precision (a saved student pipeline has one dtype throughout)."""
         parts = self.pipeline_components(student=True)
-        if all(m.dtype == torch.float32 for m in self.modules() if m is not self.unet):
+        if all(m.dtype == torch.float32 for m in self.modules() if m is not self.denoiser):
             return parts
         kw = {"revision": self.revision, "variant": self.variant}
         vae = load_vae(self.vae_name_or_path).float() if self.vae_name_or_path else None
-        if self.family is not None and self.family.name != "sd":
+        if self.family.name != "sd":
             fresh, _ = self.family.load_parts(self.name_or_path, self.revision, self.variant, self.pipeline_class)
             return {**fresh, "scheduler": parts["scheduler"], **({"vae": vae} if vae is not None else {})}
         from diffusers import AutoencoderKL
@@ -164,5 +155,5 @@ def load_teacher(name_or_path: str, revision: str | None = None, variant: str | 
                    AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **kw))
     unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, **kw)
     scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
-    return TeacherParts(unet, autoencoder, text_encoder, tokenizer, scheduler, name_or_path, revision, variant,
-                        family=FAMILIES["sd"], vae_name_or_path=vae)
+    return TeacherParts(unet, autoencoder, text_encoder, tokenizer, scheduler, name_or_path, FAMILIES["sd"],
+                        revision=revision, variant=variant, vae_name_or_path=vae)

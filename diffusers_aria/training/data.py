@@ -329,7 +329,7 @@ def load_or_generate_teacher_latents(cache_dir: str, pipeline, prompts: list[str
                 return load_file(path)["latents"]
             except (OSError, ValueError, KeyError, SafetensorError) as err:
                 log.warning("the teacher latents in %s are unreadable (%s): generating them again", path, err)
-        elif old is None:  # an earlier version's cache, which did not record its settings: made again
+        elif old is None:  # a cache that records no settings cannot be trusted: made again
             log.warning("the teacher latents in %s do not record their settings: generating them again", cache_dir)
         elif not overwrite:
             raise StaleCacheError(

@@ -37,8 +37,7 @@ def register_ema_hooks(accelerator, ema, foreach: bool = False) -> None:
     """Save/load the EMA inside accelerate checkpoints, as diffusers' training scripts do: `unet_ema/` is a
     `UNet2DConditionModel` folder (loadable with `EMAModel.from_pretrained(path, UNet2DConditionModel)`) for a
     full student; for a LoRA student it holds the adapter shadow weights by parameter index
-    (`shadow_params.safetensors`) and `ema_config.json`. Checkpoints of earlier versions (`ema.safetensors`)
-    still load."""
+    (`shadow_params.safetensors`) and `ema_config.json`."""
     from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
@@ -57,18 +56,16 @@ def register_ema_hooks(accelerator, ema, foreach: bool = False) -> None:
 
     def load_hook(models, input_dir):
         path = os.path.join(input_dir, EMA_DIR)
-        legacy = os.path.join(input_dir, "ema.safetensors")
-        if ema.model_cls is not None and os.path.isdir(path):
+        if ema.model_cls is not None:
             from diffusers.training_utils import EMAModel
 
             loaded = EMAModel.from_pretrained(path, ema.model_cls, foreach=foreach)
             shadow = loaded.shadow_params
             state = {k: v for k, v in loaded.state_dict().items() if k != "shadow_params"}
         else:
-            tensors = load_file(os.path.join(path, "shadow_params.safetensors") if os.path.isdir(path) else legacy)
+            tensors = load_file(os.path.join(path, "shadow_params.safetensors"))
             shadow = [tensors[f"p{i}"] for i in range(len(ema.shadow_params))]
-            cfg = os.path.join(path, "ema_config.json") if os.path.isdir(path) else legacy.replace(".safetensors", ".json")
-            with open(cfg) as fh:
+            with open(os.path.join(path, "ema_config.json")) as fh:
                 state = json.load(fh)
         for t, src in zip(ema.shadow_params, shadow):
             t.data.copy_(src.to(t.device, t.dtype))

@@ -70,20 +70,20 @@ def evaluate_student(teacher_path: str, student_path: str, prompts: Sequence[str
 
     teacher = load_teacher(teacher_path)
     student = load_teacher(student_path)
-    family = teacher.fam
-    if student.fam.name != family.name:
-        raise ValueError(f"the student {student_path!r} is a {student.fam.name} pipeline but the teacher {teacher_path!r} "
+    family = teacher.family
+    if student.family.name != family.name:
+        raise ValueError(f"the student {student_path!r} is a {student.family.name} pipeline but the teacher {teacher_path!r} "
                          f"is a {family.name} one; compare a student with the teacher it was distilled from")
     if any(os.path.isfile(os.path.join(student_path, name))
            for name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")):
-        student.unet = family.load_lora(student.make_pipeline(), student_path)
+        student.denoiser = family.load_lora(student.make_pipeline(), student_path)
     encode = None
     if family.name != "sd":  # the family's conditioning, at the size of the latents compared
         resolution = teacher.native_resolution()
 
         def encode(chunk, device):
             return teacher.encode(chunk, device, resolution)
-    vals = prompt_discrepancy(teacher.unet.eval(), student.unet.eval(), teacher.text_encoder.eval(), teacher.tokenizer,
+    vals = prompt_discrepancy(teacher.denoiser.eval(), student.denoiser.eval(), teacher.text_encoder.eval(), teacher.tokenizer,
                               teacher.scheduler, prompts, timesteps, seed, family=family, encode=encode)
     per_prompt = vals.mean(axis=1)
     result: dict = {"num_prompts": len(prompts), "timesteps": list(map(int, timesteps)),

@@ -1,5 +1,4 @@
-"""What a run reads: the prompt pool named by a flag, its regions, the paired rows, and the check that every
-rank read the same."""
+"""What a run reads: the prompt pool named by a flag, the paired rows, and the check that every rank read the same."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..pool import load_prompt_pool, pool_fingerprint
-from ..regions import load_or_build_regions
 
 if TYPE_CHECKING:
     from ..teachers.parts import TeacherParts
@@ -37,47 +35,6 @@ def load_pool(source: str, column: str | None = None, split: str = "train", buil
                               "existing prompt file or folder, 'builtin', or a Hub dataset name like 'owner/name'")
     ds = datasets.load_dataset(source, split=split)
     return load_prompt_pool(ds, column), None
-
-
-def load_regions(regions_dir: str, pool, overwrite: bool = False, check=None, **build_kwargs):
-    """The regions in `regions_dir` when they were built from `pool` with these settings, else built and saved.
-
-    A saved folder is reused only when its pool fingerprint and its build settings (`num_regions`, `embedder`,
-    `seed`, `method`, `min_region_size`) match this call's. Otherwise it raises `RegionsMismatchError` naming
-    each setting that differs, or, with `overwrite=True` (for regions inside a run's own output folder when
-    --overwrite_output_dir is given), builds the regions again and replaces the folder. `check` limits the
-    compared settings to these names (e.g. `()` for regions the user built and named: only the pool must
-    match, whatever seed or K this run would have used to build its own).
-    """
-    import logging
-
-    from ..regions import CONFIG_NAME, ConditionRegions, RegionsMismatchError
-
-    if not os.path.isfile(os.path.join(regions_dir, CONFIG_NAME)):
-        return load_or_build_regions(regions_dir, pool, **build_kwargs)
-    regions = ConditionRegions.load(regions_dir)
-    try:
-        regions.check_pool(pool)
-    except RegionsMismatchError as err:
-        if not overwrite:
-            raise
-        differ = [f"the prompt pool ({err})"]
-    else:
-        differ = [f"{k} {old!r} (this run: {new!r})" for k, old, new in regions.setting_differences(build_kwargs, check)]
-        if not differ:
-            return regions
-        if not overwrite:
-            raise RegionsMismatchError(
-                f"the regions in {regions_dir!r} were built with other settings than this run's: {'; '.join(differ)}. "
-                "Pass --overwrite_output_dir to build them again (regions inside the output folder), or point "
-                "--regions_dir to regions built with these settings (`diffusers-aria regions build`)")
-    logging.getLogger(__name__).warning("rebuilding the regions in %s (overwrite): %s", regions_dir, "; ".join(differ))
-    from ..regions import build_regions
-
-    del regions  # the old folder's region ids are memory-mapped
-    rebuilt = build_regions(pool, **build_kwargs)
-    rebuilt.save(regions_dir)
-    return rebuilt
 
 
 class RankMismatchError(RuntimeError):
@@ -135,7 +92,7 @@ def paired_dataset(args, pool, regions, teacher: TeacherParts, accelerator):
             fingerprint={"pool": pool_fingerprint(pool)}, overwrite=bool(getattr(args, "overwrite_output_dir", False)),
             num_inference_steps=args.teacher_inference_steps, guidance_scale=args.teacher_guidance_scale,
             height=args.resolution, width=args.resolution, seed=args.seed, progress=accelerator.is_local_main_process,
-            pipeline_kwargs=teacher.fam.call_kwargs())
+            pipeline_kwargs=teacher.family.call_kwargs())
         return LatentCaptionDataset(latents, prompts, np.asarray(regions.region_ids)[idx])
     ds = load_image_caption_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.revision,
                                     args.cache_dir, args.max_train_samples, args.seed)

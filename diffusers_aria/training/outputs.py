@@ -66,7 +66,7 @@ def save_student_pipeline(output_dir: str, student, teacher: TeacherParts, lora:
         model.load_state_dict(base_state_dict(student))
     teacher.make_pipeline(model, teacher.float32_components()).save_pretrained(tmp)
     if lora:
-        teacher.fam.save_lora(student, tmp)
+        teacher.family.save_lora(student, tmp)
     for name in os.listdir(tmp):
         dst = os.path.join(output_dir, name)
         if os.path.isdir(dst):
@@ -103,7 +103,7 @@ def write_card(args, report_paths: dict, validation_image: str | None, settings,
     from ..publish.model_card import write_model_card
 
     pipeline_class = (teacher.pipeline_class if teacher is not None else None) or "StableDiffusionPipeline"
-    lora_load = teacher.fam.lora_usage if teacher is not None else None
+    lora_load = teacher.family.lora_usage if teacher is not None else None
 
     with open(report_paths["json"]) as fh:
         report = json.load(fh)

@@ -144,5 +144,5 @@ def student_init_unet(teacher: TeacherParts, non_ema_revision: str | None = None
     `non_ema_revision` (diffusers' `--non_ema_revision`: the non-EMA weights, better to train from) while the
     frozen teacher keeps `--revision`."""
     if non_ema_revision is None or non_ema_revision == teacher.revision:
-        return teacher.unet
-    return teacher.fam.load_denoiser(teacher.name_or_path, revision=non_ema_revision)
+        return teacher.denoiser
+    return teacher.family.load_denoiser(teacher.name_or_path, revision=non_ema_revision)

@@ -70,7 +70,7 @@ def test_teacher_parts_hold_every_part_of_the_pipeline(loaded):
     assert {"text_encoder_2", "tokenizer_2", "scheduler"} <= set(sdxl.extra)
     assert type(sdxl.scheduler).__name__ == "DDPMScheduler"  # training noise; sampling keeps Euler
     assert type(sdxl.pipeline_components()["scheduler"]).__name__ == "EulerDiscreteScheduler"
-    assert type(pixart.unet).__name__ == "PixArtTransformer2DModel"
+    assert type(pixart.denoiser).__name__ == "PixArtTransformer2DModel"
     assert isinstance(sd3.scheduler, FlowMatchingNoise) and sd3.scheduler.config.shift == 3.0
     assert {"text_encoder_3", "tokenizer_3"} <= set(sd3.extra)
 
@@ -82,7 +82,7 @@ def test_sdxl_conditioning_has_pooled_embeddings_and_time_ids_per_prompt(loaded)
     embeds, _, pooled, _ = pipe.encode_prompt(["a blue sphere"], device="cpu", do_classifier_free_guidance=False)
     assert torch.allclose(cond["encoder_hidden_states"][1:2], embeds, atol=1e-5)  # batched vs alone
     assert torch.allclose(cond["text_embeds"][1:2], pooled, atol=1e-5)
-    assert cond["encoder_hidden_states"].shape[-1] == parts.unet.config.cross_attention_dim
+    assert cond["encoder_hidden_states"].shape[-1] == parts.denoiser.config.cross_attention_dim
     assert not torch.equal(cond["text_embeds"][0], cond["text_embeds"][1])  # a swapped prompt: its own pooled
     assert torch.equal(cond["text_embeds"][0], cond["text_embeds"][2])
     assert cond["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 3
@@ -95,7 +95,7 @@ def test_pixart_and_sd3_conditioning(loaded):
     assert cond["encoder_attention_mask"].shape == cond["encoder_hidden_states"].shape[:2]
     assert cond["encoder_attention_mask"].sum(1)[0] < cond["encoder_attention_mask"].sum(1)[1]
     cond = loaded["sd3"].encode(["a red cube", "a blue sphere"], "cpu", 32)
-    cfg = loaded["sd3"].unet.config
+    cfg = loaded["sd3"].denoiser.config
     assert cond["encoder_hidden_states"].shape[-1] == cfg.joint_attention_dim
     assert cond["pooled_projections"].shape == (2, cfg.pooled_projection_dim)
 
@@ -104,11 +104,11 @@ def test_pixart_and_sd3_conditioning(loaded):
 def test_a_student_equal_to_its_teacher_has_zero_output_kd(loaded, family):
     """Both denoisers get the same conditioning through the family's call: a copy of the teacher matches it."""
     parts = loaded[family]
-    student = copy.deepcopy(parts.unet)
-    latents = torch.randn(2, parts.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    student = copy.deepcopy(parts.denoiser)
+    latents = torch.randn(2, parts.denoiser.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
     cond = parts.encode(["a red cube", "a blue sphere"], "cpu", 32)
-    kd = KDStep(parts.unet, student, parts.scheduler, DistillationLoss(1.0, 0.0, 0.0), family=parts.fam)
+    kd = KDStep(parts.denoiser, student, parts.scheduler, DistillationLoss(1.0, 0.0, 0.0), family=parts.family)
     terms = kd(student, latents, noise, torch.tensor([10, 900]), cond)
     assert terms.output.shape == (2,) and torch.all(terms.output == 0)
     with torch.no_grad():
@@ -119,13 +119,13 @@ def test_a_student_equal_to_its_teacher_has_zero_output_kd(loaded, family):
 
 def test_pixart_prediction_keeps_the_noise_half_of_a_learned_sigma_output(loaded):
     parts = loaded["pixart"]
-    assert parts.unet.config.out_channels == 2 * parts.unet.config.in_channels
+    assert parts.denoiser.config.out_channels == 2 * parts.denoiser.config.in_channels
     cond = parts.encode(["a red cube"], "cpu", 32)
-    x = torch.randn(1, parts.unet.config.in_channels, 16, 16)
-    full = parts.unet(x, encoder_hidden_states=cond["encoder_hidden_states"],
+    x = torch.randn(1, parts.denoiser.config.in_channels, 16, 16)
+    full = parts.denoiser(x, encoder_hidden_states=cond["encoder_hidden_states"],
                       encoder_attention_mask=cond["encoder_attention_mask"], timestep=torch.tensor([5]),
                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-    assert torch.equal(parts.fam.predict(parts.unet, x, torch.tensor([5]), cond), full[:, :4])
+    assert torch.equal(parts.family.predict(parts.denoiser, x, torch.tensor([5]), cond), full[:, :4])
 
 
 def test_flow_matching_noise_follows_the_sd3_scheduler():
@@ -163,24 +163,24 @@ def test_feature_kd_taps_choose_stage_or_self_attention_pairs(loaded):
     from diffusers_aria.teachers.families import FAMILIES
 
     parts = loaded["sdxl"]
-    student, _ = parts.fam.build_student(parts.unet, "koala_700m")
-    auto = feature_mapping(parts.unet, student, "koala_700m", FAMILIES["sdxl"])
-    stages = feature_mapping(parts.unet, student, "koala_700m", FAMILIES["sdxl"], taps="stages")
-    both = feature_mapping(parts.unet, student, "koala_700m", FAMILIES["sdxl"], taps="all")
+    student, _ = parts.family.build_student(parts.denoiser, "koala_700m")
+    auto = feature_mapping(parts.denoiser, student, "koala_700m", FAMILIES["sdxl"])
+    stages = feature_mapping(parts.denoiser, student, "koala_700m", FAMILIES["sdxl"], taps="stages")
+    both = feature_mapping(parts.denoiser, student, "koala_700m", FAMILIES["sdxl"], taps="all")
     assert auto and all(t.endswith(".attn1") and s.endswith(".attn1") for t, s in auto.items())  # KOALA's choice
     assert stages and not any(t.endswith(".attn1") for t in stages)
     assert both == {**stages, **auto}
     # the student's kept blocks are the teacher's first ones: block j of a stage is paired with teacher block j
     assert "up_blocks.0.attentions.0.transformer_blocks.1.attn1" in auto.values()
-    bk = feature_mapping(parts.unet, parts.fam.build_student(parts.unet, "bk_small")[0], "bk_small",
+    bk = feature_mapping(parts.denoiser, parts.family.build_student(parts.denoiser, "bk_small")[0], "bk_small",
                                    FAMILIES["sdxl"])
     assert bk and not any(t.endswith(".attn1") for t in bk)
     pix = loaded["pixart"]
-    dit, _ = pix.fam.build_student(pix.unet, "dit_every_other")
-    assert feature_mapping(pix.unet, dit, "dit_every_other", FAMILIES["pixart"]) == {
+    dit, _ = pix.family.build_student(pix.denoiser, "dit_every_other")
+    assert feature_mapping(pix.denoiser, dit, "dit_every_other", FAMILIES["pixart"]) == {
         "transformer_blocks.1": "transformer_blocks.0", "transformer_blocks.3": "transformer_blocks.1"}
     with pytest.raises(FeatureMappingError, match="applies to UNet students"):
-        feature_mapping(pix.unet, dit, "dit_every_other", FAMILIES["pixart"], taps="stages")
+        feature_mapping(pix.denoiser, dit, "dit_every_other", FAMILIES["pixart"], taps="stages")
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
@@ -192,7 +192,7 @@ def test_evaluate_compares_a_student_of_any_family(teachers, loaded, family, tmp
     same = evaluate_student(teachers[family], teachers[family], prompts, timesteps=(100, 700))
     assert same["overall"] == 0.0
     parts = loaded[family]
-    student, _ = parts.fam.build_student(parts.unet, parts.fam.students[-1])
+    student, _ = parts.family.build_student(parts.denoiser, parts.family.students[-1])
     save_student_pipeline(str(tmp_path), student, parts)
     other = evaluate_student(teachers[family], str(tmp_path), prompts, region_ids=[0, 1, 1], timesteps=(100, 700))
     assert other["overall"] > 0 and set(other["per_region"]) == {"0", "1"}
@@ -202,18 +202,18 @@ def test_a_pixart_sigma_teacher_is_a_pixart_teacher(loaded, tmp_path):
     from diffusers import PixArtSigmaPipeline
 
     alpha = loaded["pixart"]
-    PixArtSigmaPipeline(transformer=alpha.unet, **alpha.pipeline_components()).save_pretrained(tmp_path)
+    PixArtSigmaPipeline(transformer=alpha.denoiser, **alpha.pipeline_components()).save_pretrained(tmp_path)
     parts = load_teacher(str(tmp_path))
-    assert parts.fam.name == "pixart" and parts.pipeline_class == "PixArtSigmaPipeline"
+    assert parts.family.name == "pixart" and parts.pipeline_class == "PixArtSigmaPipeline"
     cond = parts.encode(["a red cube"], "cpu", 32)
-    assert cond["encoder_hidden_states"].shape[-1] == parts.unet.config.caption_channels
+    assert cond["encoder_hidden_states"].shape[-1] == parts.denoiser.config.caption_channels
     assert type(parts.make_pipeline()).__name__ == "PixArtSigmaPipeline"
 
 
 def test_native_resolution_is_what_the_pipeline_generates_by_default(loaded, tiny_teacher):
     for parts in (*loaded.values(), load_teacher(tiny_teacher)):
         pipe = parts.make_pipeline()
-        sample = getattr(pipe, "default_sample_size", None) or parts.unet.config.sample_size
+        sample = getattr(pipe, "default_sample_size", None) or parts.denoiser.config.sample_size
         assert parts.native_resolution() == sample * pipe.vae_scale_factor
 
 
@@ -223,21 +223,21 @@ def test_a_narrower_sdxl_student_gets_feature_projections(loaded):
     from diffusers_aria.distillation import DistillationLoss
 
     parts = loaded["sdxl"]
-    student, _ = parts.fam.build_student(parts.unet, "bk_small", width_scale=0.5)
-    mapping = feature_mapping(parts.unet, student, "bk_small", parts.fam)
+    student, _ = parts.family.build_student(parts.denoiser, "bk_small", width_scale=0.5)
+    mapping = feature_mapping(parts.denoiser, student, "bk_small", parts.family)
     with torch.no_grad():
-        projections = feature_projections(parts.unet, student, mapping, family=parts.fam,
+        projections = feature_projections(parts.denoiser, student, mapping, family=parts.family,
                                                     cond=parts.encode([""], "cpu", 32))
     assert projections is not None and any(projections.has_projection(name) for name in mapping)
-    kd = KDStep(parts.unet, student, parts.scheduler, DistillationLoss(1.0, 1.0, 0.0), feature_mapping=mapping,
-                projections=projections, family=parts.fam)
+    kd = KDStep(parts.denoiser, student, parts.scheduler, DistillationLoss(1.0, 1.0, 0.0), feature_mapping=mapping,
+                projections=projections, family=parts.family)
     latents = torch.randn(2, 4, 16, 16)
     terms = kd(student, latents, torch.randn_like(latents), torch.tensor([10, 500]),
                parts.encode(["a", "b"], "cpu", 32))
     assert torch.isfinite(terms.feature).all() and (terms.feature > 0).all()
     pix = loaded["pixart"]
-    dit, _ = pix.fam.build_student(pix.unet, "dit_every_other")
-    dit_pairs = feature_mapping(pix.unet, dit, "dit_every_other", pix.fam)
+    dit, _ = pix.family.build_student(pix.denoiser, "dit_every_other")
+    dit_pairs = feature_mapping(pix.denoiser, dit, "dit_every_other", pix.family)
     with torch.no_grad():  # a block-subset student keeps the teacher's widths: nothing to project
-        assert feature_projections(pix.unet, dit, dit_pairs, family=pix.fam,
+        assert feature_projections(pix.denoiser, dit, dit_pairs, family=pix.family,
                                              cond=pix.encode([""], "cpu", 32)) is None

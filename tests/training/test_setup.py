@@ -16,7 +16,6 @@ from diffusers_aria.training.inputs import (
     RankMismatchError,
     agreement_error,
     check_ranks_agree,
-    load_regions,
     run_fingerprint,
 )
 from diffusers_aria.training.outputs import save_student_pipeline
@@ -42,7 +41,7 @@ def teacher_parts(tiny_teacher):
 
 
 def test_student_is_float32_and_the_teacher_keeps_its_dtype(teacher_parts):
-    teacher = teacher_parts.unet.to(torch.bfloat16)
+    teacher = teacher_parts.denoiser.to(torch.bfloat16)
     try:
         student, _ = make_student(teacher, "bk_small")
         assert {p.dtype for p in student.parameters()} == {torch.float32}
@@ -53,9 +52,9 @@ def test_student_is_float32_and_the_teacher_keeps_its_dtype(teacher_parts):
 
 def test_frozen_parts_share_one_dtype_and_the_saved_pipeline_is_float32(tiny_teacher, tmp_path):
     parts = load_teacher(tiny_teacher)
-    student, _ = make_student(parts.unet, "bk_tiny")
+    student, _ = make_student(parts.denoiser, "bk_tiny")
     parts.to_weight_dtype("cpu", torch.bfloat16)
-    for m in (parts.unet, parts.vae, parts.text_encoder):
+    for m in (parts.denoiser, parts.vae, parts.text_encoder):
         assert {p.dtype for p in m.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in m.parameters())
     save_student_pipeline(str(tmp_path), student, parts)
     from safetensors.torch import load_file
@@ -68,17 +67,17 @@ def test_frozen_parts_share_one_dtype_and_the_saved_pipeline_is_float32(tiny_tea
 
 
 def test_feature_kd_without_feature_pairs_fails_loudly(teacher_parts):
-    student, _ = make_student(teacher_parts.unet, "bk_tiny")
-    assert feature_mapping(teacher_parts.unet, student, "bk_tiny")  # the real pairs exist
+    student, _ = make_student(teacher_parts.denoiser, "bk_tiny")
+    assert feature_mapping(teacher_parts.denoiser, student, "bk_tiny")  # the real pairs exist
     from diffusers import UNet2DConditionModel
 
-    cfg = teacher_parts.unet.config
+    cfg = teacher_parts.denoiser.config
     other = UNet2DConditionModel(  # e.g. a --student_model_name_or_path of another structure: more stages
         sample_size=8, in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=(8, 8, 8),
         down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, layers_per_block=1,
         norm_num_groups=4, cross_attention_dim=cfg.cross_attention_dim)
     with pytest.raises(FeatureMappingError, match="--lambda_kd_feat 0"):
-        feature_mapping(teacher_parts.unet, other, "bk_small")
+        feature_mapping(teacher_parts.denoiser, other, "bk_small")
 
 
 def test_agreement_error_names_what_differs():
@@ -117,7 +116,7 @@ def test_two_processes_with_different_seeds_stop_with_a_clear_error(tmp_path, de
 
 
 def _tiny_student(teacher_parts):
-    student, _ = make_student(teacher_parts.unet, "bk_tiny")
+    student, _ = make_student(teacher_parts.denoiser, "bk_tiny")
     return student
 
 
@@ -207,8 +206,8 @@ def test_xformers_flag_without_xformers_is_a_clear_error(monkeypatch):
 def test_non_ema_revision_builds_the_student_from_that_revision(teacher_parts, monkeypatch):
     from diffusers import UNet2DConditionModel
 
-    assert student_init_unet(teacher_parts, None) is teacher_parts.unet
-    assert student_init_unet(teacher_parts, teacher_parts.revision) is teacher_parts.unet
+    assert student_init_unet(teacher_parts, None) is teacher_parts.denoiser
+    assert student_init_unet(teacher_parts, teacher_parts.revision) is teacher_parts.denoiser
     seen = {}
 
     def spy(name, **kw):
@@ -218,33 +217,3 @@ def test_non_ema_revision_builds_the_student_from_that_revision(teacher_parts, m
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", spy)
     assert student_init_unet(teacher_parts, "non-ema") == "the non-ema unet"
     assert seen == {"name": teacher_parts.name_or_path, "subfolder": "unet", "revision": "non-ema"}
-
-
-def test_cached_regions_are_reused_only_with_the_same_settings(tmp_path, minilm_embedder, topic_pool, monkeypatch):
-    """The demo's rerun with --num_regions 5000: the cached regions are refused, naming the setting."""
-    from diffusers_aria.regions import DEFAULT_EMBEDDER, RegionsMismatchError
-
-    prompts, _ = topic_pool
-    folder = str(tmp_path / "regions")
-    kw = {"num_regions": 5, "embedder": DEFAULT_EMBEDDER, "seed": 0, "method": "auto", "progress": False}
-    built = load_regions(folder, prompts, **kw)
-    again = load_regions(folder, prompts, **{**kw, "method": "sklearn"})  # what "auto" resolved to
-    np.testing.assert_array_equal(again.region_ids, built.region_ids)
-    for change, named in [({"num_regions": 50}, "num_regions 5 (this run: 50)"), ({"seed": 3}, "seed 0 (this run: 3)"),
-                          ({"embedder": "other/model"}, "embedder 'sentence-transformers/all-MiniLM-L6-v2' "
-                                                        "(this run: 'other/model')"),
-                          ({"method": "faiss"}, "method 'sklearn' (this run: 'faiss')")]:
-        with pytest.raises(RegionsMismatchError, match=r"built with other settings than this run's: "
-                                                       + named.replace("(", r"\(").replace(")", r"\)")):
-            load_regions(folder, prompts, **{**kw, **change})
-    with pytest.raises(RegionsMismatchError, match="built for a pool of 100 prompts but this pool has 99"):
-        load_regions(folder, prompts[:-1], **kw)
-    assert load_regions(folder, prompts, **kw).num_regions == 5  # nothing was changed on disk
-    # regions the user named: only the listed settings count (the script checks K only when --num_regions is given)
-    assert load_regions(folder, prompts, check=(), **{**kw, "seed": 3, "num_regions": 64}).num_regions == 5
-    with pytest.raises(RegionsMismatchError, match=r"num_regions 5 \(this run: 64\)"):
-        load_regions(folder, prompts, check=("num_regions",), **{**kw, "seed": 3, "num_regions": 64})
-    rebuilt = load_regions(folder, prompts, overwrite=True, **{**kw, "num_regions": 4})
-    assert rebuilt.num_regions == 4 and load_regions(folder, prompts, **{**kw, "num_regions": 4}).num_regions == 4
-    other_pool = load_regions(folder, prompts[:60], overwrite=True, **{**kw, "num_regions": 4})
-    assert other_pool.num_prompts == 60

@@ -208,12 +208,12 @@ def test_variant_weights_are_loaded(tiny_teacher, tmp_path):
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_teacher, teacher)
     parts = load_teacher(str(teacher))
-    for p in parts.unet.parameters():
+    for p in parts.denoiser.parameters():
         p.data.fill_(0.125)
     for name in ("unet", "vae", "text_encoder"):
         getattr(parts, name).save_pretrained(teacher / name, variant="ema")
     parts = load_teacher(str(teacher), variant="ema")
-    assert float(next(parts.unet.parameters()).flatten()[0]) == 0.125
+    assert float(next(parts.denoiser.parameters()).flatten()[0]) == 0.125
     assert _script().parse_args(["--pretrained_model_name_or_path", "x", "--image_free", "--variant", "ema"]).variant == "ema"
 
 

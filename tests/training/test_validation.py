@@ -48,13 +48,13 @@ def test_run_validation_writes_a_labelled_grid(parts, tiny_teacher, tmp_path, re
     renderer = load_latent_renderer(tiny_teacher) if rendered else None
     assert (renderer is not None) == rendered
     prompts = ["a red fox in the snow", "a saxophone on a stage"]
-    path = run_validation(Accelerator(cpu=True), parts.pipeline_components(), parts.unet, parts.unet, prompts,
+    path = run_validation(Accelerator(cpu=True), parts.pipeline_components(), parts.denoiser, parts.denoiser, prompts,
                           str(tmp_path), 2, num_inference_steps=2, resolution=32, renderer=renderer)
     assert path.endswith("validation/step-2.png")
     width, height = Image.open(path).size
     assert width > 2 * MIN_TILE and height > 2 * MIN_TILE + 40  # two upscaled rows under a header of prompts
     if rendered:  # another resolution than the anchors': decoded by the VAE instead, with a warning
-        other = run_validation(Accelerator(cpu=True), parts.pipeline_components(), parts.unet, parts.unet, prompts,
+        other = run_validation(Accelerator(cpu=True), parts.pipeline_components(), parts.denoiser, parts.denoiser, prompts,
                                str(tmp_path), 3, num_inference_steps=2, resolution=16, renderer=renderer)
         assert Image.open(other).size[1] < height  # no captions, no legend
 
@@ -65,7 +65,7 @@ def test_rendered_rows_show_what_the_pipelines_generate(parts, tiny_teacher):
     from diffusers_aria.training.validation import teacher_student_images
 
     renderer = load_latent_renderer(tiny_teacher)
-    teacher_row, student_row = teacher_student_images(parts.pipeline_components(), parts.unet, parts.unet,
+    teacher_row, student_row = teacher_student_images(parts.pipeline_components(), parts.denoiser, parts.denoiser,
                                                       ["a red fox", "a bowl of ramen"], num_inference_steps=2,
                                                       resolution=32, output_type="latent")
     assert [tuple(z.shape) for z in teacher_row] == [(4, 16, 16)] * 2
