@@ -294,20 +294,6 @@ def test_a_cached_teacher_without_anchors_gets_them(teacher):
     assert after.anchor_prompts == before.anchor_prompts and torch.equal(after.patterns, before.patterns)
 
 
-def test_the_split_out_names_are_still_importable_from_tiny_teacher():
-    """`tiny_teacher` re-exports what moved to its own modules, so older imports keep working."""
-    from diffusers_aria.embedded import latent_renderer, minilm, sensitivity, synthetic_latents
-
-    moved = {minilm: ["CROSS_ATTENTION_DIM", "TOKEN_LENGTH", "encode_prompts", "load_minilm_text_encoder"],
-             sensitivity: ["DEFAULT_SENSITIVITY_TIMESTEPS", "text_sensitivity"],
-             synthetic_latents: ["teacher_latents"],
-             latent_renderer: ["ANCHORS_NAME", "LatentRenderer", "load_latent_renderer"]}
-    for module, names in moved.items():
-        for name in names:
-            assert getattr(tiny_teacher, name) is getattr(module, name), name
-            assert name in tiny_teacher.__all__, name
-
-
 def test_synthetic_latents_are_unit_variance_mixtures_of_their_anchors():
     gen = torch.Generator().manual_seed(3)
     emb = torch.nn.functional.normalize(torch.randn(30, 8, generator=gen), dim=-1)
