@@ -210,8 +210,8 @@ def test_variant_weights_are_loaded(tiny_teacher, tmp_path):
     parts = load_teacher(str(teacher))
     for p in parts.denoiser.parameters():
         p.data.fill_(0.125)
-    for name in ("unet", "vae", "text_encoder"):
-        getattr(parts, name).save_pretrained(teacher / name, variant="ema")
+    for name, part in (("unet", parts.denoiser), ("vae", parts.vae), ("text_encoder", parts.text_encoder)):
+        part.save_pretrained(teacher / name, variant="ema")
     parts = load_teacher(str(teacher), variant="ema")
     assert float(next(parts.denoiser.parameters()).flatten()[0]) == 0.125
     assert _script().parse_args(["--pretrained_model_name_or_path", "x", "--image_free", "--variant", "ema"]).variant == "ema"
