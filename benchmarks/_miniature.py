@@ -9,9 +9,9 @@ Everything here is deterministic for its seed and cached under ``benchmarks/resu
 Nothing of the prompt file's content is written to the repository; caches hold only derived arrays.
 
 The package's pieces are used where they are the same computation: the MiniLM loader, sizes, token states and
-sentence embeddings (``diffusers_aria.minilm``), the anchor-mixture latents (``diffusers_aria.synthetic_latents``,
+sentence embeddings (``diffusers_aria.embedded.minilm``), the anchor-mixture latents (``diffusers_aria.embedded.synthetic_latents``,
 with the raw, unscaled anchor patterns these benchmarks were calibrated with), the DDPM schedule and its forward
-noising (``diffusers_aria.tiny_teacher.tiny_scheduler``) and the cache writes (``diffusers_aria.atomic``). Three
+noising (``diffusers_aria.embedded.tiny_teacher.tiny_scheduler``) and the cache writes (``diffusers_aria.utils.atomic``). Three
 pieces compute something different from their package namesakes and stay here, each saying how in its docstring,
 so that the recorded results stay reproducible: the teacher UNet and its training recipe (``unet_config``,
 ``train_or_load_teacher``), the text sensitivity (``text_sensitivity``) and the students (``make_student``).
@@ -32,16 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffusers_aria.atomic import atomic_save
-from diffusers_aria.minilm import (
+from diffusers_aria.embedded.minilm import (
     CROSS_ATTENTION_DIM,
     TOKEN_LENGTH,
     load_minilm_text_encoder,
     sentence_embeddings,
 )
-from diffusers_aria.minilm import encode_prompts as minilm_token_states
-from diffusers_aria.synthetic_latents import synthetic_latents_and_anchors
-from diffusers_aria.tiny_teacher import tiny_scheduler
+from diffusers_aria.embedded.minilm import encode_prompts as minilm_token_states
+from diffusers_aria.embedded.synthetic_latents import synthetic_latents_and_anchors
+from diffusers_aria.embedded.tiny_teacher import tiny_scheduler
+from diffusers_aria.utils.atomic import atomic_save
 
 LATENT_CHANNELS = 4
 
@@ -71,7 +71,7 @@ def fingerprint(prompts: list[str]) -> str:
 def encode_prompts(prompts: list[str], cache_dir: str, batch_size: int = 64) -> tuple[torch.Tensor, np.ndarray]:
     """MiniLM token states [N, 32, 384] (float32) and L2-normalised mean-pooled embeddings [N, 384].
 
-    Computed once per prompt set with ``diffusers_aria.minilm`` (two encoder passes: token states, then sentence
+    Computed once per prompt set with ``diffusers_aria.embedded.minilm`` (two encoder passes: token states, then sentence
     embeddings) and cached as .npy (token states stored in float16: a cache hit returns them rounded, a fresh
     computation does not).
     """
@@ -124,7 +124,7 @@ def synthetic_latents(emb: np.ndarray, num_anchors: int = 64, temperature: float
 def unet_config(width: int = 16, size: int = 8, pooled: bool = False) -> dict:
     """Config of the benchmark teacher UNet (`width` x (1, 2) channels, `size` x `size` latents).
 
-    Differs from ``diffusers_aria.tiny_teacher.tiny_unet_config`` in its size and text pathway (one layer per
+    Differs from ``diffusers_aria.embedded.tiny_teacher.tiny_unet_config`` in its size and text pathway (one layer per
     block instead of two, 16/32 channels by default instead of 32/64, 2 heads instead of 4, 8 norm groups instead
     of 32; an optional pooled-text projection `class_embed_type="projection"` instead of the attention-pooled
     `addition_embed_type="text"`): kept so the recorded results stay reproducible.
@@ -154,7 +154,7 @@ def train_or_load_teacher(cache_dir: str, text: TextStates, latents: torch.Tenso
                           target_noise: float = 0.05, seed: int = 0, log=print, only_if_cached: bool = False):
     """Train (or load from cache) the teacher on the synthetic latents of ALL prompts.
 
-    Differs from ``diffusers_aria.tiny_teacher.make_tiny_teacher``'s training in its recipe (batch 32, 50
+    Differs from ``diffusers_aria.embedded.tiny_teacher.make_tiny_teacher``'s training in its recipe (batch 32, 50
     warm-up steps, cosine to 5 % instead of 10 %, no empty-prompt dropout, pooled text passed as class labels
     through ``TextStates``) and its cache (a ``save_pretrained`` UNet keyed by the settings' hash, not a
     pipeline folder): kept so the recorded results stay reproducible.
@@ -204,7 +204,7 @@ def train_or_load_teacher(cache_dir: str, text: TextStates, latents: torch.Tenso
     unet.eval().requires_grad_(False)
     secs = time.time() - t0
     final = float(np.mean(losses[-50:]))
-    # Written under a temporary name, then renamed. Not diffusers_aria.atomic.replace_dir: the first worker's folder
+    # Written under a temporary name, then renamed. Not diffusers_aria.utils.atomic.replace_dir: the first worker's folder
     # is kept (same settings, so the same weights) and a later one drops its own copy.
     tmp = path + f".tmp-{os.getpid()}"
     unet.save_pretrained(tmp)
@@ -225,7 +225,7 @@ def text_sensitivity(unet, text: TextStates, latents: torch.Tensor, timesteps, n
                      seed: int = 0) -> dict[int, float]:
     """E||eps(x_t,t,c1) - eps(x_t,t,c2)||^2 / E||eps(x_t,t,c1)||^2 with x_t from c1's latent.
 
-    The metric of ``diffusers_aria.sensitivity.text_sensitivity``, but it differs from it in its draws and
+    The metric of ``diffusers_aria.embedded.sensitivity.text_sensitivity``, but it differs from it in its draws and
     inputs (partners drawn as ``(c1 + randint(1, n)) % n`` rather than re-drawn until the strings differ, noise of
     the latents' shape per timestep, the two prompts in two UNet calls, precomputed ``TextStates`` with their
     pooled text rather than prompts and a text encoder): kept so the recorded results stay reproducible.

@@ -39,6 +39,8 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as _common does
+
 import numpy as np
 
 from diffusers_aria.allocation import make_policy, policy_arguments

@@ -17,7 +17,7 @@ memory and the student's parameter count, and writes `benchmarks/results/gpu_che
 
 The other families' teachers are the real configs of `diffusers_aria.distillation.reference_configs` with text
 encoders of the real sizes (vocabulary: the MiniLM BERT tokenizer's); `--smoke --family F` runs the tiny
-random teacher of `diffusers_aria.tiny_families` instead.
+random teacher of `diffusers_aria.embedded.tiny_families` instead.
 
 Random weights: the figures measure speed and memory, not image quality.
 """
@@ -25,10 +25,11 @@ Random weights: the figures measure speed and memory, not image quality.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-from _common import header, loadavg, offline_env, summarize, table, write_json
+from _common import REPO, header, loadavg, offline_env, summarize, table, write_json
 
 offline_env()
 
@@ -47,6 +48,9 @@ SD_VAE = dict(
 TEXT = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 
 
+#: where a --smoke run writes its JSON unless --out_dir is given (untracked: outputs/ is git-ignored)
+SMOKE_OUT_DIR = os.path.join(REPO, "outputs", "benchmarks")
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU, 64 px, 1/10 widths, a few steps (CI)")
@@ -64,9 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--pool_size", type=int, default=None, help="built-in pool prompts (default 4000; smoke 300)")
     p.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"],
                    help="default bf16 (smoke: bf16 on CPU)")
-    p.add_argument("--out_dir", default=None)
+    p.add_argument("--out_dir", default=None,
+                   help="folder of the JSON (default benchmarks/results; with --smoke outputs/benchmarks, untracked)")
     args = p.parse_args(argv)
     small = args.smoke
+    if args.smoke and args.out_dir is None:  # a smoke run never writes into the tracked results
+        args.out_dir = str(SMOKE_OUT_DIR)
     other = args.family != "sd"
     for name, full, smoke in (("steps", 20, 3), ("warmup", 3, 1), ("batch_size", 4 if other else 8, 2),
                               ("resolution", 1024 if other else 512, 64), ("pool_size", 4000, 300)):
@@ -91,8 +98,9 @@ def build_teacher(resolution: int, scale: float):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from diffusers_aria.minilm import load_minilm_text_encoder
-    from diffusers_aria.run_setup import TeacherParts
+    from diffusers_aria.embedded.minilm import load_minilm_text_encoder
+    from diffusers_aria.teachers.families import FAMILIES
+    from diffusers_aria.teachers.parts import TeacherParts
 
     _, minilm_tok = load_minilm_text_encoder(max_length=77)
     tokenizer = BertTokenizerFast.from_pretrained(minilm_tok.name_or_path)
@@ -109,7 +117,7 @@ def build_teacher(resolution: int, scale: float):
     vae = AutoencoderKL(sample_size=resolution, **vae_cfg)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               num_train_timesteps=1000)
-    return TeacherParts(unet, vae, text_encoder, tokenizer, scheduler, "random-init-sd15-size")
+    return TeacherParts(unet, vae, text_encoder, tokenizer, scheduler, "random-init-sd15-size", FAMILIES["sd"])
 
 
 # Text encoders of the real sizes (CLIP ViT-L/14, OpenCLIP bigG/14, T5 v1.1 XXL's encoder).
@@ -139,7 +147,7 @@ def _real_components(family: str, resolution: int, device) -> dict:
     )
 
     from diffusers_aria.distillation import reference_configs as rc
-    from diffusers_aria.tiny_families import bert_tokenizer
+    from diffusers_aria.embedded.tiny_families import bert_tokenizer
 
     def clip(size: dict, projection: bool):
         tok = bert_tokenizer(77)
@@ -178,10 +186,10 @@ def _real_components(family: str, resolution: int, device) -> dict:
 
 def build_family_teacher(family: str, resolution: int, smoke: bool, device):
     """A teacher of `family` as `run_setup.TeacherParts`: the real sizes, or the tiny random teacher (smoke)."""
-    from diffusers_aria.families import FAMILIES, FlowMatchingNoise
-    from diffusers_aria.run_setup import TeacherParts
-    from diffusers_aria.tiny_families import family_components
-    from diffusers_aria.tiny_teacher import tiny_scheduler
+    from diffusers_aria.embedded.tiny_families import family_components
+    from diffusers_aria.embedded.tiny_teacher import tiny_scheduler
+    from diffusers_aria.teachers.families import FAMILIES, FlowMatchingNoise
+    from diffusers_aria.teachers.parts import TeacherParts
 
     fam = FAMILIES[family]
     parts = family_components(family, resolution) if smoke else _real_components(family, resolution, device)
@@ -200,8 +208,11 @@ def main(args) -> dict:
 
     from diffusers_aria.distillation import DistillationLoss, add_lora, cast_trainable_to_fp32
     from diffusers_aria.regions import build_regions
-    from diffusers_aria.run_setup import feature_mapping, feature_projections, load_pool, make_student
-    from diffusers_aria.training import AriaSettings, KDStep, build_aria, sample_noise_and_timesteps
+    from diffusers_aria.settings import AriaSettings
+    from diffusers_aria.training.aria import build_aria
+    from diffusers_aria.training.inputs import load_pool
+    from diffusers_aria.training.step import KDStep, sample_noise_and_timesteps
+    from diffusers_aria.training.student import feature_mapping, feature_projections, make_student
 
     rec = header(sys.argv[1:], "gpu_check.py")
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.smoke)
@@ -215,8 +226,8 @@ def main(args) -> dict:
         parts = build_teacher(args.resolution, scale=0.1 if args.smoke else 1.0)
     else:
         parts = build_family_teacher(args.family, args.resolution, args.smoke, device)
-    parts.fam.check_student(args.student)
-    student, init_report = make_student(parts.unet.to(device), args.student, family=parts.fam)
+    parts.family.check_student(args.student)
+    student, init_report = make_student(parts.denoiser.to(device), args.student, family=parts.family)
     student.to(device)
     parts.to_weight_dtype(device, weight_dtype)
     if args.lora:
@@ -230,12 +241,12 @@ def main(args) -> dict:
     with accelerator.main_process_first():
         pool, _ = load_pool("builtin", builtin_size=args.pool_size, seed=0)
         regions = build_regions(pool, num_regions=args.num_regions, seed=0, progress=False)
-    mapping = feature_mapping(parts.unet, student, args.student, parts.fam)
+    mapping = feature_mapping(parts.denoiser, student, args.student, parts.family)
     with torch.no_grad():
-        projections = feature_projections(parts.unet, student, mapping, device, family=parts.fam,
+        projections = feature_projections(parts.denoiser, student, mapping, device, family=parts.family,
                                           cond=parts.encode([""], device, args.resolution))
-    kd = KDStep(parts.unet, student, parts.scheduler, DistillationLoss(1.0, 1.0, 0.0), feature_mapping=mapping,
-                projections=projections, family=parts.fam)
+    kd = KDStep(parts.denoiser, student, parts.scheduler, DistillationLoss(1.0, 1.0, 0.0), feature_mapping=mapping,
+                projections=projections, family=parts.family)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -243,12 +254,13 @@ def main(args) -> dict:
                 "rc": build_aria(AriaSettings(allocation="rc"), regions, pool, accelerator, seed=0)}
 
     latent = args.resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    channels = parts.unet.config.in_channels
+    channels = parts.denoiser.config.in_channels
     times: dict[str, list[float]] = {k: [] for k in policies}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     n_steps = args.warmup + args.steps
+    nonfinite: dict[str, int] = {k: 0 for k in policies}
     for step in range(n_steps):
         gen = torch.Generator().manual_seed(1000 * step + accelerator.process_index)
         latents = torch.randn(args.batch_size, channels, latent, latent, generator=gen).to(device, weight_dtype)
@@ -262,6 +274,7 @@ def main(args) -> dict:
             with torch.no_grad():
                 hidden = parts.encode(cond.prompts, device, args.resolution)
             terms = kd(student, latents, noise, timesteps, hidden)
+            nonfinite[name] += int(not bool(torch.isfinite(terms.total.detach()).all()))
             accelerator.backward(terms.total.mean())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -277,13 +290,14 @@ def main(args) -> dict:
         "num_processes": world, "mixed_precision": accelerator.mixed_precision, "resolution": args.resolution,
         "batch_size_per_device": args.batch_size, "family": args.family,
         "student": args.student + (" LoRA r8" if args.lora else ""),
-        "teacher_params": sum(p.numel() for p in parts.unet.parameters()),
+        "teacher_params": sum(p.numel() for p in parts.denoiser.parameters()),
         "frozen_params": sum(p.numel() for m in parts.modules() for p in m.parameters()),
         "student_params": n_total, "student_trainable_params": n_train, "student_init": str(init_report),
         "build_seconds": build_s, "num_regions": regions.num_regions, "feature_pairs": len(mapping),
         "step_ms": {"aria": summarize(a), "rc": summarize(r)}, "ratio_aria_rc": float(a.sum() / r.sum()),
         "samples_per_s": {"aria": global_batch / float(a.mean()), "rc": global_batch / float(r.mean())},
         "peak_gpu_memory_gib": None if peak is None else peak / 2**30, "loadavg_end": loadavg(),
+        "nonfinite_loss_steps": nonfinite, "finite_loss": not any(nonfinite.values()),
         "aria_max_p_over_prior": float((policies["aria"].sampler.probabilities
                                         / policies["aria"].policy.prompt_share).max()),
     })
@@ -297,9 +311,12 @@ def main(args) -> dict:
         name = ("gpu_check" + ("" if args.family == "sd" else f"_{args.family}") + ("_smoke" if args.smoke else "")
                 + ("_lora" if args.lora else ""))
         print("wrote", write_json(name, rec, args.out_dir))
+        if not rec["finite_loss"]:
+            print(f"FAILED: a non-finite loss in {nonfinite} steps (aria, rc)")
     accelerator.end_training()
     return rec
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    # the criterion: every measured step's loss is finite (exit 1 otherwise)
+    sys.exit(0 if main(parse_args())["finite_loss"] else 1)

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from diffusers_aria.allocation import make_policy  # noqa: E402
 from diffusers_aria.callback import ARIACallback  # noqa: E402
 from diffusers_aria.sampler import AdaptiveRegionSampler  # noqa: E402
-from diffusers_aria.training import AriaSettings  # noqa: E402
+from diffusers_aria.settings import AriaSettings  # noqa: E402
 
 
 def _timed(store: list, fn):
@@ -132,15 +132,16 @@ def distillation(pairs: int, block: int, warmup: int, num_regions: int, pool_siz
                  use_minilm: bool) -> dict:
     from diffusers import UNet2DConditionModel
 
-    from diffusers_aria.builtin_pool import builtin_prompt_pool
     from diffusers_aria.conditioning import RandomConditioning, SwapSchedule
     from diffusers_aria.distillation import DistillationLoss, build_student
-    from diffusers_aria.minilm import CROSS_ATTENTION_DIM, TOKEN_LENGTH
-    from diffusers_aria.minilm import encode_prompts as tiny_encode
+    from diffusers_aria.embedded.builtin_pool import builtin_prompt_pool
+    from diffusers_aria.embedded.minilm import CROSS_ATTENTION_DIM, TOKEN_LENGTH
+    from diffusers_aria.embedded.minilm import encode_prompts as tiny_encode
+    from diffusers_aria.embedded.tiny_teacher import tiny_scheduler, tiny_unet_config
     from diffusers_aria.regions import ConditionRegions
-    from diffusers_aria.run_setup import feature_mapping
-    from diffusers_aria.tiny_teacher import tiny_scheduler, tiny_unet_config
-    from diffusers_aria.training import KDStep, build_aria, sample_noise_and_timesteps
+    from diffusers_aria.training.aria import build_aria
+    from diffusers_aria.training.step import KDStep, sample_noise_and_timesteps
+    from diffusers_aria.training.student import feature_mapping
 
     torch.manual_seed(seed)
     teacher = UNet2DConditionModel.from_config(tiny_unet_config(32))  # 16x16 latents
@@ -153,7 +154,7 @@ def distillation(pairs: int, block: int, warmup: int, num_regions: int, pool_siz
     regions = ConditionRegions(rng.permutation(ids).astype(np.int32),
                                np.eye(num_regions, CROSS_ATTENTION_DIM, dtype=np.float32))
     if use_minilm:
-        from diffusers_aria.minilm import load_minilm_text_encoder
+        from diffusers_aria.embedded.minilm import load_minilm_text_encoder
 
         text_encoder, tokenizer = load_minilm_text_encoder()
 

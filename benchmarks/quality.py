@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Any
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as _common does
+
 import numpy as np
 import torch
 
@@ -43,9 +45,9 @@ if HERE not in sys.path:
 from diffusers_aria.allocation import AllocationPolicy, make_policy  # noqa: E402
 from diffusers_aria.callback import ARIACallback  # noqa: E402
 from diffusers_aria.conditioning import SwapSchedule  # noqa: E402
+from diffusers_aria.embedded.tiny_teacher import tiny_scheduler  # noqa: E402
 from diffusers_aria.regions import spherical_kmeans  # noqa: E402
 from diffusers_aria.sampler import AdaptiveRegionSampler  # noqa: E402
-from diffusers_aria.tiny_teacher import tiny_scheduler  # noqa: E402
 from diffusers_aria.tracker import DiscrepancyTracker  # noqa: E402
 
 from _common import split_spec, tracker_keys  # noqa: E402
@@ -680,7 +682,7 @@ def main(argv=None) -> dict:
         with open(gi, "w") as fh:
             fh.write("*\n")
     if args.prompts == "builtin":  # the project's generated pool; its 12 groups play the categories' part
-        from diffusers_aria.builtin_pool import builtin_prompt_records
+        from diffusers_aria.embedded.builtin_pool import builtin_prompt_records
 
         recs = builtin_prompt_records(args.builtin_size, seed=0)
         prompts, cats = [r["prompt"] for r in recs], [r["group"] for r in recs]

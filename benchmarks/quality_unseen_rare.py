@@ -49,6 +49,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as _common does
+
 import numpy as np
 import torch
 
@@ -59,10 +61,10 @@ for _p in (REPO, HERE):
         sys.path.insert(0, _p)
 
 from diffusers_aria.allocation import AllocationPolicy, make_policy, policy_arguments  # noqa: E402
-from diffusers_aria.builtin_pool import builtin_prompt_records  # noqa: E402
 from diffusers_aria.callback import ARIACallback  # noqa: E402
+from diffusers_aria.embedded.builtin_pool import builtin_prompt_records  # noqa: E402
+from diffusers_aria.embedded.tiny_teacher import tiny_scheduler  # noqa: E402
 from diffusers_aria.sampler import AdaptiveRegionSampler  # noqa: E402
-from diffusers_aria.tiny_teacher import tiny_scheduler  # noqa: E402
 from diffusers_aria.tracker import DiscrepancyTracker  # noqa: E402
 
 from _common import header, loadavg, split_spec, table, tracker_keys, write_json  # noqa: E402

@@ -1,6 +1,6 @@
 """Scale of the sharded regions build (`diffusers_aria.sharded_regions`): 1 against 2 processes.
 
-For each pool size and process count, `python -m diffusers_aria.sharded_regions` runs in a subprocess (2
+For each pool size and process count, `diffusers-aria regions build --work_dir` (`python -m diffusers_aria.cli`) runs in a subprocess (2
 processes: `accelerate launch --multi_gpu`, gloo on CPU), every process with OMP_NUM_THREADS=1. Reported:
 wall time of the launch, embedding prompts/s per process, fit and assignment seconds, peak anonymous RSS and
 VmHWM per process, and the agreement of the region ids with the 1-process build. Then, on the 1-process
@@ -44,7 +44,7 @@ def make_pool(n: int, kind: str, folder: str) -> str:
     if os.path.isdir(path):
         return path
     if kind == "builtin":
-        from diffusers_aria.builtin_pool import builtin_prompt_pool
+        from diffusers_aria.embedded.builtin_pool import builtin_prompt_pool
 
         texts = list(builtin_prompt_pool(num_prompts=n, seed=0)["prompt"])
         table_ = pa.table({"prompt": texts})
@@ -58,7 +58,7 @@ def make_pool(n: int, kind: str, folder: str) -> str:
 
 def run_build(pool: str, n: int, processes: int, embedder: str, k: int, chunk: int, work: str, out: str,
               timeout: float) -> dict:
-    args = ["-m", "diffusers_aria.sharded_regions", "--pool", pool, "--num_regions", str(k), "--embedder", embedder,
+    args = ["-m", "diffusers_aria.cli", "regions", "build", "--pool", pool, "--num_regions", str(k), "--embedder", embedder,
             "--chunk_size", str(chunk), "--work_dir", work, "--output", out, "--seed", "0", "--no_progress"]
     if processes == 1:
         cmd = [sys.executable] + args

@@ -41,7 +41,7 @@ def load_texts(n: int, source: str) -> list[str]:
         with open(PARTI, encoding="utf-8") as fh:
             rows = [r["Prompt"] for r in csv.DictReader(fh, delimiter="\t") if r.get("Prompt", "").strip()]
         return rows[:n]
-    from diffusers_aria.builtin_pool import builtin_prompt_pool
+    from diffusers_aria.embedded.builtin_pool import builtin_prompt_pool
 
     return list(builtin_prompt_pool(num_prompts=n, seed=0)["prompt"])
 

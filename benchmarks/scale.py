@@ -47,8 +47,8 @@ def child(n: int, k: int, seed: int, builds: int, draw_sizes: list[int], draw_re
 
     from diffusers_aria.allocation import make_policy
     from diffusers_aria.sampler import AdaptiveRegionSampler
+    from diffusers_aria.settings import AriaSettings
     from diffusers_aria.tracker import DiscrepancyTracker
-    from diffusers_aria.training import AriaSettings
 
     from _common import maxrss_bytes, rss_bytes
 

@@ -3,7 +3,9 @@
 Checks that it does not hang (a wall-clock limit), that each rank's resident memory stays flat after the
 first steps (least-squares slope of RSS over the last 80% of the run, in MB per 100 steps), and that both
 ranks end with the same ARIA state (sha256 of the state, gathered by the script into run_info.json).
-Prints a table and writes benchmarks/results/soak.json.
+Prints a table and writes benchmarks/results/soak.json. Exits 1 when a criterion is missed: the run must end
+on its own (no hang, exit code 0, every step done), every rank's memory slope must stay below --max_slope_mb
+(MB per 100 steps) and the ranks' ARIA states must be equal.
 
     python benchmarks/soak.py --steps 300
 """
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+import _common  # noqa: F401 - sets OMP_WAIT_POLICY=PASSIVE before torch loads
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,10 +34,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--teacher", default=None, help="teacher pipeline (default: an untrained tiny teacher, cached)")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "soak.json"))
+    p.add_argument("--max_slope_mb", type=float, default=5.0,
+                   help="the largest memory growth of a rank that passes, MB per 100 steps")
     a = p.parse_args(argv)
     import psutil
 
-    from diffusers_aria.tiny_teacher import make_tiny_teacher
+    from diffusers_aria.embedded.tiny_teacher import make_tiny_teacher
 
     teacher = a.teacher or str(ROOT / "benchmarks" / "results" / "cache" / "soak-teacher")
     if a.teacher is None:
@@ -89,12 +95,14 @@ def main(argv: list[str] | None = None) -> dict:
         len(info.get("aria_state_hashes", [])) == 2,
         "ranks": ranks,
     }
+    result["failures"] = failures(result, a.max_slope_mb)
     print(f"{'pid':>8} {'rss start MB':>13} {'rss end MB':>11} {'max MB':>8} {'slope MB/100 steps':>19}")
     for r in ranks:
         print(f"{r['pid']:>8} {r['rss_start_mb'] or float('nan'):>13.1f} {r['rss_end_mb']:>11.1f} "
               f"{r['rss_max_mb']:>8.1f} {r['slope_mb_per_100_steps']:>19.2f}")
     print(f"steps {result['global_step']}/{a.steps} in {wall:.0f} s, processes {result['num_processes']}, "
           f"hung {hung}, same ARIA state on both ranks: {result['same_aria_state_on_all_ranks']}")
+    print("PASSED" if not result["failures"] else "FAILED: " + "; ".join(result["failures"]))
     os.makedirs(os.path.dirname(a.output), exist_ok=True)
     with open(a.output + ".tmp", "w") as fh:
         json.dump(result, fh, indent=1)
@@ -102,5 +110,25 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def failures(result: dict, max_slope_mb: float = 5.0) -> list[str]:
+    """The criteria a soak result misses (empty: it passed)."""
+    out = []
+    if result["hung"]:
+        out.append(f"the run did not finish within the time limit ({result['wall_s']:.0f} s)")
+    elif result["returncode"] != 0:
+        out.append(f"the run exited with code {result['returncode']}")
+    if result.get("global_step") != result["steps"]:
+        out.append(f"{result.get('global_step')} of {result['steps']} steps done")
+    if not result["same_aria_state_on_all_ranks"]:
+        out.append("the ranks' ARIA states differ (or a rank's is missing)")
+    for r in result["ranks"]:
+        if not r["slope_mb_per_100_steps"] <= max_slope_mb:  # NaN (too few samples) fails too
+            out.append(f"rank pid {r['pid']} grew {r['slope_mb_per_100_steps']:.2f} MB per 100 steps "
+                       f"(at most {max_slope_mb})")
+    if not result["ranks"]:
+        out.append("no memory samples of the training processes")
+    return out
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["failures"] else 0)

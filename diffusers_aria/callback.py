@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from .allocation import AllocationPolicy
-from .atomic import atomic_save, atomic_write_json
-from .reporting import ALLOCATION_PLOT, effective_regions, entropy, kl_divergence  # noqa: F401 (re-exported)
+from .reporting import ALLOCATION_PLOT
 from .sampler import AdaptiveRegionSampler
 from .tracker import DiscrepancyTracker
+from .utils.atomic import atomic_save, atomic_write_json
 
 logger = logging.getLogger(__name__)
 

@@ -7,36 +7,39 @@
     diffusers-aria make-tiny-teacher OUTPUT_DIR [--train_steps N] [--num_prompts N] [--force]
     diffusers-aria make-tiny-teacher OUTPUT_DIR --family {sdxl,pixart,sd3} [--seed N] [--force]
     diffusers-aria demo [--output_dir outputs/demo]
+    diffusers-aria train --pretrained_model_name_or_path T --output_dir OUT ...   (the training script)
     diffusers-aria compare --preset {smoke,one-gpu,paper} --output_dir DIR [...] (docs/compare.md)
 
 A mistake in the arguments (a missing file, an empty pool, a bad column, --num_regions above the pool's size,
 an output folder that holds something else, a damaged checkpoint) ends in one line `error: ...` and exit code 2,
-found by the checks of `diffusers_aria.preflight` before the models load; `--debug` shows the traceback.
+found by the checks of `diffusers_aria.training.preflight` before the models load; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
+import runpy
 import subprocess
 import sys
-from pathlib import Path
 
-from . import preflight
-from .errors import OneLineArgumentParser, UserError, run_main, split_debug_flag
+from .hierarchy import DEFAULT_BRANCHING
+from .regions import DEFAULT_EMBEDDER
+from .training import preflight
+from .utils.errors import OneLineArgumentParser, UserError, run_main, split_debug_flag
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train_scripts" / "train_aria_distill.py"
+#: the training script, shipped in the package (`train_scripts/train_aria_distill.py` of the repository):
+#: `diffusers-aria train ...`, or `accelerate launch -m diffusers_aria.training.train_aria_distill ...`
+TRAIN_MODULE = "diffusers_aria.training.train_aria_distill"
 
 
 def default_cpu_env() -> None:
     """Default `OMP_WAIT_POLICY` to PASSIVE, keeping a value the user set.
 
     OpenMP threads that spin while waiting make 2 torch threads ~7x slower than 1 on a busy 2-core machine.
-    OpenMP reads the variable once, when torch loads, and `import diffusers_aria` has already loaded torch
-    by the time `main` runs: this reaches the processes the command starts (the training `demo`
-    launches), not this one. Export it in the shell for in-process work.
+    OpenMP reads the variable once, when torch loads: `main` calls this before anything loads torch (this
+    module and `import diffusers_aria` do not), so it reaches this process and the ones it starts.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -44,15 +47,16 @@ def default_cpu_env() -> None:
 def _cmd_regions_build(a: argparse.Namespace) -> int:
     preflight.check_regions_output(a.output, "--output")
     preflight.check_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, num_regions=a.num_regions)
-    preflight.check_embedder(a.embedder)
+    if not (a.work_dir is not None and a.embedder.split(":")[0] == "hashing"):  # the sharded build's stand-in
+        preflight.check_embedder(a.embedder)
     from .regions import build_regions
-    from .run_setup import load_pool
+    from .training.inputs import load_pool
 
     if a.work_dir is not None:
         return _regions_build_sharded(a)
     pool, _ = load_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, seed=a.seed)
     regions = build_regions(pool, num_regions=a.num_regions, embedder=a.embedder, seed=a.seed, method=a.method,
-                            embeddings_cache_dir=a.embeddings_cache)
+                            embeddings_cache_dir=a.embeddings_cache, branching=a.region_branching)
     regions.save(a.output)
     print(regions.summary(pool))
     print(f"saved {regions.num_regions} regions to {a.output}")
@@ -61,19 +65,28 @@ def _cmd_regions_build(a: argparse.Namespace) -> int:
 
 def _regions_build_sharded(a: argparse.Namespace) -> int:
     """`regions build --work_dir W`: every process of the launch embeds its shard (see `sharded_regions`)."""
-    from .run_setup import load_pool
+    from .pool import load_prompt_pool
     from .sharded_regions import build_regions_sharded, launched_state
+    from .training.inputs import load_pool
 
     state = launched_state()
-    with state.main_process_first():
-        pool, _ = load_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, seed=a.seed)
+    with state.main_process_first():  # a parquet/json pool is converted to Arrow once, by the main process
+        if a.pool == "builtin":
+            pool, _ = load_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, seed=a.seed)
+        else:  # memory-mapped, not validated row by row (pools of tens of millions of prompts)
+            pool = load_prompt_pool(a.pool, column=a.column, validate=False)
     regions = build_regions_sharded(pool, a.num_regions, a.work_dir, embedder=a.embedder, seed=a.seed,
-                                    sample_size=a.sample_size, chunk_size=a.chunk_size, method=a.method,
-                                    accelerator=state, progress=state.is_main_process)
+                                    sample_size=a.sample_size, chunk_size=a.chunk_size, batch_size=a.batch_size,
+                                    method=a.method, min_region_size=a.min_region_size, accelerator=state,
+                                    progress=state.is_main_process and not a.no_progress,
+                                    branching=a.region_branching)
     if state.is_main_process:
         regions.save(a.output)
-        print(regions.summary(pool))
-        print(f"saved {regions.num_regions} regions to {a.output} ({state.num_processes} processes)")
+        s = regions.metadata["sharded_build"]
+        if not a.no_progress:
+            print(regions.summary(pool))
+        print(f"saved {regions.num_regions} regions of {regions.num_prompts} prompts to {a.output} "
+              f"({s['num_processes']} processes; this one embedded {s['chunks_embedded']} of {s['chunks']} chunks)")
     state.wait_for_everyone()
     return 0
 
@@ -84,7 +97,7 @@ def _cmd_regions_show(a: argparse.Namespace) -> int:
         info = preflight.check_pool(a.pool, a.column, builtin_size=a.builtin_pool_size)
         preflight.check_regions_match_pool(config, a.regions_dir, info, "--pool")
     from .regions import ConditionRegions
-    from .run_setup import load_pool
+    from .training.inputs import load_pool
 
     regions = ConditionRegions.load(a.regions_dir)
     pool = None
@@ -147,10 +160,10 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     preflight.check_output_file(a.output, "--output")
     import numpy as np
 
-    from .evaluation import evaluate_student
     from .pool import get_prompts
     from .regions import ConditionRegions
-    from .run_setup import load_pool
+    from .training.evaluation import evaluate_student
+    from .training.inputs import load_pool
 
     pool, groups = load_pool(a.pool, a.column, builtin_size=a.builtin_pool_size, seed=a.seed)
     rng = np.random.default_rng(a.seed + 1)
@@ -177,11 +190,11 @@ def _cmd_make_tiny_teacher(a: argparse.Namespace) -> int:
         raise UserError(f"--train_steps {a.train_steps} is not valid; it must be 0 or more")
     if a.num_prompts is not None and a.num_prompts < 2:
         raise UserError(f"--num_prompts {a.num_prompts} is not valid; the teacher needs at least 2 prompts")
-    from .tiny_teacher import make_tiny_teacher
+    from .embedded.tiny_teacher import make_tiny_teacher
 
     prompts = None
     if a.num_prompts is not None:
-        from .builtin_pool import builtin_prompt_records
+        from .embedded.builtin_pool import builtin_prompt_records
 
         prompts = [r["prompt"] for r in builtin_prompt_records(num_prompts=a.num_prompts, seed=0)]
     report = make_tiny_teacher(a.output_dir, prompts=prompts, train_steps=a.train_steps, seed=a.seed, force=a.force)
@@ -194,7 +207,7 @@ def _make_tiny_family_teacher(a: argparse.Namespace) -> int:
     for flag, value in (("--train_steps", a.train_steps), ("--num_prompts", a.num_prompts)):
         if value is not None:
             raise UserError(f"{flag} applies only to --family sd; the {a.family} teacher has random weights")
-    from .tiny_families import make_tiny_family_teacher
+    from .embedded.tiny_families import make_tiny_family_teacher
 
     path = make_tiny_family_teacher(a.output_dir, a.family, seed=a.seed, force=a.force)
     print(f"tiny {a.family} teacher (random weights) at {path}")
@@ -216,7 +229,7 @@ def demo_command(output_dir: str, teacher_dir: str, max_train_steps: int, num_pr
               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
     launch += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
     return launch + [
-        str(TRAIN_SCRIPT), "--pretrained_model_name_or_path", teacher_dir, "--output_dir", output_dir,
+        "-m", TRAIN_MODULE, "--pretrained_model_name_or_path", teacher_dir, "--output_dir", output_dir,
         "--image_free", "--num_teacher_latents", "256", "--teacher_inference_steps", "15",
         "--prompt_pool", "builtin", "--builtin_pool_size", str(pool_size), "--num_regions", "16",
         "--resolution", "32", "--train_batch_size", str(max(16 // num_processes, 1)),
@@ -227,14 +240,6 @@ def demo_command(output_dir: str, teacher_dir: str, max_train_steps: int, num_pr
         "a saxophone on a stage", "an astronaut floating near a nebula",
         "--validation_inference_steps", "20", "--aria_log_every", "10", "--report_to", "tensorboard",
     ] + extra
-
-
-def _load_train_script():
-    """The training script as a module (its flags and checks; `main` is not run)."""
-    spec = importlib.util.spec_from_file_location("train_aria_distill", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def check_demo_args(a: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -251,18 +256,19 @@ def check_demo_args(a: argparse.Namespace, extra: list[str]) -> list[str]:
     cmd = demo_command(a.output_dir, teacher_dir, a.max_train_steps, a.num_processes, extra, a.builtin_pool_size)
     if previous_run and "--resume_from_checkpoint" not in extra:
         cmd += ["--overwrite_output_dir"]
-    from .errors import parse_briefly
+    from .training.args import parse_args
+    from .utils.errors import parse_briefly
 
-    script_args = cmd[cmd.index(str(TRAIN_SCRIPT)) + 1:]
-    preflight.check_train_args(parse_briefly(_load_train_script().parse_args, script_args), check_teacher=False)
+    script_args = cmd[cmd.index(TRAIN_MODULE) + 1:]
+    preflight.check_train_args(parse_briefly(parse_args, script_args), check_teacher=False)
     return cmd
 
 
 def _cmd_demo(a: argparse.Namespace, extra: list[str]) -> int:
     cmd = check_demo_args(a, extra)
     teacher_dir = cmd[cmd.index("--pretrained_model_name_or_path") + 1]
-    from .builtin_pool import builtin_prompt_pool
-    from .tiny_teacher import make_tiny_teacher
+    from .embedded.builtin_pool import builtin_prompt_pool
+    from .embedded.tiny_teacher import make_tiny_teacher
 
     report = make_tiny_teacher(teacher_dir, prompts=list(builtin_prompt_pool(a.builtin_pool_size)["prompt"]),
                                train_steps=a.teacher_train_steps)
@@ -278,7 +284,7 @@ def _cmd_demo(a: argparse.Namespace, extra: list[str]) -> int:
           "  aria_report.md        per-region table: size, prompt share, probability, discrepancy estimate\n"
           "  README.md             the model card; model_index.json + unet/ ...: the student pipeline\n"
           f"  logs/                 tensorboard --logdir {a.output_dir}/logs\n"
-          f"Next: diffusers-aria report {a.output_dir} (the README's \"Command line\" section lists more).")
+          f"Next: diffusers-aria report {a.output_dir} (docs/usage.md's \"Command line\" section lists more).")
     return 0
 
 
@@ -300,8 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = regions.add_subparsers(dest="regions_command", required=True)
     b = rsub.add_parser("build", parents=[common])
     pool_args(b)
-    b.add_argument("--num_regions", type=int, default=64)
-    b.add_argument("--embedder", default="sentence-transformers/all-MiniLM-L6-v2")
+    b.add_argument("--num_regions", type=int, default=None,
+                   help="K (default: about 4 prompts a region, a power of 2 from 64 to 4096)")
+    b.add_argument("--region_branching", type=int, default=DEFAULT_BRANCHING,
+                   help="the region tree shrinks by this factor per level (0: no tree)")
+    b.add_argument("--embedder", default=DEFAULT_EMBEDDER)
     b.add_argument("--method", default="auto", choices=["auto", "faiss", "sklearn"])
     b.add_argument("--embeddings_cache", default=None)
     b.add_argument("--output", required=True)
@@ -310,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "processes and machines; a killed build resumes where it stopped")
     b.add_argument("--sample_size", type=int, default=None, help="with --work_dir: k-means sample (default 256 x K)")
     b.add_argument("--chunk_size", type=int, default=65_536, help="with --work_dir: prompts per chunk")
+    b.add_argument("--batch_size", type=int, default=256, help="with --work_dir: prompts per embedder call")
+    b.add_argument("--min_region_size", type=int, default=1, help="with --work_dir: merge smaller regions")
+    b.add_argument("--no_progress", action="store_true", help="with --work_dir: no progress bars or summary")
     s = rsub.add_parser("show", parents=[common])
     s.add_argument("regions_dir")
     pool_args(s)
@@ -340,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num_prompts", type=int, default=None,
                    help="train on the first N prompts of the built-in pool (default: its 4000)")
 
+    sub.add_parser("train", add_help=False,
+                   help="the distillation script (train_scripts/train_aria_distill.py); `diffusers-aria train "
+                        "--help` lists its flags")
+
     d = sub.add_parser("demo", help="the embedded default: tiny teacher, built-in pool, ARIA distillation on CPU",
                        parents=[common])
     d.add_argument("--output_dir", default="outputs/demo")
@@ -354,11 +370,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cmd_train(argv: list[str]) -> int:
+    """`diffusers-aria train ARGS`: the training script, run in this process as `python train_aria_distill.py
+    ARGS` would run it (its flags, one-line errors and exit codes; several processes: `accelerate launch -m
+    diffusers_aria.training.train_aria_distill ARGS`)."""
+    saved = sys.argv
+    sys.argv = ["diffusers-aria train", *argv]
+    try:
+        runpy.run_module(TRAIN_MODULE, run_name="__main__")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `diffusers-aria` entry point: the exit code (2 and one line on stderr for a mistake in the arguments;
     `--debug` raises it with its traceback instead)."""
     default_cpu_env()
-    argv, debug = split_debug_flag(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # every argument, --help and --debug included, belongs to the training script
+        return _cmd_train(argv[1:])
+    argv, debug = split_debug_flag(argv)
     try:
         return run_main(_main, argv, debug=debug)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
@@ -375,11 +409,11 @@ def _main(argv: list[str]) -> int:
         argv, extra = argv[:i], argv[i + 1:]
     a = build_parser().parse_args(argv)
     if a.command == "make-tiny-teacher" and a.family == "sd" and a.train_steps is None:
-        from .tiny_teacher import DEFAULT_TRAIN_STEPS
+        from .embedded.tiny_teacher import DEFAULT_TRAIN_STEPS
 
         a.train_steps = DEFAULT_TRAIN_STEPS
     if a.command == "demo" and a.teacher_train_steps is None:
-        from .tiny_teacher import DEFAULT_TRAIN_STEPS
+        from .embedded.tiny_teacher import DEFAULT_TRAIN_STEPS
 
         a.teacher_train_steps = DEFAULT_TRAIN_STEPS
     if a.command == "regions":

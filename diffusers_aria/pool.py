@@ -15,7 +15,7 @@ from typing import Union
 
 import numpy as np
 
-from .errors import UserError
+from .utils.errors import UserError
 
 PROMPT_COLUMN = "prompt"
 _TEXT_COLUMNS = ("prompt", "Prompt", "text", "caption", "captions")

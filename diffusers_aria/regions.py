@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_save, atomic_write_json, replace_dir
 from .hierarchy import DEFAULT_BRANCHING, RegionTree, build_tree, default_level_sizes
 from .pool import (
     PROMPT_COLUMN,
@@ -29,6 +28,7 @@ from .pool import (
     load_prompt_pool,
     pool_fingerprint,
 )
+from .utils.atomic import atomic_save, atomic_write_json, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -470,6 +470,15 @@ class ConditionRegions:
         return "\n".join(lines)
 
 
+def region_metadata(embedder: str, embedding_dim: int, num_regions: int, seed: int, method: str,
+                    min_region_size: int, fingerprint: str, **extra: Any) -> dict[str, Any]:
+    """The metadata a regions folder records about its build (`regions_config.json`, with the counts `save`
+    adds): what `setting_differences` and `check_pool` compare. `extra`: builder-specific entries."""
+    return {"embedder": embedder, "embedding_dim": int(embedding_dim), "requested_num_regions": int(num_regions),
+            "seed": int(seed), "method": method, "min_region_size": int(min_region_size), "fingerprint": fingerprint,
+            **extra}
+
+
 def build_regions(
     prompts,
     num_regions: int | None = None,
@@ -519,90 +528,65 @@ def build_regions(
     tree = (build_tree(centroids, np.bincount(ids, minlength=len(centroids)), branching=branching, seed=seed)
             if branching and default_level_sizes(len(centroids), branching) else None)
     resolved = resolve_method(method, len(pool))
-    meta = {
-        "embedder": _embedder_name(embedder),
-        "embedding_dim": int(emb.shape[1]),
-        "requested_num_regions": int(num_regions),
-        "seed": int(seed),
-        "method": resolved,
-        "min_region_size": int(min_region_size),
-        "branching": int(branching) if branching else None,
-        "fingerprint": pool_fingerprint(pool),
-    }
+    meta = region_metadata(_embedder_name(embedder), emb.shape[1], num_regions, seed, resolved, min_region_size,
+                           pool_fingerprint(pool), branching=int(branching) if branching else None)
     if len(centroids) < num_regions:
         logger.warning("%d of %d regions were empty or below min_region_size and were dissolved", num_regions - len(centroids), num_regions)
     return ConditionRegions(region_ids=ids, centroids=centroids, metadata=meta, tree=tree)
 
 
-def load_or_build_regions(regions_dir: str, pool, **build_kwargs) -> ConditionRegions:
-    """Load `regions_dir` if it exists, else build the regions with `build_regions` and save them there.
+#: the build settings a saved regions folder records and `load_or_build_regions` compares
+BUILD_SETTINGS = ("num_regions", "embedder", "seed", "method", "min_region_size")
 
-    The folder is reused only for the pool it was built from: its saved content fingerprint (sha256 over the
-    prompts in order) must match `pool`'s, else `RegionsMismatchError` (delete the folder to rebuild). `pool`
-    is anything `build_regions` takes (a `datasets.Dataset` with `column=...` in `build_kwargs`, whose other
-    columns, images included, are never read). Settings in `build_kwargs` that differ from the saved ones
-    (num_regions, seed, embedder) are logged: the saved regions are used as they are. `seed=None` means 0.
-    Under accelerate call it inside `accelerator.main_process_first()`: the main process builds, the others load.
+
+def load_or_build_regions(regions_dir: str, pool, overwrite: bool = False, check=None,
+                          **build_kwargs) -> ConditionRegions:
+    """The regions saved in `regions_dir` when they were built from `pool` with these settings; else, when the
+    folder holds none, the regions built with `build_regions(pool, **build_kwargs)` and saved there.
+
+    Strict: a saved folder is reused only for the pool it was built from (its content fingerprint, sha256 over
+    the prompts in order) and the same build settings. Otherwise it raises `RegionsMismatchError` naming what
+    differs, or with `overwrite=True` builds the regions again and replaces the folder. `check` names the
+    settings compared (of `BUILD_SETTINGS`; settings not given compare with `build_regions`' defaults); default:
+    those given in `build_kwargs`; `()`: only the pool must match (regions a user built and named). `pool` is
+    anything `build_regions` takes (a `datasets.Dataset` with `column=...` in `build_kwargs`, whose other columns,
+    images included, are never read). `seed=None` means 0. Under accelerate call it inside
+    `accelerator.main_process_first()`: the main process builds, the others load.
     """
     if build_kwargs.get("seed", 0) is None:
         build_kwargs["seed"] = 0
-    if os.path.isfile(os.path.join(regions_dir, CONFIG_NAME)):
-        regions = ConditionRegions.load(regions_dir)
+    if not os.path.isfile(os.path.join(regions_dir, CONFIG_NAME)):
+        regions = build_regions(pool, **build_kwargs)
+        regions.save(regions_dir)
+        return regions
+    regions = ConditionRegions.load(regions_dir)
+    try:
         regions.check_pool(pool if isinstance(pool, (list, tuple))
                            else load_prompt_pool(pool, column=build_kwargs.get("column"), validate=False))
-        differ = regions.setting_differences(build_kwargs, [k for k in ("num_regions", "seed", "embedder")
-                                                            if k in build_kwargs])
-        if differ:
-            logger.warning("using the regions saved in %s as they are: %s (delete the folder to rebuild them)",
-                           regions_dir, ", ".join(f"{k}={a!r} was saved, {b!r} was asked" for k, a, b in differ))
-        return regions
-    regions = build_regions(pool, **build_kwargs)
-    regions.save(regions_dir)
-    return regions
-
-
-class RegionCollate:
-    """A collate function that adds each example's region to the batch: `batch[column] = LongTensor [B]`.
-
-    Wraps a script's own `collate_fn` (which may drop unknown columns, as diffusers' returns a dict literal)
-    so the region column travels without editing it. Picklable (a plain object, not a closure), so it works
-    with DataLoader workers. The examples must carry `column` (`ConditionRegions.add_to_dataset`; a
-    `with_transform` function must return its input dict, as diffusers' `preprocess_train` does).
-    """
-
-    def __init__(self, collate_fn=None, column: str = "aria_region") -> None:
-        if collate_fn is None:
-            from torch.utils.data import default_collate
-
-            collate_fn = default_collate
-        self.collate_fn = collate_fn
-        self.column = column
-
-    def __call__(self, examples):
-        import torch
-
-        try:
-            region = torch.as_tensor([int(e[self.column]) for e in examples], dtype=torch.long)
-        except KeyError:
-            keys = sorted(examples[0].keys()) if examples and hasattr(examples[0], "keys") else []
-            raise KeyError(
-                f"the examples have no {self.column!r} column (they have {keys}): add it with "
-                "ConditionRegions.add_to_dataset (region_dataloader does), and make a with_transform function "
-                "return its input dict"
-            ) from None
-        batch = self.collate_fn(examples)
-        if not hasattr(batch, "__setitem__") or isinstance(batch, (list, tuple)):
-            raise TypeError(f"RegionCollate needs the wrapped collate function to return a dict, got {type(batch).__name__}")
-        batch[self.column] = region
-        return batch
-
-    def __repr__(self) -> str:
-        return f"RegionCollate({getattr(self.collate_fn, '__name__', self.collate_fn)!r}, column={self.column!r})"
+    except RegionsMismatchError as err:
+        if not overwrite:
+            raise
+        differ = [f"the prompt pool ({err})"]
+    else:
+        keys = [k for k in BUILD_SETTINGS if k in build_kwargs] if check is None else list(check)
+        differ = [f"{k} {old!r} (this run: {new!r})" for k, old, new in regions.setting_differences(build_kwargs, keys)]
+        if not differ:
+            return regions
+        if not overwrite:
+            raise RegionsMismatchError(
+                f"the regions in {regions_dir!r} were built with other settings than this run's: {'; '.join(differ)}. "
+                "Build them again with overwrite=True (the training script: --overwrite_output_dir, for the regions "
+                "inside its output folder), or use regions built with these settings (`diffusers-aria regions build`, "
+                "the training script's --regions_dir)")
+    logger.warning("rebuilding the regions in %s (overwrite): %s", regions_dir, "; ".join(differ))
+    del regions  # the old folder's region ids are memory-mapped
+    rebuilt = build_regions(pool, **build_kwargs)
+    rebuilt.save(regions_dir)
+    return rebuilt
 
 
 __all__ = [
     "ConditionRegions",
-    "RegionCollate",
     "RegionsMismatchError",
     "build_regions",
     "load_or_build_regions",
@@ -611,6 +595,8 @@ __all__ = [
     "spherical_kmeans",
     "nearest_centroid",
     "DEFAULT_EMBEDDER",
+    "region_metadata",
+    "BUILD_SETTINGS",
     "PROMPT_COLUMN",
     "default_num_regions",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_save, atomic_write_json, atomic_write_text
+from .utils.atomic import atomic_save, atomic_write_json, atomic_write_text
 
 ALLOCATION_PLOT = "aria_allocation.png"
 REPORT_JSON = "aria_report.json"

@@ -20,7 +20,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -28,130 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import Sampler
+
+from .rng import GOLDEN as _GOLDEN
+from .rng import feistel_params, mix64_array
+from .rng import permute as _permute
 
 logger = logging.getLogger(__name__)
-
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
-_MUL1, _MUL2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MASK64_INT, _MUL1_INT, _MUL2_INT = 0xFFFFFFFFFFFFFFFF, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-_SMALL_N = 128  # ranges up to this size are permuted exactly by sorting hashes (tiny Feistel networks are biased)
-_PY_TAIL = 12  # cycle-walk at most this many leftover values with Python ints (cheaper than numpy calls)
-
-
-def mix64_array(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on a uint64 array (a new array; array arithmetic wraps without warnings)."""
-    x = x ^ (x >> _S30)
-    x *= _MUL1
-    x ^= x >> _S27
-    x *= _MUL2
-    x ^= x >> _S31
-    return x
-
-
-def _feistel(x: np.ndarray, params: np.ndarray, round_keys: np.ndarray) -> np.ndarray:
-    """One pass of the (possibly unbalanced) Feistel network over `x`; `params` as from `feistel_params`.
-
-    The state is (left: hi bits, right: lo bits); a round maps it to (right, left ^ F(right)), so the widths
-    swap every round and an even number of rounds restores them. F is a keyed multiplicative hash: the top
-    bits of ((right * c1) ^ round_key) * c2, as many as the half it is xored into (5 numpy calls a round).
-    """
-    left, right = x >> params[0], x & params[1]
-    for r, rk in enumerate(round_keys):
-        f = right * _MUL1
-        f ^= rk
-        f *= _MUL2
-        f >>= params[2 + (r & 1)]
-        f ^= left
-        left, right = right, f
-    left <<= params[0]
-    left |= right
-    return left
-
-
-def _cycle_walk_int(x: int, n: int, params: list[int], round_keys: list[int]) -> int:
-    """`_feistel` applied to one value (Python ints) until it falls inside [0, n)."""
-    lo, lo_mask, shifts = params[0], params[1], (params[2], params[3])
-    while True:
-        left, right = x >> lo, x & lo_mask
-        for r, rk in enumerate(round_keys):
-            f = ((((right * _MUL1_INT) & _MASK64_INT) ^ rk) * _MUL2_INT) & _MASK64_INT
-            left, right = right, left ^ (f >> shifts[r & 1])
-        x = (left << lo) | right
-        if x < n:
-            return x
-
-
-_ROUND_CONSTANTS = np.array([(r + 1) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF for r in range(8)], dtype=np.uint64)
-
-
-def feistel_params(n: np.ndarray) -> np.ndarray:
-    """Feistel network covering range(n) on the smallest bit width b >= 2 with 2**b >= n, element-wise.
-
-    Returns uint64 [4, *n.shape]: the low half's width lo = ceil(b/2), its mask, and the right shifts
-    64 - hi and 64 - lo that cut the round function's output to the high (hi = b - lo) and low halves.
-    Cycle walking then needs fewer than 2 passes on average (2**b < 2n).
-    """
-    n = np.asarray(n)
-    bits = np.maximum(np.ceil(np.log2(np.maximum(n.astype(np.float64), 2.0))).astype(np.int64), 2)
-    lo = (bits + 1) // 2
-    hi = bits - lo
-    return np.stack([lo, (1 << lo) - 1, 64 - hi, 64 - lo]).astype(np.uint64)
-
-
-def keyed_permutation(j: np.ndarray, n: np.ndarray, key: np.ndarray, rounds: int = 4,
-                      params: np.ndarray | None = None) -> np.ndarray:
-    """Image of positions `j` under a keyed pseudo-random permutation of `range(n)` (element-wise n, key).
-
-    A Feistel network on the smallest bit width covering n (unbalanced when that width is odd), with cycle
-    walking for the values that fall outside [0, n); for n <= 128, where small networks are measurably
-    biased, the rank order of n keyed hashes. Bijective for every (n, key); O(1) memory (O(n) for tiny n).
-    `params` may pass `feistel_params(n)` precomputed (the sampler keeps them per region). `rounds` must
-    be even.
-    """
-    if rounds % 2 or not 2 <= rounds <= len(_ROUND_CONSTANTS):
-        raise ValueError(f"rounds={rounds} must be even and between 2 and {len(_ROUND_CONSTANTS)}")
-    shape = np.broadcast_shapes(np.shape(j), np.shape(n), np.shape(key))
-    # broadcast to one flat shape: cycle walking indexes n and key element-wise (scalars included)
-    j, n, key = (np.broadcast_to(np.asarray(a, dtype=np.uint64), shape).reshape(-1) for a in (j, n, key))
-    if params is None:
-        params = feistel_params(n)
-    else:
-        params = np.broadcast_to(np.asarray(params, dtype=np.uint64), (4,) + shape).reshape(4, -1)
-    return _permute(j, n, key, params, rounds).astype(np.int64).reshape(shape)
-
-
-def _permute(j: np.ndarray, n: np.ndarray, key: np.ndarray, params: np.ndarray, rounds: int = 4) -> np.ndarray:
-    """`keyed_permutation` on flat uint64 arrays of one length (no checks, no broadcasting); uint64 out."""
-    with np.errstate(over="ignore"):
-        # one mix of the key; round r xors a distinct constant in (the round function hashes again)
-        round_keys = mix64_array(key)[None, :] ^ _ROUND_CONSTANTS[:rounds, None]
-        out = _feistel(j, params, round_keys)
-        small = np.flatnonzero(n <= _SMALL_N)
-        if small.size:  # the j-th smallest of n keyed hashes: an exactly uniform-looking order for tiny n
-            ns = n[small]
-            cols = np.arange(int(ns.max()), dtype=np.uint64)
-            h = mix64_array(round_keys[0, small, None] + cols[None, :] * _GOLDEN)
-            h[cols[None, :] >= ns[:, None]] = _MASK64
-            out[small] = np.argsort(h, axis=1)[np.arange(small.size), j[small].astype(np.int64)]
-        todo = np.flatnonzero(out >= n)
-        if todo.size:
-            # walk the values still outside [0, n), compacting as they land; state rows: value, n, params, keys
-            state = np.concatenate([out[None, todo], n[None, todo], params[:, todo], round_keys[:, todo]])
-            while todo.size > _PY_TAIL:
-                cur = _feistel(state[0], state[2:6], state[6:])
-                good = cur < state[1]
-                out[todo[good]] = cur[good]
-                state[0] = cur
-                bad = ~good
-                todo, state = todo[bad], state[:, bad]
-            if todo.size:  # the last few: per-value loops beat per-pass numpy overhead
-                rows = state.T.tolist()
-                out[todo] = [_cycle_walk_int(r[0], r[1], r[2:6], r[6:]) for r in rows]
-    return out
-
 
 def _stable_region_order(ids: np.ndarray, sizes: np.ndarray, dtype, chunk: int = 1 << 18) -> np.ndarray:
     """`np.argsort(ids, kind="stable").astype(dtype)`, built chunk by chunk straight into a `dtype` array.
@@ -285,7 +167,7 @@ class AdaptiveRegionSampler(Sampler[int]):
 
     # ----------------------------------------------------------------------------------- drawing
     def _rng(self, step: int) -> np.random.Generator:
-        # the 0 is a format constant (it held the epoch once): the streams of earlier versions are kept
+        # the 0 is a constant of the stream's key (the streams are fixed: changing it changes every draw)
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, 0, int(step)])))
 
     def _probabilities_at(self, step: int) -> np.ndarray:
@@ -436,79 +318,10 @@ class AdaptiveRegionSampler(Sampler[int]):
         self.counters = counters.copy()
         self.probabilities = np.asarray(state["probabilities"], dtype=np.float64).copy()
         self.step, self.seed = int(state["step"]), int(state["seed"])
-        # states saved before read_ahead existed: everything drawn was trained on, the probabilities in use
-        self.consumed = int(state.get("consumed", self.step))
-        self.read_ahead = int(state.get("read_ahead", self.read_ahead))  # the saved lag keeps the stream exact
-        if "schedule_steps" in state:
-            steps = np.asarray(state["schedule_steps"], dtype=np.int64).reshape(-1)
-            probs = np.asarray(state["schedule_probabilities"], dtype=np.float64)
-            self._schedule = [(int(first), probs[i].copy()) for i, first in enumerate(steps)]
-        else:
-            self._schedule = [(0, self.probabilities)]
+        self.consumed = int(state["consumed"])
+        self.read_ahead = int(state["read_ahead"])  # the saved lag keeps the stream exact
+        steps = np.asarray(state["schedule_steps"], dtype=np.int64).reshape(-1)
+        probs = np.asarray(state["schedule_probabilities"], dtype=np.float64)
+        self._schedule = [(int(first), probs[i].copy()) for i, first in enumerate(steps)]
         self._pending = deque()
         self._warned = False
-
-
-# --------------------------------------------------------------------------------------------- DataLoader
-
-_KEPT_DATALOADER_ARGS = ("num_workers", "pin_memory", "drop_last", "timeout", "worker_init_fn",
-                         "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers",
-                         "pin_memory_device", "in_order")
-
-
-def region_dataloader(dataloader: DataLoader, regions, num_processes: int = 1, seed: int | None = 0,
-                      column: str = "aria_region", read_ahead: int | None = None) -> DataLoader:
-    """`dataloader` rebuilt to draw rows by region with ARIA's sampler, its batches carrying each row's region.
-
-    For a training script whose DataLoader shuffles a `datasets.Dataset` (`shuffle=True`) and whose rows are the
-    prompt pool: the new DataLoader keeps the dataset (plus an int32 `column` of region ids), the batch size,
-    the collate function (wrapped by `RegionCollate`, which adds `batch[column]`) and every other argument
-    (workers, pinning, ...); only `shuffle=True` becomes `sampler=AdaptiveRegionSampler(...)`, reachable as
-    `.sampler`. Call it before `accelerator.prepare`.
-
-    Args:
-        dataloader: the script's DataLoader (a `RandomSampler` or `SequentialSampler`, a `batch_size`).
-        regions: a `ConditionRegions` of the dataset's rows (same order), or the region id of every row.
-        num_processes: processes that share each global draw (`accelerator.num_processes`): accelerate gives
-            each process one `batch_size` slice of it.
-        seed: the sampler's seed (None: 0).
-        column: name of the region column and of the batch key.
-        read_ahead: draws the DataLoader may request before training uses them (default:
-            `prefetch_factor * num_workers + 2`, which covers accelerate's one-batch look-ahead).
-
-    Each epoch is `len(dataset)` rounded down to whole global draws (at least one), so every process gets the
-    same number of batches.
-    """
-    from .regions import RegionCollate, RegionsMismatchError
-
-    if not isinstance(dataloader, DataLoader):
-        raise TypeError(f"region_dataloader needs a torch DataLoader, got {type(dataloader).__name__}")
-    if dataloader.batch_size is None:
-        raise ValueError("region_dataloader needs a DataLoader built with batch_size=...; this one has a custom "
-                         "batch_sampler. Build it with sampler=AdaptiveRegionSampler(...) yourself")
-    if not isinstance(dataloader.sampler, (RandomSampler, SequentialSampler)):
-        raise ValueError(f"the DataLoader already has a custom sampler ({type(dataloader.sampler).__name__}); "
-                         "region_dataloader replaces shuffle=True only")
-    if isinstance(num_processes, bool) or not isinstance(num_processes, (int, np.integer)) or num_processes < 1:
-        raise ValueError(f"num_processes={num_processes!r} must be a positive integer (accelerator.num_processes)")
-    dataset = dataloader.dataset
-    ids = np.asarray(getattr(regions, "region_ids", regions))
-    if len(ids) != len(dataset):
-        raise RegionsMismatchError(f"the regions cover {len(ids)} rows but the DataLoader's dataset has "
-                                   f"{len(dataset)}; build the regions over this dataset's captions, in its order")
-    if not hasattr(dataset, "add_column"):
-        raise TypeError(f"region_dataloader needs a datasets.Dataset (got {type(dataset).__name__}); for another "
-                        "dataset return each row's region from __getitem__ and build the DataLoader with "
-                        "sampler=AdaptiveRegionSampler(...)")
-    if column in dataset.column_names:
-        dataset = dataset.remove_columns(column)
-    dataset = dataset.add_column(column, ids.astype(np.int32, copy=False))
-    kept = {k: getattr(dataloader, k) for k in _KEPT_DATALOADER_ARGS
-            if k in inspect.signature(DataLoader.__init__).parameters and hasattr(dataloader, k)}
-    if read_ahead is None:
-        read_ahead = (kept.get("prefetch_factor") or 0) * kept.get("num_workers", 0) + 2
-    global_batch = dataloader.batch_size * int(num_processes)
-    sampler = AdaptiveRegionSampler(ids, batch_size=global_batch, seed=seed, read_ahead=read_ahead,
-                                    num_samples=max(len(dataset) // global_batch, 1) * global_batch)
-    return DataLoader(dataset, batch_size=dataloader.batch_size, sampler=sampler,
-                      collate_fn=RegionCollate(dataloader.collate_fn, column), **kept)

@@ -27,15 +27,15 @@ similarities, P x C x 4 of gathered ids). The shard and id files are mapped one 
 pool should be Arrow (a `save_to_disk` folder or parquet), which is memory-mapped. Measured peak anonymous
 RSS: the same at N = 1M and N = 10M (docs/benchmarks-speed.md, section 4).
 
-Run it with accelerate (the stand-in embedder `hashing` is for tests and benchmarks):
+Its command line is `diffusers-aria regions build --work_dir W`, under accelerate for several processes (the
+stand-in embedder `hashing` is for tests and benchmarks):
 
-    accelerate launch --multi_gpu --num_processes 8 -m diffusers_aria.sharded_regions \\
+    accelerate launch --multi_gpu --num_processes 8 -m diffusers_aria.cli regions build \\
         --pool captions.parquet --num_regions 1024 --output regions-1024/ --work_dir /scratch/regions-work
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -48,18 +48,21 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_save, atomic_write
+from .hierarchy import DEFAULT_BRANCHING, build_tree, default_level_sizes
 from .pool import PROMPT_COLUMN, PromptPoolError, get_prompts, load_prompt_pool, pool_fingerprint
 from .regions import (
     DEFAULT_EMBEDDER,
     ConditionRegions,
     _embedder_name,
+    default_num_regions,
     load_embedder,
     nearest_centroid,
+    region_metadata,
     resolve_embedder_path,
     resolve_method,
     spherical_kmeans,
 )
+from .utils.atomic import atomic_save, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -484,7 +487,7 @@ def _assign_ids(path: str, shard: _ShardFile, first: int, chunks: range, centroi
 
 def build_regions_sharded(
     pool,
-    num_regions: int,
+    num_regions: int | None,
     work_dir: str,
     embedder: str | Any = DEFAULT_EMBEDDER,
     seed: int = 0,
@@ -497,13 +500,15 @@ def build_regions_sharded(
     column: str | None = None,
     accelerator: Any | None = None,
     progress: bool = True,
+    branching: int | None = DEFAULT_BRANCHING,
 ) -> ConditionRegions:
-    """Partition a (very large) prompt pool into regions, sharded over the processes of `accelerator`.
+    """Partition a (very large) prompt pool into regions, sharded over the processes of `accelerator`, and group
+    them into a region tree (`hierarchy.build_tree` over the centroids and region sizes, on every process).
 
     Args:
         pool: a list of strings, a `datasets.Dataset` or a path (see `load_prompt_pool`; for 10M+ prompts use a
             `save_to_disk` folder or parquet, which stay memory-mapped).
-        num_regions: K.
+        num_regions: K (None: `regions.default_num_regions` of the pool's size).
         work_dir: shard files, chunk records, and the region ids; run again with the same folder to resume.
             Every process needs it (a shared or a per-machine folder: the processes exchange data through
             collectives, not files).
@@ -517,13 +522,14 @@ def build_regions_sharded(
         method: k-means backend for the sample ("auto", "faiss", "sklearn"; `regions.resolve_method`).
         accelerator: an `accelerate.Accelerator` or `PartialState` (default: `launched_state()`, one process
             unless launched with `accelerate launch`).
+        branching: the region tree shrinks by about this factor per level; None or 0: no tree.
 
     Returns the same `ConditionRegions` on every process; `region_ids` is memory-mapped from
     `work_dir/region_ids.npy`. `metadata["sharded_build"]` holds this process's counts and timings (also written
     to `work_dir/build-stats-rankNNNNN.json`).
     """
-    if not isinstance(num_regions, (int, np.integer)) or num_regions < 1:
-        raise ValueError(f"num_regions={num_regions!r} is not valid; it must be a positive integer")
+    if num_regions is not None and (not isinstance(num_regions, (int, np.integer)) or num_regions < 1):
+        raise ValueError(f"num_regions={num_regions!r} is not valid; it must be a positive integer (or None)")
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} is not valid; it must be a positive integer")
     comm = _comm(accelerator)
@@ -534,6 +540,8 @@ def build_regions_sharded(
     n = len(pool)
     if n == 0:
         raise PromptPoolError("the prompt pool is empty: it needs at least one prompt")
+    if num_regions is None:
+        num_regions = default_num_regions(n)
     sample_size = default_sample_size(int(num_regions), n) if sample_size is None else int(sample_size)
     if sample_size < 1:
         raise ValueError(f"sample_size={sample_size} is not valid; it must be a positive integer")
@@ -587,22 +595,20 @@ def build_regions_sharded(
                  peak_rss_anon_bytes=mem.peak_anon, peak_rss_file_bytes=mem.peak_file,
                  vm_hwm_bytes=_PeakMemory.read().get("VmHWM", 0))
     _write_json_atomic(os.path.join(work_dir, f"{STATS_PREFIX}{comm.rank:05d}.json"), stats)
-    meta = {
-        "embedder": name,
-        "embedding_dim": dim,
-        "requested_num_regions": int(num_regions),
-        "seed": int(seed),
-        "method": fitted_method,
-        "min_region_size": int(min_region_size),
-        "fingerprint": fingerprint,
-        "sample_size": sample_size,
-        "sharded_build": stats,
-    }
+    meta = region_metadata(name, dim, num_regions, seed, fitted_method, min_region_size, fingerprint,
+                           branching=int(branching) if branching else None, sample_size=sample_size,
+                           sharded_build=stats)
     if k < num_regions:
         logger.warning("%d of %d regions were empty or below min_region_size in the sample and were dissolved",
                        num_regions - k, num_regions)
-    regions = ConditionRegions(region_ids=np.load(ids_path, mmap_mode="r", allow_pickle=False), centroids=centroids,
-                               metadata=meta)
+    region_ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
+    tree = None
+    if branching and default_level_sizes(k, branching):  # the same on every process: same centroids and sizes
+        sizes = np.zeros(k, dtype=np.int64)
+        for s0 in range(0, n, 1 << 22):
+            sizes += np.bincount(region_ids[s0:s0 + (1 << 22)], minlength=k)
+        tree = build_tree(centroids, sizes, branching=branching, seed=seed)
+    regions = ConditionRegions(region_ids=region_ids, centroids=centroids, metadata=meta, tree=tree)
     comm.barrier()
     return regions
 
@@ -613,54 +619,6 @@ def _broadcast_str(comm: _Comm, value: str | None, width: int = 128) -> str:
         raw = value.encode("utf-8")[:width]
         buf[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
     return bytes(comm.broadcast(buf)).rstrip(b"\0").decode("utf-8")
-
-
-# --------------------------------------------------------------------------------------------- entry point
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m diffusers_aria.sharded_regions",
-        description="Build regions of a large prompt pool over all processes of `accelerate launch`.")
-    p.add_argument("--pool", required=True, help="'builtin', a prompt file, a save_to_disk folder or parquet")
-    p.add_argument("--column", default=None)
-    p.add_argument("--builtin_pool_size", type=int, default=4000)
-    p.add_argument("--num_regions", type=int, required=True)
-    p.add_argument("--output", required=True, help="the regions folder to write (main process)")
-    p.add_argument("--work_dir", required=True, help="shards, chunk records and ids; reuse it to resume")
-    p.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers id/path, or 'hashing[:DIM]'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample_size", type=int, default=None, help="default: 256 x num_regions (at most N)")
-    p.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE)
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--method", default="auto", choices=["auto", "faiss", "sklearn"])
-    p.add_argument("--min_region_size", type=int, default=1)
-    p.add_argument("--no_progress", action="store_true")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`accelerate launch -m diffusers_aria.sharded_regions ...` (or plain `python -m ...` for one process)."""
-    a = parse_args(argv)
-    state = launched_state()
-    with state.main_process_first():  # a parquet/json pool is converted to Arrow once, by the main process
-        if a.pool == "builtin":
-            from .run_setup import load_pool
-
-            pool, _ = load_pool("builtin", builtin_size=a.builtin_pool_size, seed=a.seed)
-        else:
-            pool = load_prompt_pool(a.pool, column=a.column, validate=False)
-    regions = build_regions_sharded(pool, a.num_regions, a.work_dir, embedder=a.embedder, seed=a.seed,
-                                    sample_size=a.sample_size, chunk_size=a.chunk_size, batch_size=a.batch_size,
-                                    method=a.method, min_region_size=a.min_region_size, accelerator=state,
-                                    progress=not a.no_progress)
-    if state.is_main_process:
-        regions.save(a.output)
-        s = regions.metadata["sharded_build"]
-        print(f"saved {regions.num_regions} regions of {regions.num_prompts} prompts to {a.output} "
-              f"({s['num_processes']} processes; this one embedded {s['chunks_embedded']} of {s['chunks']} chunks)")
-    state.wait_for_everyone()
-    return 0
 
 
 __all__ = [
@@ -675,6 +633,3 @@ __all__ = [
     "shard_chunks",
 ]
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -112,9 +112,9 @@ def allocation_plot(run: str, report: dict, path: str) -> str:
     from dataclasses import fields
 
     from diffusers_aria import AdaptiveRegionSampler, ARIACallback
-    from diffusers_aria.checkpointing import checkpoint_problems, list_checkpoints
     from diffusers_aria.regions import ConditionRegions
-    from diffusers_aria.training import AriaSettings
+    from diffusers_aria.settings import AriaSettings
+    from diffusers_aria.training.checkpointing import checkpoint_problems, list_checkpoints
 
     ckpt = next((p for _, p in reversed(list_checkpoints(run)) if not checkpoint_problems(p)), None)
     if ckpt is None:
@@ -135,16 +135,16 @@ def validation_picture(run: str, teacher: str, path: str) -> str:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from diffusers_aria.latent_renderer import load_latent_renderer
-    from diffusers_aria.run_setup import load_teacher
-    from diffusers_aria.validation import RENDER_TITLE, validation_grid
+    from diffusers_aria.embedded.latent_renderer import load_latent_renderer
+    from diffusers_aria.teachers.parts import load_teacher
+    from diffusers_aria.training.validation import RENDER_TITLE, validation_grid
 
     v = demo_validation_settings()
     parts = load_teacher(teacher)
     student = UNet2DConditionModel.from_pretrained(os.path.join(run, "unet")).eval()
     renderer = load_latent_renderer(teacher)
     with torch.no_grad():
-        grid = validation_grid(parts.pipeline_components(), parts.unet, student, v["prompts"], seed=v["seed"],
+        grid = validation_grid(parts.pipeline_components(), parts.denoiser, student, v["prompts"], seed=v["seed"],
                                num_inference_steps=v["num_inference_steps"], guidance_scale=v["guidance_scale"],
                                resolution=v["resolution"], renderer=renderer,
                                title="end of training" + (f" - {RENDER_TITLE}" if renderer is not None else ""))
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = a.teacher or os.path.join(os.path.dirname(os.path.abspath(a.run)), "tiny-teacher")
     with open(os.path.join(a.run, "aria_report.json")) as fh:
         report = json.load(fh)
-    from diffusers_aria.file_names import TEACHER_REPORT
+    from diffusers_aria.utils.file_names import TEACHER_REPORT
 
     teacher_report = None
     if os.path.isfile(os.path.join(teacher, TEACHER_REPORT)):

@@ -80,8 +80,8 @@ os.environ.setdefault("HF_HOME", os.path.join(os.path.dirname(os.path.dirname(os
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> str:
     """A tiny offline teacher pipeline (untrained: the scripts' plumbing does not need a good teacher)."""
-    from diffusers_aria.builtin_pool import builtin_prompt_pool
-    from diffusers_aria.tiny_teacher import make_tiny_teacher
+    from diffusers_aria.embedded.builtin_pool import builtin_prompt_pool
+    from diffusers_aria.embedded.tiny_teacher import make_tiny_teacher
 
     path = tmp_path_factory.mktemp("teacher") / "tiny-teacher"
     prompts = list(builtin_prompt_pool(num_prompts=64, seed=0)["prompt"])
@@ -93,7 +93,7 @@ def tiny_teacher(tmp_path_factory) -> str:
 def shared_regions(tmp_path_factory) -> str:
     """Regions of the 200-prompt built-in pool the end-to-end runs use (built once, loaded by every run)."""
     from diffusers_aria.regions import build_regions
-    from diffusers_aria.run_setup import load_pool
+    from diffusers_aria.training.inputs import load_pool
 
     pool, _ = load_pool("builtin", builtin_size=200, seed=0)
     path = tmp_path_factory.mktemp("regions") / "regions"

@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
-from diffusers_aria.cli import TRAIN_SCRIPT
+#: the training script of this checkout (a wheel ships the same file as diffusers_aria.training.train_aria_distill)
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train_scripts" / "train_aria_distill.py"
 
 
 def launch_training(args: list[str], num_processes: int = 1, timeout: int = 600,

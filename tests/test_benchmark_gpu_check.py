@@ -26,6 +26,7 @@ def test_gpu_check_smoke(tmp_path, lora):
     else:
         assert rec["student_trainable_params"] == rec["student_params"]
     assert "ARIA/RC step time" in res.stdout
+    assert rec["finite_loss"] is True and rec["nonfinite_loss_steps"] == {"aria": 0, "rc": 0}
 
 
 @pytest.mark.parametrize("family,lora", [("sdxl", False), ("pixart", True), ("sd3", False)])
@@ -68,3 +69,17 @@ def test_real_size_parts_fit_together(family, monkeypatch):
         assert cfg.pooled_projection_dim == (parts["text_encoder"].config.projection_dim
                                              + parts["text_encoder_2"].config.projection_dim)
         assert parts["vae"].config.latent_channels == cfg.in_channels == 16
+
+
+def test_a_smoke_run_writes_outside_the_tracked_results():
+    """Without --out_dir a smoke run writes into outputs/benchmarks (git-ignored), never benchmarks/results."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    out = Path(gpu_check.parse_args(["--smoke"]).out_dir)
+    assert out == Path(gpu_check.SMOKE_OUT_DIR) and (ROOT / "benchmarks" / "results") not in out.parents
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "gpu_check_smoke.json")], cwd=ROOT)
+    assert ignored.returncode == 0
+    assert gpu_check.parse_args([]).out_dir is None  # a real run: benchmarks/results

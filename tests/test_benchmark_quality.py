@@ -86,7 +86,7 @@ def test_quality_benchmark_builtin_pool_categories(tmp_path, quality):
                         str(tmp_path), "--tag", "builtin", "--no_plots"])
     assert res["prompt_source"] == "builtin" and res["num_prompts"] == 240
     design = res["experiments"]["categories"]["design"]
-    from diffusers_aria.builtin_pool import BUILTIN_GROUP_SHARES
+    from diffusers_aria.embedded.builtin_pool import BUILTIN_GROUP_SHARES
 
     assert set(design["group_kinds"]) <= set(BUILTIN_GROUP_SHARES)  # the built-in groups are the categories
     assert sorted(design["group_kinds"].values()).count("unseen") == 1

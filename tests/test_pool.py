@@ -206,7 +206,7 @@ def test_unsupported_source_type_raises():
 
 
 def test_pool_error_is_a_value_error():
-    from diffusers_aria.errors import UserError
+    from diffusers_aria.utils.errors import UserError
 
     assert issubclass(PromptPoolError, ValueError) and issubclass(PromptPoolError, UserError)
 
@@ -220,7 +220,7 @@ def test_a_folder_that_is_not_a_saved_dataset_raises(tmp_path):
 
 @pytest.mark.parametrize("source", ["nosuch.txt", "data/prompts", "./pool", "/no/such/pool.csv"])
 def test_a_missing_local_path_never_reaches_the_hub(tmp_path, monkeypatch, source):
-    from diffusers_aria.run_setup import load_pool
+    from diffusers_aria.training.inputs import load_pool
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()  # "data/prompts" is a path in ./data, not a Hub dataset

@@ -1,4 +1,4 @@
-"""The README's "Command line" section runs as written, on what `bash scripts/demo.sh` leaves in `outputs/`.
+"""The "Command line" section of docs/usage.md (the README's depth) runs as written, on what `bash scripts/demo.sh` leaves in `outputs/`.
 
 Every ```bash block of that section is run, in order, in one bash shell (as a user types them), in a folder
 that holds what the demo makes: `.venv` (this test's virtual environment), `outputs/tiny-teacher` and
@@ -21,14 +21,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+README = ROOT / "docs" / "usage.md"  # the README links its "Command line" section there
 
 
 def readme_command_blocks(text: str | None = None) -> list[str]:
     """The ```bash blocks of the README's "## Command line" section, in order."""
     text = README.read_text(encoding="utf-8") if text is None else text
     section = re.search(r"^## Command line\n(.*?)(?=^## )", text, flags=re.S | re.M)
-    assert section, "the README has no '## Command line' section"
+    assert section, "docs/usage.md has no '## Command line' section"
     return re.findall(r"^```bash\n(.*?)^```", section.group(1), flags=re.S | re.M)
 
 
@@ -66,8 +66,8 @@ def _demo_stand_in(outputs: Path, teacher: str) -> None:
     )
     from diffusers_aria.pool import pool_fingerprint
     from diffusers_aria.regions import DEFAULT_EMBEDDER
-    from diffusers_aria.run_setup import load_pool
-    from diffusers_aria.training import region_names_from_groups
+    from diffusers_aria.training.aria import region_names_from_groups
+    from diffusers_aria.training.inputs import load_pool
 
     os.symlink(teacher, outputs / "tiny-teacher")
     demo = outputs / "demo"

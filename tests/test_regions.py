@@ -348,6 +348,37 @@ def test_load_or_build_regions_builds_then_loads(tmp_path, minilm_embedder, topi
         load_or_build_regions(str(folder), prompts[:-1], num_regions=5)
 
 
+def test_cached_regions_are_reused_only_with_the_same_settings(tmp_path, minilm_embedder, topic_pool, monkeypatch):
+    """Strict: saved regions are reused only for the same pool and settings (the demo's rerun with --num_regions
+    5000 is refused, naming the setting); `overwrite=True` rebuilds them; `check` limits what is compared."""
+    from diffusers_aria.regions import BUILD_SETTINGS, DEFAULT_EMBEDDER, RegionsMismatchError
+
+    prompts, _ = topic_pool
+    folder = str(tmp_path / "regions")
+    kw = {"num_regions": 5, "embedder": DEFAULT_EMBEDDER, "seed": 0, "method": "auto", "progress": False}
+    built = load_or_build_regions(folder, prompts, check=BUILD_SETTINGS, **kw)
+    again = load_or_build_regions(folder, prompts, **{**kw, "method": "sklearn"})  # what "auto" resolved to
+    np.testing.assert_array_equal(again.region_ids, built.region_ids)
+    for change, named in [({"num_regions": 50}, "num_regions 5 (this run: 50)"), ({"seed": 3}, "seed 0 (this run: 3)"),
+                          ({"embedder": "other/model"}, "embedder 'sentence-transformers/all-MiniLM-L6-v2' "
+                                                        "(this run: 'other/model')"),
+                          ({"method": "faiss"}, "method 'sklearn' (this run: 'faiss')")]:
+        with pytest.raises(RegionsMismatchError, match=r"built with other settings than this run's: "
+                                                       + named.replace("(", r"\(").replace(")", r"\)")):
+            load_or_build_regions(folder, prompts, **{**kw, **change})
+    with pytest.raises(RegionsMismatchError, match="built for a pool of 100 prompts but this pool has 99"):
+        load_or_build_regions(folder, prompts[:-1], **kw)
+    assert load_or_build_regions(folder, prompts, **kw).num_regions == 5  # nothing was changed on disk
+    # regions the user named: only the listed settings count (the script checks K only when --num_regions is given)
+    assert load_or_build_regions(folder, prompts, check=(), **{**kw, "seed": 3, "num_regions": 64}).num_regions == 5
+    with pytest.raises(RegionsMismatchError, match=r"num_regions 5 \(this run: 64\)"):
+        load_or_build_regions(folder, prompts, check=("num_regions",), **{**kw, "seed": 3, "num_regions": 64})
+    rebuilt = load_or_build_regions(folder, prompts, overwrite=True, **{**kw, "num_regions": 4})
+    assert rebuilt.num_regions == 4 and load_or_build_regions(folder, prompts, **{**kw, "num_regions": 4}).num_regions == 4
+    other_pool = load_or_build_regions(folder, prompts[:60], overwrite=True, **{**kw, "num_regions": 4})
+    assert other_pool.num_prompts == 60
+
+
 # ------------------------------------------------------------------------------------------- PartiPrompts
 
 

@@ -15,8 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from diffusers_aria.regions import RegionCollate, RegionsMismatchError
-from diffusers_aria.sampler import AdaptiveRegionSampler, keyed_permutation, region_dataloader
+from diffusers_aria.dataloading import RegionCollate, region_dataloader
+from diffusers_aria.regions import RegionsMismatchError
+from diffusers_aria.rng import keyed_permutation
+from diffusers_aria.sampler import AdaptiveRegionSampler
 
 # 60 prompts in 4 regions of sizes 7, 13, 25, 15, interleaved in pool order
 REGION_IDS = np.random.default_rng(0).permutation(np.repeat([0, 1, 2, 3], [7, 13, 25, 15]))
@@ -405,17 +407,6 @@ def test_reading_further_ahead_than_read_ahead_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="diffusers_aria.sampler"):
         _train(_loader(num_workers=2, read_ahead=1), 6)
     assert "more than read_ahead=1 ahead" in caplog.text and "not exact under resume" in caplog.text
-
-
-def test_old_states_without_read_ahead_still_load():
-    s = _sampler(seed=3, batch_size=4)
-    state = s.state_dict()
-    for key in ("consumed", "read_ahead", "schedule_steps", "schedule_probabilities"):
-        state.pop(key)
-    t = _sampler(seed=0, batch_size=4, read_ahead=2)
-    state["epoch"] = 3  # older states recorded it
-    t.load_state_dict(state)
-    assert t.consumed == t.step == 0 and t.read_ahead == 2
 
 
 # ------------------------------------------------------------------------------------------- region_dataloader

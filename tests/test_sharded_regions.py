@@ -174,7 +174,7 @@ def _launch(args: list[str]) -> None:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), "-m", "diffusers_aria.sharded_regions", "--no_progress"] + args
+           str(port), "-m", "diffusers_aria.cli", "regions", "build", "--no_progress"] + args
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -206,7 +206,7 @@ def test_two_processes_build_the_same_regions_as_one(tmp_path, reference):
 
 def test_build_killed_on_one_process_resumes_on_two(tmp_path):
     from diffusers_aria.regions import ConditionRegions
-    from diffusers_aria.run_setup import load_pool
+    from diffusers_aria.training.inputs import load_pool
 
     pool, _ = load_pool("builtin", builtin_size=600, seed=1)
     kw = {"num_regions": 6, "seed": 1, "chunk_size": 50, "sample_size": 400, "method": "sklearn", "progress": False}

@@ -26,8 +26,8 @@ import subprocess
 import sys
 import time
 
-from ..atomic import atomic_write_json, atomic_write_text
-from ..errors import UserError
+from ..utils.atomic import atomic_write_json, atomic_write_text
+from ..utils.errors import UserError
 from .concepts import ConceptFilter, make_filter
 from .presets import PRESETS, Preset, apply_overrides, get_preset, measured_cost, nominal_cost
 from .stages import PLAN_NAME, STAGES, WorkFolder, check_stage_name
@@ -201,7 +201,7 @@ def print_plan(preset: Preset, settings: dict, work: WorkFolder, log=print) -> N
 def check_inputs(settings: dict, concept: ConceptFilter) -> dict:
     """Every check of the inputs, before anything heavy: the teacher, the paired data and the filter, the
     evaluation prompts and their reference images, the metrics' extractor. Returns what the checks read."""
-    from .. import preflight
+    from ..training import preflight
     from .eval_set import read_eval_prompts
     from .metrics import check_fid_features
     from .paired import check_filter_result, read_paired, unseen_rows
@@ -224,7 +224,7 @@ def check_inputs(settings: dict, concept: ConceptFilter) -> dict:
     rows = read_eval_prompts(settings["eval_prompts"], settings["num_eval_prompts"], settings["seed"], concept,
                              prompt_column=settings["eval_prompt_column"], image_column=settings["eval_image_column"],
                              split_column=settings["eval_split_column"], need_images=bool(settings["fid_features"]))
-    from ..errors import parse_briefly
+    from ..utils.errors import parse_briefly
     from .launch import load_train_parser, script_args, training_command
 
     cmd = training_command(settings, "rc", "RC_OUTPUT", {"train_data_dir": settings["train_data_dir"],
@@ -241,7 +241,8 @@ def stage_prepare(work: WorkFolder, settings: dict, concept: ConceptFilter, chec
     """Filtered paired data, the pool, the regions, the evaluation rows with their split and region."""
     import numpy as np
 
-    from ..run_setup import load_pool, load_regions
+    from ..regions import load_or_build_regions
+    from ..training.inputs import load_pool
     from .eval_set import assign_splits, region_coverage, split_counts
     from .paired import write_filtered
 
@@ -259,7 +260,7 @@ def stage_prepare(work: WorkFolder, settings: dict, concept: ConceptFilter, chec
         atomic_write_text(pool_path, "\n".join(texts) + "\n")
     pool, _ = load_pool(pool_path, pool_column, seed=settings["seed"])
     regions_dir = settings["regions_dir"] or work.path("regions")
-    regions = load_regions(regions_dir, pool, check=() if settings["regions_dir"] else None,
+    regions = load_or_build_regions(regions_dir, pool, check=() if settings["regions_dir"] else None,
                            num_regions=settings["num_regions"], seed=settings["seed"], progress=False)
     pool_regions = np.asarray(regions.region_ids)
     kept_captions = [c for c, drop in zip(source.first_captions(), unseen) if not drop]
@@ -294,8 +295,8 @@ def stage_prepare(work: WorkFolder, settings: dict, concept: ConceptFilter, chec
 
 
 def _check_training_command(cmd: list[str]) -> None:
-    from ..errors import parse_briefly
-    from ..preflight import check_train_args
+    from ..utils.errors import parse_briefly
+    from ..training.preflight import check_train_args
     from .launch import load_train_parser, script_args
 
     check_train_args(parse_briefly(load_train_parser(), script_args(cmd)))

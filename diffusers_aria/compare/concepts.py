@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import UserError
+from ..utils.errors import UserError
 
 #: The default concept, "animals": COCO's ten animal categories (bird, cat, dog, horse, sheep, cow, elephant,
 #: bear, zebra, giraffe) with their plurals and common names for them, and other frequent animal words.

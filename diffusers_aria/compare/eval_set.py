@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from ..utils.errors import UserError
 from .concepts import ConceptFilter
 
 SPLITS: tuple[str, ...] = ("seen", "unseen", "rare")

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from ..atomic import atomic_save, atomic_write_json
+from ..utils.atomic import atomic_save, atomic_write_json
 
 MODELS: tuple[str, ...] = ("teacher", "rc", "aria")
 EPS_TIMESTEPS: tuple[int, ...] = (100, 400, 700)
@@ -116,7 +116,7 @@ def generate_images(pipe, family, rows: list[dict], work_dir: str, model: str, s
 
 def shard_epsilon(teacher_pipe, student_pipe, family, noise, prompts: list[str], settings: dict, shard: int) -> list[float]:
     """The epsilon error of each prompt (mean over `EPS_TIMESTEPS`) between the teacher and a student."""
-    from ..evaluation import prompt_discrepancy
+    from ..training.evaluation import prompt_discrepancy
 
     denoiser = family.denoiser
     teacher, student = getattr(teacher_pipe, denoiser), getattr(student_pipe, denoiser)
@@ -143,7 +143,7 @@ def run_worker(work_dir: str, rank: int = 0, world: int = 1, device=None, models
     """Generate this process's unfinished shards of every model; returns the shards it generated per model."""
     import torch
 
-    from ..families import family_of
+    from ..teachers.families import family_of
 
     with open(os.path.join(work_dir, "compare_plan.json")) as fh:
         settings = json.load(fh)

@@ -7,13 +7,11 @@ comparison sets; both arms get the same command but for `--allocation` and `--ou
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
-#: The distillation script the arms run.
-TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_scripts" / "train_aria_distill.py"
+#: The distillation script the arms run: the one shipped in the package (`diffusers-aria train`), as a module.
+TRAIN_MODULE = "diffusers_aria.training.train_aria_distill"
 #: --allocation of each arm
 ARMS: dict[str, str] = {"rc": "rc", "aria": "aria"}
 
@@ -80,20 +78,19 @@ def training_command(settings: dict, arm: str, output_dir: str, data_flags: dict
         args += ["--write_stream", stream_path]
     args += list(settings.get("extra_train_args", ())) + list(extra)
     return (accelerate_prefix(settings["num_processes"], settings["mixed_precision"], settings.get("cpu"))
-            + [str(TRAIN_SCRIPT)] + args)
+            + ["-m", TRAIN_MODULE] + args)
 
 
 def script_args(cmd: list[str]) -> list[str]:
     """The training script's own arguments in a `training_command`."""
-    return cmd[cmd.index(str(TRAIN_SCRIPT)) + 1:]
+    return cmd[cmd.index(TRAIN_MODULE) + 1:]
 
 
 def load_train_parser():
-    """The training script's `parse_args` (its flags and checks; its `main` is not run)."""
-    spec = importlib.util.spec_from_file_location("train_aria_distill", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.parse_args
+    """The training script's `parse_args` (its flags and checks)."""
+    from ..training.args import parse_args
+
+    return parse_args
 
 
 def generation_command(settings: dict, work_dir: str) -> list[str]:
@@ -102,5 +99,5 @@ def generation_command(settings: dict, work_dir: str) -> list[str]:
             + ["-m", "diffusers_aria.compare.generate", work_dir])
 
 
-__all__ = ["ARMS", "TRAIN_SCRIPT", "accelerate_prefix", "generation_command", "launch_env", "load_train_parser",
+__all__ = ["ARMS", "TRAIN_MODULE", "accelerate_prefix", "generation_command", "launch_env", "load_train_parser",
            "script_args", "training_command"]

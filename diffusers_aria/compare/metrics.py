@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import UserError
+from ..utils.errors import UserError
 
 FID_FEATURES_HELP = ("inception (torchmetrics' InceptionV3, needs torch-fidelity), clip (the CLIP model's image "
                      "tower), or package.module:factory (a torch.nn.Module taking uint8 images [N, 3, H, W])")

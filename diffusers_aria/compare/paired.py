@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..atomic import atomic_write_text, replace_dir
-from ..errors import UserError
+from ..utils.atomic import atomic_write_text, replace_dir
+from ..utils.errors import UserError
 from .concepts import ConceptFilter
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -101,7 +101,7 @@ def read_paired(train_data_dir: str | None, dataset_name: str | None, caption_co
         return PairedSource("imagefolder", os.path.abspath(train_data_dir),
                             [_as_captions(r.get(caption_column)) for r in rows],
                             [r.get(concept.column) for r in rows] if concept.column else None, records=rows)
-    from ..data import load_image_caption_dataset
+    from ..training.data import load_image_caption_dataset
 
     ds = load_image_caption_dataset(dataset_name=dataset_name, dataset_config_name=dataset_config_name)
     for col, flag in ((caption_column, "--caption_column"), (concept.column, "--concept_column")):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from ..errors import UserError
+from ..utils.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The smoke preset's inputs, made offline in a few seconds: what CI runs the whole comparison on.
 
-- the teacher: the tiny offline teacher (`tiny_teacher.make_tiny_teacher`), unless `--teacher` names one;
+- the teacher: the tiny offline teacher (`embedded.tiny_teacher.make_tiny_teacher`), unless `--teacher` names one;
 - the prompt pool: 300 prompts of the built-in pool (30% of them animals, and small groups such as space,
   underwater or microscopy), as `pool.jsonl`;
 - the paired data: 40 pool prompts of the large groups (animals included) with images the teacher generates,
@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from ..atomic import atomic_save, atomic_write_text
+from ..utils.atomic import atomic_save, atomic_write_text
 
 POOL_SIZE, NUM_PAIRED, EVAL_PER_KIND = 300, 40, 6
 SMALL_GROUPS = ("space", "underwater", "musical_instruments", "typography", "microscopy", "abstract_art")
@@ -65,7 +65,7 @@ def make_tiny_clip(path: str, image_size: int = 32, seed: int = 0) -> str:
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    from ..atomic import replace_dir
+    from ..utils.atomic import replace_dir
 
     replace_dir(tmp, path)
     return path
@@ -98,12 +98,12 @@ def _save_images(pipe, prompts: list[str], paths: list[str], seed: int, steps: i
 
 def build_smoke_inputs(root: str, teacher: str | None = None, seed: int = 0, log=print) -> dict[str, str]:
     """Make (or reuse) the smoke inputs in `root`; returns their paths (`smoke_paths`, teacher resolved)."""
-    from ..builtin_pool import builtin_prompt_records
+    from ..embedded.builtin_pool import builtin_prompt_records
 
     paths = smoke_paths(root)
     records = builtin_prompt_records(num_prompts=POOL_SIZE, seed=seed)
     if teacher is None:
-        from ..tiny_teacher import make_tiny_teacher
+        from ..embedded.tiny_teacher import make_tiny_teacher
 
         log(f"smoke: the tiny teacher in {paths['teacher']} (trained once, about 2-3 minutes on 2 CPU cores; reused "
             "after)")

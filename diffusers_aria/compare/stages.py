@@ -14,8 +14,8 @@ import json
 import os
 import time
 
-from ..atomic import atomic_write_json
-from ..errors import UserError
+from ..utils.atomic import atomic_write_json
+from ..utils.errors import UserError
 
 #: The stages in the order they run.
 STAGES: tuple[str, ...] = ("prepare", "train-rc", "train-aria", "generate", "metrics", "table")

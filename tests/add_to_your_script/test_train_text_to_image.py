@@ -88,8 +88,9 @@ def test_block_1_regions_of_a_dataset_column_are_built_once_then_loaded(tmp_path
         raise AssertionError("build_regions must not run when the folder holds regions of this pool")
 
     monkeypatch.setattr(regions_module, "build_regions", no_build)
-    loaded = load_or_build_regions(folder, ds, column="text", num_regions=5, seed=None)
+    loaded = load_or_build_regions(folder, ds, column="text", num_regions=4, seed=None)
     np.testing.assert_array_equal(loaded.region_ids, built.region_ids)
-    assert "num_regions=4 was saved, 5 was asked" in caplog.text
+    with pytest.raises(RegionsMismatchError, match=r"num_regions 4 \(this run: 5\)"):  # strict (issue 26)
+        load_or_build_regions(folder, ds, column="text", num_regions=5, seed=None)
     with pytest.raises(RegionsMismatchError, match="does not match this prompt pool"):
         load_or_build_regions(folder, ds.map(lambda r: {"text": r["text"] + "!"}), column="text", num_regions=4)

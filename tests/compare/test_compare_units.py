@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from diffusers_aria.compare import concepts, eval_set, launch, presets, stages, table
-from diffusers_aria.errors import UserError
+from diffusers_aria.utils.errors import UserError
 
 # ------------------------------------------------------------------------------------------ concept filter
 

@@ -1,0 +1,1 @@
+../../train_scripts/train_aria_distill.py
