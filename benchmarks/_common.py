@@ -150,3 +150,17 @@ def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
         except ValueError:
             settings[k] = v
     return name, settings
+
+
+def region_tree(k: int, seed: int):
+    """A random nested grouping of k synthetic regions with the library's level sizes (regions here have no
+    geometry, so any nesting is as good as another: the tree must not create differences from noise)."""
+    from diffusers_aria.hierarchy import RegionTree, default_level_sizes
+
+    rng = np.random.default_rng([seed, k, 13])
+    ancestors, node, current = [], np.arange(k), k
+    for n in reversed(default_level_sizes(k)):
+        node = rng.permutation(np.arange(current) % n)[node]
+        ancestors.append(node.copy())
+        current = n
+    return RegionTree(np.array(ancestors[::-1], dtype=np.int32).reshape(len(ancestors), k))

@@ -45,11 +45,10 @@ import numpy as np
 
 from diffusers_aria.allocation import make_policy, policy_arguments
 from diffusers_aria.callback import ARIACallback
-from diffusers_aria.hierarchy import RegionTree, default_level_sizes
 from diffusers_aria.sampler import AdaptiveRegionSampler
 from diffusers_aria.tracker import DiscrepancyTracker
 
-from _common import header, loadavg, split_spec, table, tracker_keys, write_json
+from _common import header, loadavg, region_tree, split_spec, table, tracker_keys, write_json
 
 DEFAULT_POLICIES = ("aria", "aria_zscore", "rc", "region_uniform", "static", "doremi", "exp3")
 ALIASES = {"aria_zscore": "aria:score=zscore,tau=0.5,max_ratio=null"}
@@ -73,18 +72,6 @@ def region_ids(k: int, seed: int, per_region: int = 100) -> np.ndarray:
     rng = np.random.default_rng([seed, k, 11])
     sizes = np.maximum(np.round(rng.lognormal(0.0, 1.0, k) / np.exp(0.5) * per_region), 5).astype(np.int64)
     return rng.permutation(np.repeat(np.arange(k), sizes)).astype(np.int32)
-
-
-def region_tree(k: int, seed: int) -> RegionTree:
-    """A random nested grouping of k synthetic regions with the library's level sizes (regions here have no
-    geometry, so any nesting is as good as another: the tree must not create differences from noise)."""
-    rng = np.random.default_rng([seed, k, 13])
-    ancestors, node, current = [], np.arange(k), k
-    for n in reversed(default_level_sizes(k)):
-        node = rng.permutation(np.arange(current) % n)[node]
-        ancestors.append(node.copy())
-        current = n
-    return RegionTree(np.array(ancestors[::-1], dtype=np.int32).reshape(len(ancestors), k))
 
 
 def make_run_policy(name: str, sizes, k: int, seed: int, **pol_kw):

@@ -271,7 +271,8 @@ def _min_slab_weight(n: int, fwer: float, a: float) -> float:
     return float(np.exp(np.interp(-target, -t, _LOG_W_GRID)))
 
 
-def sparse_shrinkage(z, fwer: float = 0.05, slab_scale: float = 0.5) -> tuple[np.ndarray, float]:
+def sparse_shrinkage(z, fwer: float = 0.05, slab_scale: float = 0.5, start: float | None = None
+                     ) -> tuple[np.ndarray, float]:
     r"""Empirical-Bayes posterior medians of standardised effects under a sparse (spike-and-slab) prior.
 
     The model: :math:`z_i \sim N(\mu_i, 1)` with :math:`\mu_i = 0` for most i and :math:`\mu_i` from a
@@ -280,6 +281,8 @@ def sparse_shrinkage(z, fwer: float = 0.05, slab_scale: float = 0.5) -> tuple[np
     the Bonferroni bound for n values at family-wise error `fwer`. So pure noise gives exactly zero everywhere
     with probability about 1 - fwer, while a few large effects keep nearly their full size (a normal prior, as
     in `credible_excess`, fits one spread to all and flattens a sparse few).
+
+    `start`: a guess of w (e.g. the previous update's) to begin the fit from; the result does not depend on it.
 
     Returns (posterior medians [n], fitted w).
     """
@@ -300,7 +303,7 @@ def sparse_shrinkage(z, fwer: float = 0.05, slab_scale: float = 0.5) -> tuple[np
         w = 1.0
     else:  # the log-likelihood is concave in w: safeguarded Newton steps inside a shrinking bracket
         lo, hi = w_lo, 1.0
-        w = float(np.sqrt(lo * hi))
+        w = float(start) if start is not None and lo < start < hi else float(np.sqrt(lo * hi))
         for _ in range(40):
             g, h = slope(w)
             lo, hi = (w, hi) if g > 0 else (lo, w)
@@ -319,7 +322,8 @@ def sparse_shrinkage(z, fwer: float = 0.05, slab_scale: float = 0.5) -> tuple[np
 
 
 def tree_excess(counts, sums, sq_weights, variance: float, tree=None, method: str = "sparse",
-                threshold: float = 1.0, fwer: float = 0.05, weights=None) -> tuple[np.ndarray, dict[str, Any]]:
+                threshold: float = 1.0, fwer: float = 0.05, weights=None,
+                slab_starts: list[float] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     r"""Credible relative excess of every leaf region, estimated level by level down a `RegionTree`.
 
     A leaf's mean score is :math:`\bar y_k = \text{sum}_k / n_k` with variance :math:`\sigma^2 q_k / n_k^2`
@@ -334,6 +338,8 @@ def tree_excess(counts, sums, sq_weights, variance: float, tree=None, method: st
     `credible_excess` (threshold c). A leaf's score is its ancestors' shrunk differences plus its own: a small
     hard concept inside an average coarse region stands out at the leaves, and a coarse region that is harder as
     a whole moves all its leaves together. With no tree this is one level of leaves under the root.
+
+    `slab_starts`: per level, a guess of the slab weight to begin the sparse fit from (the previous update's).
 
     Returns (scores [K], info): info["leaf_excess"] the leaves' raw relative excess x (0 where unobserved),
     info["leaf_se"] its standard error with the pooled variance, info["reference"] the mean score x is relative to,
@@ -363,7 +369,7 @@ def tree_excess(counts, sums, sq_weights, variance: float, tree=None, method: st
     scale = variance / ybar ** 2
     x_up, s2_up, w_up = np.zeros(1), np.array([scale * (omega ** 2 * v_leaf).sum() / total ** 2]), np.array([total])
     theta_up = np.zeros(1)
-    for node in levels:
+    for depth, node in enumerate(levels):
         size = int(node.max()) + 1
         w = np.bincount(node, weights=omega, minlength=size)
         parent = np.zeros(size, dtype=np.int64)
@@ -380,7 +386,8 @@ def tree_excess(counts, sums, sq_weights, variance: float, tree=None, method: st
         if ok.sum() >= 2:
             if method == "sparse":
                 sd = np.sqrt(var_d[ok])
-                mu, slab = sparse_shrinkage(d[ok] / sd, fwer)
+                start = slab_starts[depth] if slab_starts is not None and depth < len(slab_starts) else None
+                mu, slab = sparse_shrinkage(d[ok] / sd, fwer, start=start)
                 delta[ok] = mu * sd
                 level_info["slab_weight"] = slab
             elif method == "normal":
@@ -502,6 +509,7 @@ class ARIAAllocation(AllocationPolicy):
         self.stalled_excess = np.full(self.num_regions, np.nan)  # excess at which a region was held (NaN: not held)
         self.proven = np.zeros(self.num_regions)  # 1 once a region's boost has shown progress (until it ends)
         self.trial_se = np.zeros(self.num_regions)  # standard error of the excess when the current test began
+        self._slab_starts: list[float | None] | None = None  # where the next sparse fits begin (a speed-up only)
         self.stalled_se = np.zeros(self.num_regions)
 
     # ------------------------------------------------------------------------------- scores and target
@@ -518,7 +526,8 @@ class ARIAAllocation(AllocationPolicy):
         counts, sums, sq_weights, variance = tracker.region_moments()
         scores, info = tree_excess(counts, sums, sq_weights, variance, self.tree,
                                    "sparse" if self.score == "sparse" else "normal", self.threshold, self.fwer,
-                                   weights=self.prompt_share)
+                                   weights=self.prompt_share, slab_starts=self._slab_starts)
+        self._slab_starts = [lvl.get("slab_weight") for lvl in info["levels"]]
         # the test of progress reads each region's own variance: a harder region's scores vary more (the noise
         # of a loss grows with it), and the pooled variance would take its chance swings for progress
         own_se = np.where(counts > 0, tracker.standard_errors(), 0.0) / info.get("reference", 1.0)

@@ -55,7 +55,7 @@ class ARIACallback:
     """
 
     def __init__(self, accelerator, sampler: AdaptiveRegionSampler, tracker: DiscrepancyTracker,
-                 policy: AllocationPolicy, log_every: int = 10, log_regions_max: int = 64,
+                 policy: AllocationPolicy, log_every: int = 1, log_regions_max: int = 64,
                  history_max: int = 512, register_hooks: bool = True, region_names: list[str] | None = None) -> None:
         if not (sampler.num_regions == tracker.num_regions == policy.num_regions):
             raise ValueError(

@@ -51,23 +51,41 @@ class AriaSettings:
         "aria", "--allocation", "the allocation policy: aria, or a baseline (rc = Random Conditioning's "
         "prompt-uniform draw, region_uniform, static, doremi, exp3)", choices=tuple(POLICIES))
     alpha: float = _setting(
-        0.5, "--aria_alpha", "size exponent of the prior, size**alpha (1 = RC's prompt share, 0 = region-uniform)",
+        1.0, "--aria_alpha", "size exponent of the prior, size**alpha (1 = RC's prompt share, 0 = region-uniform)",
         check=_NON_NEGATIVE, policy="alpha")
     tau: float = _setting(
-        0.1, "--aria_tau", "temperature: a region credibly tau harder than average gets e times its prior share "
-        "(in z units with --aria_score zscore)", check=_POSITIVE, policy="tau")
+        0.1, "--aria_tau", "temperature: a region credibly tau harder than its prior says gets e times its prior "
+        "share (in z units with --aria_score zscore)", check=_POSITIVE, policy="tau")
     score: str = _setting(
-        "credible", "--aria_score", "credible: the posterior-mean excess discrepancy; zscore: the earlier "
-        "standardised score", choices=SCORES, policy="score")
+        "sparse", "--aria_score", "sparse: each region's excess over its parent in the region tree, shrunk by a "
+        "sparse empirical-Bayes prior (noise gives 0, a few real effects keep their size); credible: the same "
+        "with a normal prior; zscore: the earlier standardised score (moves on noise)", choices=SCORES,
+        policy="score")
     threshold: float = _setting(
-        1.0, "--aria_threshold", "heterogeneity threshold, in null standard deviations of Cochran's Q: spread "
-        "below it counts as noise", policy="threshold")
+        1.0, "--aria_threshold", "--aria_score credible: heterogeneity threshold, in null standard deviations of "
+        "Cochran's Q: spread below it counts as noise", policy="threshold")
+    fwer: float = _setting(
+        0.05, "--aria_fwer", "--aria_score sparse: the chance that pure noise moves anything at a level of the "
+        "region tree", check=(lambda v: 0 < v < 1, "a probability strictly between 0 and 1"), policy="fwer")
     floor: float = _setting(
         0.05, "--aria_floor", "every region keeps at least min(its prior, floor / K)", check=_PROBABILITY,
         policy="floor")
     max_ratio: float | None = _setting(
-        4.0, "--aria_max_ratio", "no region gets more than this times its prior share; 'none' removes the bound",
+        None, "--aria_max_ratio", "no region gets more than this times its prior share; 'none': no such bound",
         check=(lambda v: v >= 1, "a number of 1 or more, or 'none'"), policy="max_ratio")
+    max_shift: float = _setting(
+        0.5, "--aria_max_shift", "at most this much probability mass moves away from the prior (total variation)",
+        check=(lambda v: 0 < v <= 1, "a number above 0 and at most 1"), policy="max_shift")
+    trial_ratio: float = _setting(
+        4.0, "--aria_trial_ratio", "a boosted region gets at most this times its prior until its excess falls",
+        check=(lambda v: v >= 1, "a number of 1 or more"), policy="trial_ratio")
+    stall_draws: float | None = _setting(
+        200.0, "--aria_stall_draws", "a boosted region whose excess has not fallen after this many draws beyond "
+        "its prior share is held at its prior (it does not get easier); 'none': never", check=_POSITIVE,
+        policy="stall_draws")
+    stall_decline: float = _setting(
+        0.25, "--aria_stall_decline", "the share of its excess a boosted region must shed to count as progress",
+        check=(lambda v: 0 <= v < 1, "a number of 0 or more and below 1"), policy="stall_decline")
     cap: float | None = _setting(
         None, "--aria_cap", "no region's probability exceeds max(its prior, cap); 'none': no cap",
         check=_PROBABILITY, policy="cap")
@@ -92,6 +110,9 @@ class AriaSettings:
     prior_strength: float = _setting(
         8.0, "--aria_prior_strength", "shrinkage of a region's estimate toward the global mean, in pseudo-samples",
         check=_NON_NEGATIVE, tracker="prior_strength")
+    baseline_samples: float = _setting(
+        50.0, "--aria_baseline_samples", "each timestep bin's loss baseline is the mean of about its latest this "
+        "many samples (a sample is scored against it when it arrives)", check=_POSITIVE, tracker="baseline_samples")
     feed: str = _setting(
         "all", "--aria_feed", "which samples feed the tracker: all, or only those whose prompt was swapped",
         choices=FEEDS)
@@ -104,7 +125,7 @@ class AriaSettings:
     exp3_gamma: float = _setting(
         0.1, "--exp3_gamma", "the exp3 policy's exploration rate", check=_PROBABILITY, policy="gamma")
     log_every: int = _setting(
-        10, "--aria_log_every", "log the aria/* metrics every N optimizer steps", check=_AT_LEAST_ONE)
+        1, "--aria_log_every", "log the aria/* metrics every N optimizer steps", check=_AT_LEAST_ONE)
     rc_schedule: str = _setting(
         "exponential", "--rc_schedule", "Random Conditioning's swap probability p(t) over the timestep",
         choices=SCHEDULES)
@@ -162,12 +183,14 @@ class AriaSettings:
         kwargs = {f.metadata["tracker"]: getattr(self, f.name) for f in fields(self) if "tracker" in f.metadata}
         return DiscrepancyTracker(num_regions, num_train_timesteps=num_train_timesteps, **kwargs)
 
-    def make_policy(self, sizes) -> AllocationPolicy:
-        """The run's allocation policy; a setting changed from its default that the chosen policy does not use
-        is named in a warning (it has no effect)."""
+    def make_policy(self, sizes, tree=None) -> AllocationPolicy:
+        """The run's allocation policy (given the regions' `RegionTree` when it takes one); a setting changed from
+        its default that the chosen policy does not use is named in a warning (it has no effect)."""
         accepted = policy_arguments(self.allocation)
         used = {f.metadata["policy"]: getattr(self, f.name) for f in fields(self)
                 if f.metadata.get("policy") in accepted}
+        if tree is not None and "tree" in accepted:
+            used["tree"] = tree
         ignored = [f.metadata["flag"] for f in fields(self)
                    if "policy" in f.metadata and f.metadata["policy"] not in accepted
                    and getattr(self, f.name) != f.default]

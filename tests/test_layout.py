@@ -14,7 +14,7 @@ from pathlib import Path
 PKG_DIR = Path(__file__).resolve().parents[1] / "diffusers_aria"
 PKG = "diffusers_aria"
 ENTRY_POINTS = {f"{PKG}.cli"}
-CONCERNS = ("utils", "teachers", "training", "publish", "embedded", "distillation")
+CONCERNS = ("utils", "teachers", "training", "publish", "embedded", "distillation", "compare")
 
 
 def _modules() -> dict[str, Path]:

@@ -45,7 +45,7 @@ def test_the_flags_round_trip_to_the_defaults_and_back():
 
 @pytest.mark.parametrize("change, message", [
     ({"allocation": "nope"}, "--allocation 'nope' is not valid; choose one of aria, rc"),
-    ({"score": "z"}, "--aria_score 'z' is not valid; choose one of credible, zscore"),
+    ({"score": "z"}, "--aria_score 'z' is not valid; choose one of sparse, credible, zscore"),
     ({"rc_schedule": "linear"}, "--rc_schedule 'linear' is not valid; choose one of exponential, sigmoid, constant"),
     ({"feed": "x"}, "--aria_feed 'x' is not valid; choose one of swapped, all"),
     ({"tau": 0.0}, "--aria_tau 0.0 is not valid; it must be a number above 0"),

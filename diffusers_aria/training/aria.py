@@ -41,7 +41,7 @@ def build_aria(settings: AriaSettings, regions, pool, accelerator=None, seed: in
     """Sampler, tracker, policy, callback and RC helper for `regions` of `pool`, from `settings`."""
     sampler = AdaptiveRegionSampler(regions.region_ids, seed=seed)
     tracker = settings.make_tracker(regions.num_regions, num_train_timesteps)
-    policy = settings.make_policy(sampler.sizes)
+    policy = settings.make_policy(sampler.sizes, tree=getattr(regions, "tree", None))
     callback = ARIACallback(accelerator, sampler, tracker, policy, log_every=settings.log_every,
                             region_names=region_names)
     schedule = SwapSchedule(kind=settings.rc_schedule, lam=settings.rc_lambda, value=settings.rc_constant,
