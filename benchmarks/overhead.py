@@ -28,7 +28,16 @@ import time
 
 import numpy as np
 
-from _common import bootstrap_ratio_ci, header, loadavg, offline_env, region_tree, summarize, table, write_json
+from _common import (
+    bootstrap_ratio_ci,
+    header,
+    loadavg,
+    offline_env,
+    region_tree,
+    summarize,
+    table,
+    write_json,
+)
 
 offline_env()
 

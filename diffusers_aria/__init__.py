@@ -2,6 +2,7 @@
 
 Public API:
     build_regions, ConditionRegions      -- partition a prompt pool into regions (regions.py)
+    RegionTree                           -- coarser, nested groupings of the regions (hierarchy.py)
     DiscrepancyTracker                   -- online per-region discrepancy estimates (tracker.py)
     ARIAAllocation, make_policy, ...     -- estimates -> region probabilities (allocation.py)
     AdaptiveRegionSampler                -- draw prompts by region (sampler.py)
@@ -26,6 +27,7 @@ _EXPORTS = {
     "callback": ("ARIACallback",),
     "conditioning": ("ConditioningBatch", "RandomConditioning", "SwapSchedule"),
     "dataloading": ("RegionCollate", "region_dataloader"),
+    "hierarchy": ("RegionTree",),
     "pool": ("PromptPoolError", "load_prompt_pool", "pool_fingerprint"),
     "regions": ("ConditionRegions", "RegionsMismatchError", "build_regions", "load_or_build_regions"),
     "sampler": ("AdaptiveRegionSampler",),
@@ -48,6 +50,7 @@ __all__ = [
     "PromptUniform",
     "RandomConditioning",
     "RegionCollate",
+    "RegionTree",
     "RegionUniform",
     "RegionsMismatchError",
     "StaticAfterWarmup",
@@ -91,6 +94,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .callback import ARIACallback
     from .conditioning import ConditioningBatch, RandomConditioning, SwapSchedule
     from .dataloading import RegionCollate, region_dataloader
+    from .hierarchy import RegionTree
     from .pool import PromptPoolError, load_prompt_pool, pool_fingerprint
     from .regions import ConditionRegions, RegionsMismatchError, build_regions, load_or_build_regions
     from .sampler import AdaptiveRegionSampler

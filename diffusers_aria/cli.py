@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = rsub.add_parser("build", parents=[common])
     pool_args(b)
     b.add_argument("--num_regions", type=int, default=None,
-                   help="K (default: about 4 prompts a region, a power of 2 from 64 to 4096)")
+                   help="K (default: about 4 prompts a region, a power of 2, at most 4096)")
     b.add_argument("--region_branching", type=int, default=DEFAULT_BRANCHING,
                    help="the region tree shrinks by this factor per level (0: no tree)")
     b.add_argument("--embedder", default=DEFAULT_EMBEDDER)

@@ -37,18 +37,16 @@ CONFIG_NAME = "regions_config.json"
 CENTROIDS_NAME = "centroids.safetensors"
 REGION_IDS_NAME = "region_ids.npy"
 TREE_NAME = "region_tree.npy"
-PROMPTS_PER_LEAF = 4  # the default number of regions: about this many prompts each (a power of 2, 64 to 4096)
-MIN_DEFAULT_REGIONS, MAX_DEFAULT_REGIONS = 64, 4096
+PROMPTS_PER_LEAF = 4  # the default number of regions: about this many prompts each (a power of 2, at most 4096)
+MAX_DEFAULT_REGIONS = 4096
 
 
 def default_num_regions(num_prompts: int) -> int:
-    """The default K for a pool of `num_prompts` prompts: the power of 2 nearest to num_prompts / 4, within
-    [64, 4096] and at most the pool's size. Regions this fine isolate a concept of a few dozen prompts; the
-    region tree keeps their estimates honest (docs/architecture.md)."""
+    """The default K for a pool of `num_prompts` prompts: the power of 2 nearest to num_prompts / 4, at most 4096.
+    Regions this fine isolate a concept of a few dozen prompts; the region tree keeps their estimates honest
+    (docs/allocation.md)."""
     target = max(num_prompts / PROMPTS_PER_LEAF, 1.0)
-    k = 2 ** int(round(np.log2(target)))
-    return int(min(max(k, MIN_DEFAULT_REGIONS), MAX_DEFAULT_REGIONS, max(num_prompts, 1)))
-_FORMAT_VERSION = 1
+    return int(min(2 ** int(round(np.log2(target))), MAX_DEFAULT_REGIONS))
 
 
 class RegionsMismatchError(ValueError):
@@ -498,7 +496,7 @@ def build_regions(
     Args:
         prompts: list of strings, `datasets.Dataset` (with `column`), or a path (see `load_prompt_pool`).
         num_regions: K, the number of k-means clusters (at most the number of unique prompts); None: about 4
-            prompts a region (`default_num_regions`: a power of 2 from 64 to 4096).
+            prompts a region (`default_num_regions`: a power of 2, at most 4096).
         embedder: sentence-transformers id, local path, or a loaded `SentenceTransformer`.
         seed: k-means seed.
         method: "auto" (faiss for pools of 50k+ prompts when installed, else scikit-learn), "faiss" or "sklearn".

@@ -14,6 +14,7 @@ from diffusers_aria import (
     ARIAAllocation,
     ARIACallback,
     DiscrepancyTracker,
+    RegionTree,
     make_policy,
 )
 
@@ -32,7 +33,9 @@ def _losses(step: int, rank: int, regions: np.ndarray) -> np.ndarray:
 def _objects(accelerator=None, warmup: int = 2):
     sampler = AdaptiveRegionSampler(REGION_IDS, seed=3)
     tracker = DiscrepancyTracker(K, half_life=20, num_timestep_bins=4)
-    policy = ARIAAllocation(sampler.sizes, warmup_steps=warmup, damping=0.5)
+    # the regions come with a tree (two coarse nodes), and the reducibility test runs: its state must resume too
+    policy = ARIAAllocation(sampler.sizes, warmup_steps=warmup, damping=0.5, stall_draws=8.0,
+                            tree=RegionTree(np.array([[0, 0, 0, 1, 1, 1]])))
     return ARIACallback(accelerator, sampler, tracker, policy, log_every=1)
 
 

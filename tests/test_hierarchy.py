@@ -22,8 +22,8 @@ def test_default_level_sizes_divide_by_the_branching_factor():
 
 def test_default_num_regions_about_four_prompts_a_region():
     assert default_num_regions(2316) == 512 and default_num_regions(4000) == 1024
-    assert default_num_regions(100) == 64 and default_num_regions(10 ** 7) == 4096
-    assert default_num_regions(12) == 12  # never more regions than prompts
+    assert default_num_regions(100) == 32 and default_num_regions(10 ** 7) == 4096
+    assert default_num_regions(12) == 4 and default_num_regions(3) == 1
 
 
 def _clustered_centroids(groups: int, per_group: int, dim: int = 16, seed: int = 0):

@@ -93,7 +93,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--builtin_pool_size", type=int, default=4000)
     g.add_argument("--regions_dir", default=None, help="regions folder (built when missing; default OUTPUT_DIR/regions)")
     g.add_argument("--num_regions", type=int, default=None,
-                   help="K when the regions are built (default: about 4 prompts a region, a power of 2 from 64 to "
+                   help="K when the regions are built (default: about 4 prompts a region, a power of 2, at most "
                         "4096); with a prebuilt --regions_dir, checked if given")
     g.add_argument("--region_branching", type=int, default=DEFAULT_BRANCHING,
                    help="the region tree above the regions shrinks by this factor per level (0: no tree)")

@@ -25,7 +25,7 @@ SCRIPTS = {
     "train_text_to_image_sdxl.py": "minimal_text_to_image_sdxl.py",
     "train_text_to_image_lora_sdxl.py": "minimal_text_to_image_lora_sdxl.py",
 }
-NUM_IMAGES = 64  # block 1 builds 64 regions: that many distinct captions at least
+NUM_IMAGES = 64  # block 1 builds about one region per 4 captions (16)
 
 
 def doc_blocks(doc: str) -> dict[int, str]:

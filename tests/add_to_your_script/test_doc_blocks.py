@@ -71,11 +71,13 @@ def test_the_defaults_the_page_states_are_the_codes(doc):
                 defaults.setdefault(name, set()).add(p.default)
     prose = re.sub(r"```.*?```", "", doc, flags=re.S)
     stated = re.findall(r"`(\w+)=([\d.]+)`", prose)
-    assert {"log_every", "warmup_steps", "alpha", "max_ratio", "damping", "log_regions_max"} <= {k for k, _ in stated}
+    assert {"log_every", "warmup_steps", "alpha", "max_shift", "trial_ratio", "stall_draws", "damping",
+            "log_regions_max"} <= {k for k, _ in stated}
     for name, value in stated:
         assert float(value) in defaults[name], (name, value, defaults.get(name))
-    # block 1 shows log_every at its default, and the text says when metrics come
-    assert "log_every=10,  # aria/* metrics every 10 optimizer steps" in doc_blocks(doc)[1]
+    # block 1 shows log_every at its default and passes the regions' tree, and the text says when metrics come
+    assert "log_every=1,  # aria/* metrics every optimizer step (the default)" in doc_blocks(doc)[1]
+    assert "ARIAAllocation(regions.sizes, tree=regions.tree)" in doc_blocks(doc)[1]
     assert re.search(r"warm-up|warmup", prose) and "`aria/kl_to_prompt_share`" in prose
 
 
