@@ -37,6 +37,7 @@ CONFIG_NAME = "regions_config.json"
 CENTROIDS_NAME = "centroids.safetensors"
 REGION_IDS_NAME = "region_ids.npy"
 TREE_NAME = "region_tree.npy"
+_FORMAT_VERSION = 1
 PROMPTS_PER_LEAF = 4  # the default number of regions: about this many prompts each (a power of 2, at most 4096)
 MAX_DEFAULT_REGIONS = 4096
 
