@@ -85,6 +85,9 @@ def test_full_sample_equals_build_regions(tmp_path):
     full = build_regions(PROMPTS, 12, embedder=emb, seed=3, method="sklearn", progress=False)
     assert np.array_equal(_ids(sharded), full.region_ids)
     np.testing.assert_allclose(sharded.centroids, full.centroids, atol=1e-6)
+    # the sharded build makes the same region tree (12 regions: 2 coarse nodes)
+    assert sharded.tree is not None and sharded.tree.level_sizes() == [2, 12]
+    np.testing.assert_array_equal(sharded.tree.ancestors, full.tree.ancestors)
     sharded.save(str(tmp_path / "regions"))
     from diffusers_aria.regions import ConditionRegions
 
@@ -198,6 +201,7 @@ def test_two_processes_build_the_same_regions_as_one(tmp_path, reference):
 
     two = ConditionRegions.load(str(tmp_path / "regions"))
     assert np.array_equal(two.region_ids, _ids(reference))
+    np.testing.assert_array_equal(two.tree.ancestors, reference.tree.ancestors)  # every process, one tree
     np.testing.assert_array_equal(two.centroids, reference.centroids)
     assert two.metadata["fingerprint"] == reference.metadata["fingerprint"]
     for r in (0, 1):  # every process holds the full ids
