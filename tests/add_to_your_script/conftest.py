@@ -48,6 +48,6 @@ def image_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_teacher(tmp_path_factory) -> str:
     """`diffusers-aria make-tiny-teacher --family sdxl`: a random-weight StableDiffusionXLPipeline (32 px)."""
-    from diffusers_aria.tiny_families import make_tiny_family_teacher
+    from diffusers_aria.embedded.tiny_families import make_tiny_family_teacher
 
     return make_tiny_family_teacher(str(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"), "sdxl")

@@ -84,7 +84,7 @@ PRELOAD = ["torch", "accelerate", "datasets", "safetensors", "PIL.Image", "peft"
            "transformers.models.bert.modeling_bert", "transformers.models.clip.modeling_clip",
            "matplotlib.figure", "matplotlib.backends.backend_agg", "torch.utils.tensorboard",
            "diffusers_aria", "diffusers_aria.regions", "diffusers_aria.sampler", "diffusers_aria.callback",
-           "diffusers_aria.reporting", "diffusers_aria.run_setup"]
+           "diffusers_aria.reporting", "diffusers_aria.training.outputs"]
 
 
 class _Process:

@@ -297,7 +297,7 @@ def main():
 
     aria_test_hooks.record(args, accelerator, aria, regions, trained)  # test only  # noqa: F821
     # the prepared model goes before the process group, or a gloo rank can hang at exit (docs/reliability.md)
-    from diffusers_aria.run_setup import end_run
+    from diffusers_aria.training.outputs import end_run
 
     unet = optimizer = train_dataloader = lr_scheduler = None  # as `del`: the checkpoint hooks close over `unet`
     end_run(accelerator)

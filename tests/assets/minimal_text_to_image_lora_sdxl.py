@@ -441,7 +441,7 @@ def main(args):
 
     aria_test_hooks.record(args, accelerator, aria, regions, trained)  # test only  # noqa: F821
     # the prepared models go before the process group, or a gloo rank can hang at exit (docs/reliability.md)
-    from diffusers_aria.run_setup import end_run
+    from diffusers_aria.training.outputs import end_run
 
     # as `del`: the checkpoint hooks close over the models
     unet = text_encoder_one = text_encoder_two = optimizer = train_dataloader = lr_scheduler = None

@@ -80,7 +80,7 @@ def test_settings_build_the_tracker_and_policy_and_name_settings_the_policy_igno
 
     s = AriaSettings(tau=0.3, max_ratio=None, samples_per_half_life=None, half_life=20.0)
     policy = s.make_policy(np.array([5, 10, 20]))
-    assert (policy.tau, policy.max_ratio, policy.score) == (0.3, None, "credible")
+    assert (policy.tau, policy.max_ratio, policy.score) == (0.3, None, "sparse")
     tracker = s.make_tracker(3, num_train_timesteps=500)
     assert (tracker.half_life, tracker.samples_per_half_life, tracker.num_train_timesteps) == (20.0, None, 500)
     assert isinstance(AriaSettings(allocation="doremi", doremi_lr=0.2).make_policy([1, 2]), DoReMiEG)

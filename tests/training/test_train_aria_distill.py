@@ -152,8 +152,8 @@ def test_resume_continues_the_exact_prompt_stream(tiny_teacher, shared_regions, 
     a = load_file(straight / "checkpoint-6" / "aria_state.safetensors")
     b = load_file(split / "checkpoint-6" / "aria_state.safetensors")
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for k in a:  # exact; NaN marks a region the reducibility test has not measured yet
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
     wa = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
     wb = load_file(split / "unet" / "diffusion_pytorch_model.safetensors")
     for k in wa:

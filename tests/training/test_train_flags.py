@@ -96,6 +96,8 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path, monk
         "--aria_floor", "0.2", "--aria_cap", "0.6", "--aria_damping", "0.5", "--aria_warmup_steps", "1",
         "--aria_half_life", "10", "--aria_num_timestep_bins", "4", "--aria_no_timestep_norm",
         "--aria_prior_strength", "2", "--aria_feed", "swapped", "--aria_log_every", "1",
+        "--aria_fwer", "0.1", "--aria_max_shift", "0.4", "--aria_trial_ratio", "3", "--aria_stall_draws", "150",
+        "--aria_stall_decline", "0.3", "--aria_baseline_samples", "40", "--region_branching", "2",
         "--rc_schedule", "constant", "--rc_constant", "0.9", "--rc_lambda", "3",
         "--train_batch_size", "2", "--max_train_steps", "2", "--gradient_accumulation_steps", "2",
         "--gradient_checkpointing", "--learning_rate", "1e-4", "--scale_lr", "--lr_scheduler", "cosine",
@@ -115,10 +117,14 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path, monk
     cfg = report["policy_config"]
     assert (cfg["alpha"], cfg["tau"], cfg["score"], cfg["threshold"], cfg["max_ratio"], cfg["floor"], cfg["cap"],
             cfg["damping"]) == (0.8, 0.7, "credible", 0.5, 3.0, 0.2, 0.6, 0.5)
+    assert (cfg["fwer"], cfg["max_shift"], cfg["trial_ratio"], cfg["stall_draws"], cfg["stall_decline"]) == (
+        0.1, 0.4, 3.0, 150, 0.3)
+    assert "| `baseline_samples` | 40.0 |" in (out / "README.md").read_text()
     assert "| `samples_per_half_life` | — |" in (out / "README.md").read_text()  # None, as the card shows it
     assert max(r["probability"] for r in report["regions"]) <= 0.6 + 1e-12
     regions = ConditionRegions.load(str(out / "regions"))
     assert regions.metadata["method"] == "sklearn" and regions.num_regions <= 4
+    assert regions.metadata["branching"] == 2 and regions.tree is not None  # 4 leaves, branching 2: one level of 2
     assert (out / "validation" / "step-1.png").exists() and (out / "validation" / "step-2.png").exists()
     assert any((out / "tb").rglob("events.out.tfevents*"))
     assert json.load(open(out / "run_info.json"))["global_step"] == 2
