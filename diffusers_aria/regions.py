@@ -28,7 +28,7 @@ from .pool import (
     load_prompt_pool,
     pool_fingerprint,
 )
-from .utils.atomic import atomic_save, atomic_write_json, replace_dir
+from .utils.atomic import atomic_save, atomic_write_json, make_temp_dir, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ class ConditionRegions:
         save_directory = os.path.abspath(save_directory)
         parent = os.path.dirname(save_directory)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".regions-tmp-", dir=parent)
+        tmp = make_temp_dir(save_directory)  # not owner-only: the regions get the umask's mode
         try:
             save_file({"centroids": np.ascontiguousarray(self.centroids, dtype=np.float32)}, os.path.join(tmp, CENTROIDS_NAME))
             np.save(os.path.join(tmp, REGION_IDS_NAME), np.asarray(self.region_ids, dtype=np.int32), allow_pickle=False)
