@@ -295,8 +295,8 @@ def stage_prepare(work: WorkFolder, settings: dict, concept: ConceptFilter, chec
 
 
 def _check_training_command(cmd: list[str]) -> None:
-    from ..utils.errors import parse_briefly
     from ..training.preflight import check_train_args
+    from ..utils.errors import parse_briefly
     from .launch import load_train_parser, script_args
 
     check_train_args(parse_briefly(load_train_parser(), script_args(cmd)))
