@@ -79,7 +79,7 @@ def test_the_demo_from_the_wheel(installed, tmp_path):
     """The demo's tiny path: tiny teacher, built-in pool, regions, `accelerate launch` of the shipped script."""
     out = tmp_path / "demo"
     res = _run([installed / "diffusers-aria", "demo", "--output_dir", out, "--teacher_dir", tmp_path / "teacher",
-                "--teacher_train_steps", "0", "--max_train_steps", "2", "--builtin_pool_size", "200", "--",
+                "--new_teacher", "--teacher_train_steps", "0", "--max_train_steps", "2", "--builtin_pool_size", "200", "--",
                 "--num_teacher_latents", "8", "--validation_inference_steps", "1", "--teacher_inference_steps", "1",
                 "--validation_prompts", "a red fox"], tmp_path, timeout=900)
     assert "-m diffusers_aria.training.train_aria_distill" in res.stdout
