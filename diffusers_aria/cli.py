@@ -341,7 +341,10 @@ def check_demo_args(a: argparse.Namespace, extra: list[str]) -> list[str]:
         raise UserError(f"--builtin_pool_size {a.builtin_pool_size}: the demo builds {DEMO_NUM_REGIONS} regions of the "
                         f"built-in pool and needs at least {DEMO_NUM_REGIONS} prompts; pass a larger --builtin_pool_size, "
                         f"or fewer regions after --: -- --num_regions N (N <= {a.builtin_pool_size})")
-    teacher_dir = a.teacher_dir or os.path.join(os.path.dirname(os.path.abspath(a.output_dir)), "tiny-teacher")
+    teacher_dir = a.teacher_dir
+    if teacher_dir is None:  # beside the output folder, spelt as the output folder is (relative or absolute)
+        teacher_dir = os.path.join(os.path.dirname(os.path.abspath(a.output_dir)), "tiny-teacher")
+        teacher_dir = teacher_dir if os.path.isabs(a.output_dir) else os.path.relpath(teacher_dir)
     previous_run = preflight.check_demo_output_dir(a.output_dir, teacher_dir)
     check_demo_teacher(teacher_dir, a.teacher_dir is not None, a.new_teacher, a.teacher_train_steps,
                        a.builtin_pool_size)

@@ -522,9 +522,7 @@ def check_output_spares_inputs(output_dir: str, inputs: Iterable[tuple[str, str,
             relation = f"holds {what} {path!r} ({in_flag})"
         else:
             continue
-        outside = os.path.join(os.path.dirname(os.path.normpath(path)) or ".", "aria-run")
-        if real.startswith(out.rstrip(os.sep) + os.sep):
-            outside = os.path.join(os.path.dirname(os.path.normpath(output_dir)) or ".", "aria-run")
+        outside = os.path.join(os.path.dirname(os.path.normpath(path)) or ".", "aria-run")  # a sibling of it
         raise OutputDirError(f"{flag} {output_dir!r} {relation}; a run writes its student, checkpoints and logs "
                              f"into {flag} and must leave what it reads as it is: choose a folder apart from it, "
                              f"e.g. {outside!r}")
