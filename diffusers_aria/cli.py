@@ -24,6 +24,7 @@ import runpy
 import subprocess
 import sys
 
+from .embedded import TINY_TEACHER_RECIPE, TINY_TEACHER_TRAIN_STEPS
 from .hierarchy import DEFAULT_BRANCHING
 from .regions import DEFAULT_EMBEDDER
 from .training import preflight
@@ -141,10 +142,12 @@ def _cmd_report(a: argparse.Namespace) -> int:
     print(f"policy {summary['policy']} at step {summary['step']}")
     for k, v in summary["metrics"].items():
         print(f"  {k}: {v:.4g}")
-    print(f"{'region':>6} {'size':>7} {'share':>8} {'prob':>8} {'estimate':>9}  name")
+    # the columns of aria_report.md: draws is the share of the run's draws the region got
+    print(f"{'region':>6} {'size':>7} {'share':>8} {'prob':>8} {'estimate':>9} {'draws':>8}  name")
     for r in sorted(summary["regions"], key=lambda r: -r["estimate"])[: a.top]:
-        print(f"{r['region']:>6} {r['size']:>7} {r.get('prompt_share', r.get('prior')):>8.4f} {r['probability']:>8.4f} {r['estimate']:>9.3f}  "
-              f"{r.get('name') or ''}")
+        draws = r.get("draw_share")
+        print(f"{r['region']:>6} {r['size']:>7} {r.get('prompt_share', r.get('prior')):>8.4f} {r['probability']:>8.4f} "
+              f"{r['estimate']:>9.3f} {'-' if draws is None else format(draws, '.4f'):>8}  {r.get('name') or ''}")
     return 0
 
 
@@ -176,9 +179,36 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     if a.output and os.path.dirname(a.output):
         os.makedirs(os.path.dirname(a.output), exist_ok=True)
     res = evaluate_student(a.teacher, a.student, get_prompts(pool, idx), region_ids,
-                           [groups[i] for i in idx] if groups else None, seed=a.seed, output_json=a.output)
-    print(json.dumps(res, indent=1))
+                           [groups[i] for i in idx] if groups else None, seed=a.seed, output_json=a.output,
+                           num_regions=regions.num_regions if a.regions else None)
+    print(evaluation_table(res, a.pool))
+    if a.output:
+        print(f"all values: {a.output}")
     return 0
+
+
+def evaluation_table(res: dict, pool: str) -> str:
+    """`evaluate`'s result as text: overall, per timestep, per region (hardest first) and per group, with the
+    number of held-out prompts behind each value, and the regions that had none."""
+    lines = [f"held-out gap of the student to the teacher on {res['num_prompts']} prompts of {pool} (normalised "
+             "prediction error, 0 = the same as the teacher)",
+             f"overall {res['overall']:.4f}; by timestep: "
+             + ", ".join(f"t={t} {v:.4f}" for t, v in res["per_timestep"].items())]
+    for key, title in (("region", "region"), ("group", "group")):
+        values = res.get(f"per_{key}")
+        if not values:
+            continue
+        counts = res.get(f"per_{key}_prompts", {})
+        width = max(len(title), *(len(k) for k in values))
+        lines += ["", f"{title:>{width}}  prompts     gap"]
+        lines += [f"{k:>{width}}  {counts.get(k, 0):>7}  {v:.4f}"
+                  for k, v in sorted(values.items(), key=lambda kv: -kv[1])]
+    missing = res.get("regions_without_prompts")
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (f", ... ({len(missing)} regions)" if len(missing) > 20 else "")
+        lines += ["", f"no held-out prompt fell in {len(missing)} of the regions, so they have no value: {shown}; "
+                      "raise --num_prompts to cover them"]
+    return "\n".join(lines)
 
 
 def _cmd_make_tiny_teacher(a: argparse.Namespace) -> int:
@@ -222,16 +252,26 @@ def _print_teacher_report(report) -> None:
         print(f"  t={t:>4}: before {report.sensitivity_before[t]:.3f}  after {report.sensitivity_after[t]:.3f}")
 
 
+DEMO_NUM_REGIONS = 16  # regions of the built-in pool in the demo (a user's pool gets the library's default)
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
 def demo_command(output_dir: str, teacher_dir: str, max_train_steps: int, num_processes: int, extra: list[str],
                  pool_size: int = 4000) -> list[str]:
-    """The `accelerate launch` command line of the embedded default run."""
+    """The `accelerate launch` command line of the embedded default run. `extra` (the arguments after `--`) comes
+    last and so overrides the demo's own; with a pool of the user's (`--prompt_pool`), the number of regions is
+    the library's default for its size unless `--num_regions` is among them."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes)]
     launch += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    regions = [] if _has_flag(extra, "--prompt_pool") else ["--num_regions", str(DEMO_NUM_REGIONS)]
     return launch + [
         "-m", TRAIN_MODULE, "--pretrained_model_name_or_path", teacher_dir, "--output_dir", output_dir,
         "--image_free", "--num_teacher_latents", "256", "--teacher_inference_steps", "15",
-        "--prompt_pool", "builtin", "--builtin_pool_size", str(pool_size), "--num_regions", "16",
+        "--prompt_pool", "builtin", "--builtin_pool_size", str(pool_size), *regions,
         "--resolution", "32", "--train_batch_size", str(max(16 // num_processes, 1)),
         "--max_train_steps", str(max_train_steps), "--learning_rate", "3e-4", "--lr_warmup_steps", "10",
         "--rc_schedule", "constant", "--rc_constant", "0.5", "--allocation", "aria",
@@ -242,6 +282,53 @@ def demo_command(output_dir: str, teacher_dir: str, max_train_steps: int, num_pr
     ] + extra
 
 
+def _tiny_teachers_beside(path: str) -> list[str]:
+    """Tiny teacher folders beside `path` (for the hint when --teacher_dir names none)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return []
+    from .utils.file_names import TEACHER_REPORT
+
+    shown = os.path.dirname(os.path.normpath(path))
+    return sorted(os.path.join(shown, n) for n in os.listdir(parent)
+                  if os.path.isfile(os.path.join(parent, n, TEACHER_REPORT)))
+
+
+def check_demo_teacher(teacher_dir: str, explicit: bool, new_teacher: bool, train_steps: int,
+                       num_prompts: int) -> bool:
+    """The demo's tiny teacher folder: returns True when a teacher is there to reuse, False when the demo trains
+    one. A `--teacher_dir` the user named that does not exist is refused unless `new_teacher` (a misspelt folder
+    would otherwise start a new training of minutes), and a teacher made with other settings is never replaced."""
+    from .utils.file_names import TEACHER_REPORT
+
+    preflight.check_teacher_output_dir(teacher_dir, "--teacher_dir")
+    if not os.path.exists(teacher_dir):
+        if explicit and not new_teacher:
+            found = _tiny_teachers_beside(teacher_dir)
+            beside = f" (tiny teachers beside it: {', '.join(found)})" if found else ""
+            raise UserError(f"--teacher_dir {teacher_dir!r}: no tiny teacher there{beside}; pass the folder of one made "
+                            "before, or add --new_teacher to train one there (a few minutes)")
+        return False
+    try:
+        with open(os.path.join(teacher_dir, TEACHER_REPORT)) as fh:
+            made = json.load(fh).get("settings") or {}
+    except (OSError, ValueError, AttributeError):
+        made = {}
+    asked = {"train_steps": (train_steps, "--teacher_train_steps"),
+             "num_prompts": (num_prompts, "--builtin_pool_size"), "seed": (0, None),
+             "recipe_version": (TINY_TEACHER_RECIPE, None)}
+    differ = [(key, made[key], value, flag) for key, (value, flag) in asked.items()
+              if key in made and made[key] != value]
+    if differ:
+        what = "; ".join(f"{k} {old} (this demo: {new})" for k, old, new, _ in differ)
+        same = " ".join(f"{flag} {old}" for _, old, _, flag in differ if flag)
+        use = f"pass {same} to use it, or " if same and all(flag for *_, flag in differ) else ""
+        raise UserError(f"--teacher_dir {teacher_dir!r} holds a tiny teacher made with other settings ({what}); the "
+                        f"demo never replaces a teacher: {use}name another --teacher_dir with --new_teacher to train "
+                        "one with these settings")
+    return True
+
+
 def check_demo_args(a: argparse.Namespace, extra: list[str]) -> list[str]:
     """Check the demo's folders and the training script's arguments (with those after `--`) before the teacher
     is made; returns the `accelerate launch` command."""
@@ -249,13 +336,22 @@ def check_demo_args(a: argparse.Namespace, extra: list[str]) -> list[str]:
                                ("--teacher_train_steps", a.teacher_train_steps, 0)):
         if value < least:
             raise UserError(f"{flag} {value} is not valid; it must be at least {least}")
-    teacher_dir = a.teacher_dir or os.path.join(os.path.dirname(os.path.abspath(a.output_dir)), "tiny-teacher")
+    if not _has_flag(extra, "--prompt_pool") and not _has_flag(extra, "--num_regions") \
+            and 1 <= a.builtin_pool_size < DEMO_NUM_REGIONS:
+        raise UserError(f"--builtin_pool_size {a.builtin_pool_size}: the demo builds {DEMO_NUM_REGIONS} regions of the "
+                        f"built-in pool and needs at least {DEMO_NUM_REGIONS} prompts; pass a larger --builtin_pool_size, "
+                        f"or fewer regions after --: -- --num_regions N (N <= {a.builtin_pool_size})")
+    teacher_dir = a.teacher_dir
+    if teacher_dir is None:  # beside the output folder, spelt as the output folder is (relative or absolute)
+        teacher_dir = os.path.join(os.path.dirname(os.path.abspath(a.output_dir)), "tiny-teacher")
+        teacher_dir = teacher_dir if os.path.isabs(a.output_dir) else os.path.relpath(teacher_dir)
     previous_run = preflight.check_demo_output_dir(a.output_dir, teacher_dir)
-    preflight.check_teacher_output_dir(teacher_dir, "--teacher_dir")
+    check_demo_teacher(teacher_dir, a.teacher_dir is not None, a.new_teacher, a.teacher_train_steps,
+                       a.builtin_pool_size)
     preflight.check_offline_minilm("the demo's tiny teacher")
     cmd = demo_command(a.output_dir, teacher_dir, a.max_train_steps, a.num_processes, extra, a.builtin_pool_size)
-    if previous_run and "--resume_from_checkpoint" not in extra:
-        cmd += ["--overwrite_output_dir"]
+    if previous_run and not _has_flag(extra, "--resume_from_checkpoint"):
+        cmd += ["--overwrite_output_dir"]  # the script moves the earlier run aside (never mixes the two)
     from .training.args import parse_args
     from .utils.errors import parse_briefly
 
@@ -267,6 +363,12 @@ def check_demo_args(a: argparse.Namespace, extra: list[str]) -> list[str]:
 def _cmd_demo(a: argparse.Namespace, extra: list[str]) -> int:
     cmd = check_demo_args(a, extra)
     teacher_dir = cmd[cmd.index("--pretrained_model_name_or_path") + 1]
+    if "--overwrite_output_dir" in cmd:
+        print(f"{a.output_dir} holds an earlier run: it is moved aside to {os.path.normpath(a.output_dir)}.previous-"
+              "<date-time> when the training starts (nothing is deleted)", flush=True)
+    if not os.path.exists(teacher_dir):
+        print(f"no tiny teacher in {teacher_dir} yet: training one ({a.teacher_train_steps} steps, a few minutes; "
+              "reused by later runs)", flush=True)
     from .embedded.builtin_pool import builtin_prompt_pool
     from .embedded.tiny_teacher import make_tiny_teacher
 
@@ -281,7 +383,7 @@ def _cmd_demo(a: argparse.Namespace, extra: list[str]) -> int:
     print(f"\nDone. Look at {a.output_dir}/:\n"
           "  validation_final.png  teacher (top row) vs student (bottom row), same prompts and seeds\n"
           "  aria_allocation.png   how ARIA moved sampling between regions over training\n"
-          "  aria_report.md        per-region table: size, prompt share, probability, discrepancy estimate\n"
+          "  aria_report.md        per-region table: size, prompt share, probability, discrepancy estimate, draws\n"
           "  README.md             the model card; model_index.json + unet/ ...: the student pipeline\n"
           f"  logs/                 tensorboard --logdir {a.output_dir}/logs\n"
           f"Next: diffusers-aria report {a.output_dir} (docs/usage.md's \"Command line\" section lists more).")
@@ -356,14 +458,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the distillation script (train_scripts/train_aria_distill.py); `diffusers-aria train "
                         "--help` lists its flags")
 
-    d = sub.add_parser("demo", help="the embedded default: tiny teacher, built-in pool, ARIA distillation on CPU",
-                       parents=[common])
-    d.add_argument("--output_dir", default="outputs/demo")
-    d.add_argument("--teacher_dir", default=None, help="default: tiny-teacher beside the output folder")
-    d.add_argument("--teacher_train_steps", type=int, default=None)
-    d.add_argument("--max_train_steps", type=int, default=300)
-    d.add_argument("--num_processes", type=int, default=1)
-    d.add_argument("--builtin_pool_size", type=int, default=4000, help="prompts of the built-in pool (teacher and run)")
+    d = sub.add_parser(
+        "demo", help="the embedded default: tiny teacher, built-in pool, ARIA distillation on CPU", parents=[common],
+        description="The embedded default on the CPU, offline: a tiny teacher (trained once, then reused), the "
+                    f"built-in prompt pool, {DEMO_NUM_REGIONS} regions, and an ARIA distillation through accelerate "
+                    "launch.",
+        epilog="Arguments after `--` go to the training script (train_scripts/train_aria_distill.py; `diffusers-aria "
+               "train --help` lists them) and override the demo's own, e.g. `diffusers-aria demo -- --seed 1`. Your "
+               "own prompts: `diffusers-aria demo -- --prompt_pool my_prompts.txt` (regions: the library's default "
+               "for the pool's size; add --num_regions N to choose).")
+    d.add_argument("--output_dir", default="outputs/demo",
+                   help="the run's folder (default: %(default)s); an earlier run there is moved aside to a sibling "
+                        "folder, OUTPUT_DIR.previous-<date-time>, never mixed with the new one")
+    d.add_argument("--teacher_dir", default=None,
+                   help="the tiny teacher's folder (default: tiny-teacher beside --output_dir, trained there the first "
+                        "time and reused after); a folder you name must hold a tiny teacher, unless --new_teacher")
+    d.add_argument("--new_teacher", action="store_true",
+                   help="train a tiny teacher in --teacher_dir when it holds none (a few minutes); without it a "
+                        "misspelt --teacher_dir is an error instead of a new training")
+    d.add_argument("--teacher_train_steps", type=int, default=None,
+                   help=f"training steps of a new tiny teacher (default: {TINY_TEACHER_TRAIN_STEPS}); a teacher made "
+                        "with other settings is never replaced")
+    d.add_argument("--max_train_steps", type=int, default=300, help="distillation steps (default: %(default)s)")
+    d.add_argument("--num_processes", type=int, default=1,
+                   help="CPU processes of the distillation (default: %(default)s; 2 runs two over gloo)")
+    d.add_argument("--builtin_pool_size", type=int, default=4000,
+                   help="prompts of the built-in pool, for the teacher and the run (default: %(default)s)")
     from .compare import add_parser as add_compare_parser
 
     add_compare_parser(sub, parents=[common])  # `compare`: arguments after `--` go to both training arms
@@ -409,13 +529,9 @@ def _main(argv: list[str]) -> int:
         argv, extra = argv[:i], argv[i + 1:]
     a = build_parser().parse_args(argv)
     if a.command == "make-tiny-teacher" and a.family == "sd" and a.train_steps is None:
-        from .embedded.tiny_teacher import DEFAULT_TRAIN_STEPS
-
-        a.train_steps = DEFAULT_TRAIN_STEPS
+        a.train_steps = TINY_TEACHER_TRAIN_STEPS
     if a.command == "demo" and a.teacher_train_steps is None:
-        from .embedded.tiny_teacher import DEFAULT_TRAIN_STEPS
-
-        a.teacher_train_steps = DEFAULT_TRAIN_STEPS
+        a.teacher_train_steps = TINY_TEACHER_TRAIN_STEPS
     if a.command == "regions":
         return _cmd_regions_build(a) if a.regions_command == "build" else _cmd_regions_show(a)
     handlers = {"report": _cmd_report, "evaluate": _cmd_evaluate, "make-tiny-teacher": _cmd_make_tiny_teacher}

@@ -28,7 +28,7 @@ from .pool import (
     load_prompt_pool,
     pool_fingerprint,
 )
-from .utils.atomic import atomic_save, atomic_write_json, replace_dir
+from .utils.atomic import atomic_save, atomic_write_json, make_temp_dir, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -331,20 +331,21 @@ class ConditionRegions:
         return self.metadata.get("embedder", DEFAULT_EMBEDDER)
 
     # ------------------------------------------------------------------------------- pool consistency
-    def check_pool(self, pool) -> None:
-        """Raise `RegionsMismatchError` unless `pool` is the pool these regions were built from."""
+    def check_pool(self, pool, advice: str | None = None) -> None:
+        """Raise `RegionsMismatchError` unless `pool` is the pool these regions were built from; `advice` (what to
+        do) replaces the message's general one."""
         expected = self.metadata.get("fingerprint")
         n = len(pool)
         if n != self.num_prompts:
             raise RegionsMismatchError(
                 f"the regions were built for a pool of {self.num_prompts} prompts but this pool has {n}; "
-                "rebuild them (diffusers-aria regions build, or delete the regions folder)"
+                + (advice or "rebuild them (diffusers-aria regions build, or delete the regions folder)")
             )
         got = pool_fingerprint(pool)
         if expected is not None and got != expected:
             raise RegionsMismatchError(
                 f"the regions folder does not match this prompt pool: fingerprint {expected} was saved, the pool has "
-                f"{got}; rebuild the regions for this pool (or pass the pool they were built from)"
+                f"{got}; " + (advice or "rebuild the regions for this pool (or pass the pool they were built from)")
             )
 
     # ------------------------------------------------------------------------------- new prompts
@@ -379,7 +380,7 @@ class ConditionRegions:
         save_directory = os.path.abspath(save_directory)
         parent = os.path.dirname(save_directory)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".regions-tmp-", dir=parent)
+        tmp = make_temp_dir(save_directory)  # not owner-only: the regions get the umask's mode
         try:
             save_file({"centroids": np.ascontiguousarray(self.centroids, dtype=np.float32)}, os.path.join(tmp, CENTROIDS_NAME))
             np.save(os.path.join(tmp, REGION_IDS_NAME), np.asarray(self.region_ids, dtype=np.int32), allow_pickle=False)
@@ -538,7 +539,23 @@ def build_regions(
 BUILD_SETTINGS = ("num_regions", "embedder", "seed", "method", "min_region_size")
 
 
-def load_or_build_regions(regions_dir: str, pool, overwrite: bool = False, check=None,
+def _selected_rows(pool) -> bool:
+    """Whether `pool` is a `datasets.Dataset` made of some of another's rows (`shuffle`, `select`: what diffusers'
+    scripts do with --max_train_samples), whose content then depends on the seed of that selection."""
+    return type(pool).__module__.startswith("datasets") and getattr(pool, "_indices", None) is not None
+
+
+def mismatch_advice(regions_dir: str, pool=None) -> str:
+    """What to do when the regions saved in `regions_dir` do not fit: delete that folder to build them again, and,
+    for a pool that is a selection of a dataset's rows, keep its seed."""
+    advice = f"delete {regions_dir!r} to build them again for this pool (or call with overwrite=True)"
+    if pool is not None and _selected_rows(pool):
+        advice += ("; this pool is a selection of a dataset's rows (as --max_train_samples makes it, shuffled with "
+                   "--seed): pass the same --seed on every launch, or each launch selects other rows")
+    return advice
+
+
+def load_or_build_regions(regions_dir: str, pool, overwrite: bool = False, check=None, on_mismatch: str | None = None,
                           **build_kwargs) -> ConditionRegions:
     """The regions saved in `regions_dir` when they were built from `pool` with these settings; else, when the
     folder holds none, the regions built with `build_regions(pool, **build_kwargs)` and saved there.
@@ -547,7 +564,9 @@ def load_or_build_regions(regions_dir: str, pool, overwrite: bool = False, check
     the prompts in order) and the same build settings. Otherwise it raises `RegionsMismatchError` naming what
     differs, or with `overwrite=True` builds the regions again and replaces the folder. `check` names the
     settings compared (of `BUILD_SETTINGS`; settings not given compare with `build_regions`' defaults); default:
-    those given in `build_kwargs`; `()`: only the pool must match (regions a user built and named). `pool` is
+    those given in `build_kwargs`; `()`: only the pool must match (regions a user built and named). The error names
+    `regions_dir` and what to do: `on_mismatch`, or by default `mismatch_advice` (delete the folder; keep --seed
+    when the pool is a seeded selection of a dataset's rows). `pool` is
     anything `build_regions` takes (a `datasets.Dataset` with `column=...` in `build_kwargs`, whose other columns,
     images included, are never read). `seed=None` means 0. Under accelerate call it inside
     `accelerator.main_process_first()`: the main process builds, the others load.
@@ -559,12 +578,14 @@ def load_or_build_regions(regions_dir: str, pool, overwrite: bool = False, check
         regions.save(regions_dir)
         return regions
     regions = ConditionRegions.load(regions_dir)
+    advice = on_mismatch or mismatch_advice(regions_dir, pool)
     try:
         regions.check_pool(pool if isinstance(pool, (list, tuple))
-                           else load_prompt_pool(pool, column=build_kwargs.get("column"), validate=False))
+                           else load_prompt_pool(pool, column=build_kwargs.get("column"), validate=False),
+                           advice=advice)
     except RegionsMismatchError as err:
         if not overwrite:
-            raise
+            raise RegionsMismatchError(f"{regions_dir!r}: {err}") from None
         differ = [f"the prompt pool ({err})"]
     else:
         keys = [k for k in BUILD_SETTINGS if k in build_kwargs] if check is None else list(check)
@@ -573,10 +594,8 @@ def load_or_build_regions(regions_dir: str, pool, overwrite: bool = False, check
             return regions
         if not overwrite:
             raise RegionsMismatchError(
-                f"the regions in {regions_dir!r} were built with other settings than this run's: {'; '.join(differ)}. "
-                "Build them again with overwrite=True (the training script: --overwrite_output_dir, for the regions "
-                "inside its output folder), or use regions built with these settings (`diffusers-aria regions build`, "
-                "the training script's --regions_dir)")
+                f"the regions in {regions_dir!r} were built with other settings than this run's: {'; '.join(differ)}; "
+                f"{advice}")
     logger.warning("rebuilding the regions in %s (overwrite): %s", regions_dir, "; ".join(differ))
     del regions  # the old folder's region ids are memory-mapped
     rebuilt = build_regions(pool, **build_kwargs)
@@ -589,6 +608,7 @@ __all__ = [
     "RegionsMismatchError",
     "build_regions",
     "load_or_build_regions",
+    "mismatch_advice",
     "embed_pool",
     "embed_texts",
     "spherical_kmeans",

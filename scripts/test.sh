@@ -5,4 +5,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 . "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
-python -m pytest -q -p no:cacheprovider "$@" tests
+# -rs: the reason of every skipped test is printed at the end
+python -m pytest -q -rs -p no:cacheprovider "$@" tests

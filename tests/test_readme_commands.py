@@ -124,3 +124,8 @@ def test_readme_command_line_blocks_run_as_written(demo_folder):
     result = json.loads((outputs / "eval.json").read_text())
     assert result["num_prompts"] == 64 and len(result["per_region"]) <= 16 and result["per_group"]
     assert (outputs / "my_regions" / "regions_config.json").is_file()
+    # the training script on one's own pool and regions (issue 27: the docs showed no command that works)
+    assert "done: student pipeline, ARIA report and model card in outputs/my-run" in out
+    report = json.loads((outputs / "my-run" / "aria_report.json").read_text())
+    assert report["step"] == 30 and len(report["regions"]) == 3
+    assert sorted(p.name for p in (outputs / "my-run").glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-30"]

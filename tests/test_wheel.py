@@ -40,9 +40,13 @@ def installed(tmp_path_factory) -> Path:
     for folder in ("diffusers_aria", "train_scripts"):  # the package links its training script from train_scripts/
         shutil.copytree(ROOT / folder, src / folder, symlinks=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", src], tmp)
+    build = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp / "dist",
+                  src], tmp)
+    assert "License classifiers are deprecated" not in build.stdout + build.stderr  # the SPDX expression instead
     wheel = next((tmp / "dist").glob("diffusers_aria-*.whl"))
     with zipfile.ZipFile(wheel) as zf:  # the script travels as a file, with the package data
+        metadata = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        assert "License-Expression: Apache-2.0" in metadata.splitlines()
         script = zf.read("diffusers_aria/training/train_aria_distill.py").decode()
         assert script == (ROOT / "train_scripts" / "train_aria_distill.py").read_text()
         assert "diffusers_aria/embedded/resources/builtin_pool_words.json" in zf.namelist()
@@ -75,7 +79,7 @@ def test_the_demo_from_the_wheel(installed, tmp_path):
     """The demo's tiny path: tiny teacher, built-in pool, regions, `accelerate launch` of the shipped script."""
     out = tmp_path / "demo"
     res = _run([installed / "diffusers-aria", "demo", "--output_dir", out, "--teacher_dir", tmp_path / "teacher",
-                "--teacher_train_steps", "0", "--max_train_steps", "2", "--builtin_pool_size", "200", "--",
+                "--new_teacher", "--teacher_train_steps", "0", "--max_train_steps", "2", "--builtin_pool_size", "200", "--",
                 "--num_teacher_latents", "8", "--validation_inference_steps", "1", "--teacher_inference_steps", "1",
                 "--validation_prompts", "a red fox"], tmp_path, timeout=900)
     assert "-m diffusers_aria.training.train_aria_distill" in res.stdout

@@ -37,7 +37,11 @@ from diffusers_aria.training.args import parse_args  # noqa: E402 - light: the f
 
 def main(args: argparse.Namespace) -> None:
     from diffusers_aria.training.checkpointing import OutputDirGuard
+    from diffusers_aria.training.outputs import prepare_output_dir
 
+    # never into, inside or above the teacher, VAE or named regions; an earlier run is resumed, refused, or
+    # (--overwrite_output_dir) moved aside, never mixed with this one; "no checkpoint yet" is said at once
+    prepare_output_dir(args)
     with OutputDirGuard(args.output_dir):  # a run that fails before its first checkpoint leaves nothing behind
         _main(args)
 
@@ -59,9 +63,8 @@ def _main(args: argparse.Namespace) -> None:
     from diffusers_aria.training.aria import build_aria
     from diffusers_aria.training.data import StepBatchSampler, collate
     from diffusers_aria.training.ema import ema_step, make_ema, register_ema_hooks
-    from diffusers_aria.training.inputs import check_ranks_agree, load_pool, paired_dataset
+    from diffusers_aria.training.inputs import check_ranks_agree, load_pool, paired_dataset, regions_advice
     from diffusers_aria.training.outputs import (
-        check_output_dir,
         end_run,
         gather_state_hashes,
         loggable_config,
@@ -91,8 +94,6 @@ def _main(args: argparse.Namespace) -> None:
     if args.enable_xformers_memory_efficient_attention:
         require_xformers()
     resume_path = ckpt.resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    check_output_dir(args.output_dir, resuming=args.resume_from_checkpoint is not None,
-                               overwrite=args.overwrite_output_dir)
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
@@ -163,7 +164,8 @@ def _main(args: argparse.Namespace) -> None:
             overwrite=args.overwrite_output_dir and own,
             check=BUILD_SETTINGS if own else (("num_regions",) if args.num_regions is not None else ()),
             num_regions=args.num_regions, embedder=args.embedder, seed=args.seed, method=args.clustering,
-            branching=args.region_branching, progress=accelerator.is_local_main_process)
+            branching=args.region_branching, progress=accelerator.is_local_main_process,
+            on_mismatch=regions_advice(args))  # the error names the folder and what to pass
     check_ranks_agree(accelerator, pool, regions, args.seed)
     from diffusers_aria.training.aria import region_names_from_groups
 
@@ -220,8 +222,6 @@ def _main(args: argparse.Namespace) -> None:
         accelerator.print(f"resuming from {resume_path}")
         accelerator.load_state(resume_path)
         global_step = ckpt.checkpoint_step(resume_path)
-    elif args.resume_from_checkpoint:
-        accelerator.print("no checkpoint to resume from: starting a new run")
 
     rank, world = accelerator.process_index, accelerator.num_processes
     ga = args.gradient_accumulation_steps

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from ..utils.atomic import atomic_write_text, replace_dir
 from ..utils.file_names import TEACHER_REPORT as REPORT_NAME
+from . import TINY_TEACHER_RECIPE, TINY_TEACHER_TRAIN_STEPS
 from .latent_renderer import ANCHORS_NAME, LatentRenderer
 from .minilm import (
     CROSS_ATTENTION_DIM,
@@ -72,10 +73,10 @@ __all__ = [
 ]
 
 #: Default number of training steps of :func:`make_tiny_teacher` (about 2-3 minutes on 2 CPU cores).
-DEFAULT_TRAIN_STEPS = 600
+DEFAULT_TRAIN_STEPS = TINY_TEACHER_TRAIN_STEPS
 
-# Bump when the recipe changes so old cached teachers are rebuilt.
-_RECIPE_VERSION = 3
+# Bump (in embedded/__init__.py) when the recipe changes so old cached teachers are rebuilt.
+_RECIPE_VERSION = TINY_TEACHER_RECIPE
 _BATCH_SIZE = 8
 _LEARNING_RATE = 2e-3
 _WARMUP_STEPS = 20

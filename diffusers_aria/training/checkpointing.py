@@ -11,9 +11,10 @@ JSON parses, torch archives are whole zip files. `resolve_resume_checkpoint(...,
 checkpoints with a warning naming the bad file and resumes from the newest valid one; a named checkpoint
 that is damaged is an error naming the file.
 
-The run folder itself: `run_logging_dir` gives each run (new or resumed) its own tracker folder, and
-`OutputDirGuard` removes what a run created when it fails before its first checkpoint, so a failed start
-leaves no half-made folder behind.
+The run folder itself: `run_logging_dir` gives each run (new or resumed) its own tracker folder,
+`move_run_aside` moves an earlier run out of the way of a new one (`--overwrite_output_dir`: nothing is deleted
+and two runs never mix), and `OutputDirGuard` removes what a run created when it fails before its first
+checkpoint, so a failed start leaves no half-made folder behind.
 """
 
 from __future__ import annotations
@@ -277,6 +278,35 @@ def run_logging_dir(output_dir: str, logging_dir: str = "logs", resume_path: str
         n += 1
         path = os.path.join(base, f"{name}-{n}")
     return path
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(src, dst)
+
+
+def move_run_aside(output_dir: str, reuse: tuple[str, ...] = (), now: float | None = None) -> str:
+    """Rename the folder of an earlier run to a sibling `<output_dir>.previous-YYYYmmdd-HHMMSS` (a `-2`, `-3`, ...
+    suffix when taken) and return that path: a new run then starts in a new folder, and the earlier run's
+    checkpoints, images and report stay whole beside it (nothing is deleted).
+
+    `reuse` names caches of the earlier run (e.g. "regions", "teacher_latents") to place into the new folder as
+    hard links (copies where links fail): their readers check them against the new run's settings and replace
+    them by renaming new files over them, so the earlier run's files never change.
+    """
+    base = os.path.normpath(output_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
+    target, n = f"{base}.previous-{stamp}", 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{base}.previous-{stamp}-{n}"
+    os.rename(base, target)
+    for name in reuse:
+        if os.path.isdir(os.path.join(target, name)):
+            shutil.copytree(os.path.join(target, name), os.path.join(base, name), copy_function=_link_or_copy)
+    return target
 
 
 def _entries(folder: str) -> set[str]:

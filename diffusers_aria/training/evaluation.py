@@ -59,12 +59,20 @@ def aggregate(values: np.ndarray, labels: Sequence) -> dict[str, float]:
     return {lab: float(values[labels == lab].mean()) for lab in sorted(set(labels.tolist()))}
 
 
+def label_counts(labels: Sequence) -> dict[str, int]:
+    """How many values each label has (the keys of `aggregate`)."""
+    labels = [str(x) for x in labels]
+    return {lab: labels.count(lab) for lab in sorted(set(labels))}
+
+
 def evaluate_student(teacher_path: str, student_path: str, prompts: Sequence[str], region_ids: Sequence[int] | None = None,
                      groups: Sequence[str] | None = None, timesteps: Sequence[int] = (100, 400, 700), seed: int = 0,
-                     output_json: str | None = None) -> dict:
+                     output_json: str | None = None, num_regions: int | None = None) -> dict:
     """Load a teacher and a student pipeline folder and report the held-out discrepancy.
 
-    Returns {"overall", "per_timestep", "per_region", "per_group", "worst_region"}; written to `output_json`.
+    Returns {"overall", "per_timestep", "per_region", "per_region_prompts", "per_group", "per_group_prompts",
+    "worst_region"}, and with `num_regions` "regions_without_prompts" (the regions none of `prompts` falls in,
+    which have no value); written to `output_json`.
     """
     from ..teachers.parts import load_teacher
 
@@ -92,9 +100,13 @@ def evaluate_student(teacher_path: str, student_path: str, prompts: Sequence[str
     if region_ids is not None:
         per_region = aggregate(per_prompt, region_ids)
         result["per_region"] = per_region
+        result["per_region_prompts"] = label_counts(region_ids)
         result["worst_region"] = max(per_region.items(), key=lambda kv: kv[1])
+        if num_regions is not None:
+            result["regions_without_prompts"] = sorted(set(range(num_regions)) - {int(r) for r in region_ids})
     if groups is not None:
         result["per_group"] = aggregate(per_prompt, groups)
+        result["per_group_prompts"] = label_counts(groups)
     if output_json:
         atomic_write_json(output_json, result)
     return result

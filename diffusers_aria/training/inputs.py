@@ -37,6 +37,22 @@ def load_pool(source: str, column: str | None = None, split: str = "train", buil
     return load_prompt_pool(ds, column), None
 
 
+def regions_advice(args) -> str:
+    """What the training script's `RegionsMismatchError` tells the user to do, for its own regions folder
+    (OUTPUT_DIR/regions, made by an earlier run there) and for one named with --regions_dir (never rebuilt)."""
+    pool = ("the same --prompt_pool" if args.prompt_pool != "builtin"
+            else f"the same --builtin_pool_size (this run: {args.builtin_pool_size}) and --seed (this run: {args.seed}), "
+                 "which pick the built-in pool's prompts")
+    if getattr(args, "regions_dir", None):
+        return (f"--regions_dir is never rebuilt: pass the pool its regions were built from ({pool}), or build regions "
+                "of this pool into a new folder (diffusers-aria regions build --pool ... --output NEW) and pass "
+                "--regions_dir NEW")
+    folder = os.path.join(args.output_dir, "regions")
+    return (f"{folder!r} holds the regions of the earlier run in {args.output_dir!r}: to continue that run, pass "
+            f"its pool and region settings ({pool}, --num_regions, --embedder); to start a new one, pass "
+            "--overwrite_output_dir (the earlier run is moved aside) or choose another --output_dir")
+
+
 class RankMismatchError(RuntimeError):
     """The processes of one run hold different pools, regions or seeds."""
 

@@ -1,4 +1,7 @@
-"""What a run writes at its end: the student pipeline, the model card, run info; the output folder's guard."""
+"""What a run writes at its end (the student pipeline, the model card, run info), and its output folder's checks.
+
+`OutputDirError` is `preflight`'s (imported here for the callers that know it from this module).
+"""
 
 from __future__ import annotations
 
@@ -11,26 +14,40 @@ import torch
 
 from ..utils.atomic import atomic_write_json
 from ..utils.file_names import TEACHER_REPORT
+from .preflight import OutputDirError, plan_output_dir  # noqa: F401 - OutputDirError: re-exported
 
 if TYPE_CHECKING:
     from ..teachers.parts import TeacherParts
 
 
-class OutputDirError(ValueError):
-    """The output folder holds a previous run and neither resume nor overwrite was asked for."""
+def prepare_output_dir(args) -> str | None:
+    """The training script's first step, before the models load: check the output folder (`plan_output_dir`:
+    never the teacher's, the VAE's or a named regions folder, nor inside or above one; a previous run is resumed,
+    refused, or with `--overwrite_output_dir` moved aside), say at once when `--resume_from_checkpoint latest`
+    finds no checkpoint, and move an earlier run aside (`checkpointing.move_run_aside`, main process only).
+    Every process checks before the folder changes. Returns where the earlier run went, or None."""
+    from accelerate import PartialState
 
+    from .checkpointing import move_run_aside
 
-def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> None:
-    """Refuse to start a new run in a non-empty folder (nothing is deleted either way)."""
-    if resuming or overwrite or not os.path.isdir(output_dir):
-        return
-    entries = sorted(os.listdir(output_dir))
-    if entries:
-        shown = ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "")
-        raise OutputDirError(
-            f"--output_dir {output_dir!r} is not empty (it holds {shown}); pass --resume_from_checkpoint latest to "
-            "continue that run, --overwrite_output_dir to write into it anyway (nothing is deleted), or choose a new folder"
-        )
+    state = PartialState()
+    plan = plan_output_dir(args)
+    state.wait_for_everyone()  # every rank has looked at the folder before it changes
+    moved = None
+    if state.is_main_process:
+        if plan.no_checkpoint:
+            print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir!r} yet, starting a new run",
+                  flush=True)
+        if plan.action == "move":
+            # the caches this run would make the same (its own regions, the teacher latents) are reused when they
+            # match its settings (checked when they load)
+            reuse = (("regions",) if not getattr(args, "regions_dir", None) else ()) + \
+                (("teacher_latents",) if getattr(args, "image_free", False) else ())
+            moved = move_run_aside(args.output_dir, reuse=reuse)
+            print(f"--overwrite_output_dir: the earlier run in {args.output_dir!r} was moved to {moved!r} (nothing is "
+                  "deleted; remove that folder when you no longer need it)", flush=True)
+    state.wait_for_everyone()
+    return moved
 
 
 def loggable_config(args) -> dict[str, Any]:

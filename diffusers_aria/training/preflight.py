@@ -453,6 +453,32 @@ def checkpoint_shape(path: str) -> tuple[int | None, int | None]:
 # ------------------------------------------------------------------------------------------ output folders
 
 
+class OutputDirError(UserError):
+    """The output folder cannot take this run: it holds a previous run and neither resume nor overwrite was asked
+    for, it holds files the run would replace, or it is, holds or lies inside a folder the run reads."""
+
+
+# what a run of the training script writes into its output folder, besides checkpoint-N/, validation images and
+# its logging folder: a folder of other files that holds one of these is never written into
+RUN_WRITES = ("model_index.json", "README.md", "run_info.json", "aria_report.json", "aria_report.md",
+              "aria_allocation.png", "regions", "teacher_latents", "pytorch_lora_weights.safetensors",
+              "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+              "tokenizer_2", "tokenizer_3", "scheduler", "safety_checker", "feature_extractor", "image_encoder")
+_RUN_WRITES_PREFIXES = ("checkpoint-", ".checkpoint-", "validation")
+
+# (attribute of the script's arguments, flag, what it is) of the local files and folders a run reads
+_RUN_INPUTS = (
+    ("pretrained_model_name_or_path", "--pretrained_model_name_or_path", "the teacher's folder"),
+    ("pretrained_vae_model_name_or_path", "--pretrained_vae_model_name_or_path", "the VAE's folder"),
+    ("student_model_name_or_path", "--student_model_name_or_path", "the student's starting folder"),
+    ("regions_dir", "--regions_dir", "the regions folder"),
+    ("embedder", "--embedder", "the embedder's folder"),
+    ("prompt_pool", "--prompt_pool", "the prompt pool"),
+    ("dataset_name", "--dataset_name", "the dataset's folder"),
+    ("train_data_dir", "--train_data_dir", "the image folder"),
+)
+
+
 def is_run_folder(path: str) -> bool:
     """Whether `path` holds a previous run of the training script, finished or not (a tiny teacher is not one)."""
     names = os.listdir(path)
@@ -462,12 +488,118 @@ def is_run_folder(path: str) -> bool:
             or os.path.isfile(os.path.join(path, "regions", REGIONS_CONFIG)))
 
 
+def run_inputs(args) -> list[tuple[str, str, str]]:
+    """(flag, path, what it is) of every local file or folder the training script's `args` make it read: the
+    teacher, the VAE, the student it starts from, named regions, the embedder, the prompt pool and the data. A
+    Hub id is left out (it is read from the Hugging Face cache)."""
+    found = []
+    for attr, flag, what in _RUN_INPUTS:
+        value = getattr(args, attr, None)
+        if not value or value == "builtin":
+            continue
+        if os.path.exists(value) or (attr != "embedder" and looks_like_local_path(value)):
+            found.append((flag, value, what))
+    return found
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def check_output_spares_inputs(output_dir: str, inputs: Iterable[tuple[str, str, str]],
+                               flag: str = "--output_dir") -> None:
+    """Refuse an output folder that is, lies inside, or holds one of `inputs` ((flag, path, what it is)), with
+    symbolic links followed: a run writes into the whole of its output folder, and `--overwrite_output_dir`
+    moves an earlier run there aside, so a teacher, VAE or regions folder there could be replaced or moved."""
+    out = _real(output_dir)
+    for in_flag, path, what in inputs:
+        real = _real(path)
+        if out == real:
+            relation = f"is {what} ({in_flag})"
+        elif out.startswith(real.rstrip(os.sep) + os.sep):
+            relation = f"lies inside {what} {path!r} ({in_flag})"
+        elif real.startswith(out.rstrip(os.sep) + os.sep):
+            relation = f"holds {what} {path!r} ({in_flag})"
+        else:
+            continue
+        outside = os.path.join(os.path.dirname(os.path.normpath(path)) or ".", "aria-run")  # a sibling of it
+        raise OutputDirError(f"{flag} {output_dir!r} {relation}; a run writes its student, checkpoints and logs "
+                             f"into {flag} and must leave what it reads as it is: choose a folder apart from it, "
+                             f"e.g. {outside!r}")
+
+
+def _run_would_replace(names: Iterable[str]) -> list[str]:
+    return sorted(n for n in names if n in RUN_WRITES or n.startswith(_RUN_WRITES_PREFIXES))
+
+
+def check_output_dir_state(output_dir: str, overwrite: bool, resume_latest: bool = False) -> str | None:
+    """What a new run does with its output folder: None (new or empty: nothing there), "beside" (files of the
+    user's that the run writes beside, with `overwrite`) or "move" (an earlier run, moved aside to a sibling
+    folder with `overwrite`, see `checkpointing.move_run_aside`). Raises `OutputDirError` otherwise: a previous
+    run without `overwrite`, other files without `overwrite`, or files the run would replace. `resume_latest`:
+    the new run comes from `--resume_from_checkpoint latest` finding no checkpoint (for the message)."""
+    if not os.path.isdir(output_dir):
+        return None
+    entries = sorted(os.listdir(output_dir))
+    if not entries:
+        return None
+    shown = ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "")
+    if is_run_folder(output_dir):
+        if overwrite:
+            return "move"
+        first = (f"--resume_from_checkpoint latest: --output_dir {output_dir!r} holds a run with no checkpoint to "
+                 f"resume from (it holds {shown})" if resume_latest else
+                 f"--output_dir {output_dir!r} holds an earlier run (it holds {shown})")
+        cont = "" if resume_latest else "pass --resume_from_checkpoint latest to continue it, "
+        raise OutputDirError(f"{first}; {cont}--overwrite_output_dir to start a new run there (the earlier one is "
+                             "moved aside to a sibling folder, nothing is deleted), or choose a new folder")
+    if not overwrite:
+        raise OutputDirError(f"--output_dir {output_dir!r} is not empty (it holds {shown}); choose a new folder, or "
+                             "pass --overwrite_output_dir to write the run beside those files (none is replaced)")
+    clash = _run_would_replace(entries)
+    if clash:
+        raise OutputDirError(f"--output_dir {output_dir!r} holds {', '.join(clash[:6])}, which a run writes and "
+                             "would replace, even with --overwrite_output_dir; choose a new or empty folder")
+    return "beside"
+
+
+@dataclass
+class OutputPlan:
+    """How the training script starts in its output folder (`plan_output_dir`)."""
+
+    resuming: bool  # a checkpoint there is resumed
+    action: str | None  # for a new run: None, "beside" or "move" (`check_output_dir_state`)
+    no_checkpoint: bool  # --resume_from_checkpoint latest found none: a new run starts
+
+
+def plan_output_dir(args) -> OutputPlan:
+    """Check the training script's output folder against what it reads and holds, without writing anything.
+
+    The folder must not be, hold or lie inside a file or folder the run reads (`check_output_spares_inputs`).
+    A run is resumed when `--resume_from_checkpoint` names a checkpoint, or is 'latest' and one exists (then
+    `--overwrite_output_dir`, which would start over, is refused); otherwise a new run starts and the folder must
+    be new, empty or allowed by `--overwrite_output_dir` (`check_output_dir_state`).
+    """
+    output_dir = args.output_dir
+    check_output_spares_inputs(output_dir, run_inputs(args))
+    resume = getattr(args, "resume_from_checkpoint", None)
+    overwrite = bool(getattr(args, "overwrite_output_dir", False))
+    resuming = bool(resume) and (resume != "latest" or bool(list_checkpoints(output_dir)))
+    if resuming:
+        if overwrite:
+            raise OutputDirError(f"--resume_from_checkpoint {resume} continues the run in {output_dir!r}, "
+                                 "--overwrite_output_dir starts a new one there (the earlier moved aside); pass one "
+                                 "of them")
+        return OutputPlan(True, None, False)
+    return OutputPlan(False, check_output_dir_state(output_dir, overwrite, resume_latest=resume == "latest"),
+                      resume == "latest")
+
+
 def check_demo_output_dir(path: str, teacher_dir: str | None = None, flag: str = "--output_dir") -> bool:
-    """The demo's output folder: new, empty, or a previous run (returned True: the demo writes over it);
-    a folder of other files, or the teacher's own folder, is refused."""
-    if teacher_dir is not None and os.path.abspath(path) == os.path.abspath(teacher_dir):
-        raise UserError(f"{flag} {path!r} is also the teacher's folder (--teacher_dir); the run would write over the "
-                        "teacher: choose another --output_dir, e.g. outputs/demo")
+    """The demo's output folder: new, empty, or a previous run (returned True: the run moves it aside); a folder
+    of other files is refused, and so is one that is, holds or lies inside the teacher's folder."""
+    if teacher_dir is not None:
+        check_output_spares_inputs(path, [("--teacher_dir", teacher_dir, "the teacher's folder")], flag)
     if not os.path.exists(path):
         return False
     if not os.path.isdir(path):
@@ -544,6 +676,7 @@ def check_train_args(args, check_teacher: bool = True):
     output_dir = args.output_dir
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output_dir {output_dir!r} is a file; pass a folder for the run")
+    plan = plan_output_dir(args)  # never into, inside or above what the run reads; resume, or start anew
     # the run's own regions (OUTPUT_DIR/regions) are rebuilt with --overwrite_output_dir; named ones never are
     own = not get(args, "regions_dir", None)
     regions_dir = get(args, "regions_dir", None) or os.path.join(output_dir, "regions")
@@ -560,13 +693,8 @@ def check_train_args(args, check_teacher: bool = True):
     if regions_config:
         check_regions_match_pool(regions_config, regions_dir, pool, "--prompt_pool")
 
-    resume = get(args, "resume_from_checkpoint", None)
-    if resume:
-        _check_resume(output_dir, resume, regions_config, pool)
-    else:
-        from .outputs import check_output_dir
-
-        check_output_dir(output_dir, resuming=False, overwrite=get(args, "overwrite_output_dir", False))
+    if plan.resuming:
+        _check_resume(output_dir, args.resume_from_checkpoint, regions_config, pool)
     return args
 
 
@@ -603,10 +731,15 @@ def _check_resume(output_dir: str, resume: str, regions_config: dict | None, poo
 
 
 __all__ = [
+    "OutputDirError",
+    "OutputPlan",
     "PoolInfo",
+    "RUN_WRITES",
     "check_checkpoint",
     "check_demo_output_dir",
     "check_local_path",
+    "check_output_dir_state",
+    "check_output_spares_inputs",
     "check_offline_minilm",
     "check_output_file",
     "check_pipeline_dir",
@@ -620,5 +753,7 @@ __all__ = [
     "checkpoint_shape",
     "is_run_folder",
     "looks_like_local_path",
+    "plan_output_dir",
     "read_regions_config",
+    "run_inputs",
 ]

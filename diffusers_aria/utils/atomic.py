@@ -3,13 +3,16 @@
 Every write goes to a fresh temporary name in the target's folder (unique per process and call, so two
 processes writing the same path never share a temporary file) and is renamed over the target with
 `os.replace` once complete; on an error the temporary file is removed and the target is untouched.
+Temporary files and folders are created as `open()` and `os.makedirs` create theirs (mode 0o666 / 0o777 less
+the user's umask), not owner-only as `tempfile.mkstemp`/`mkdtemp` make them: the renamed file keeps that mode.
 
     with atomic_write("report.json") as fh:        # text (mode "w") or bytes (mode "wb")
         json.dump(report, fh)
     atomic_write_json("state.json", state)
     atomic_save("ids.npy", lambda tmp: np.save(tmp, ids))   # any writer that takes a path
     atomic_copy("grid.png", "out/images/grid.png")
-    replace_dir(".regions-tmp-x1y2", "regions")         # a folder built under a temporary name, moved into place
+    tmp = make_temp_dir("regions")                      # a folder built under a temporary name beside "regions",
+    replace_dir(tmp, "regions")                         # then moved into place
 """
 
 from __future__ import annotations
@@ -17,19 +20,43 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 
+def _unique_name(directory: str, base: str) -> str:
+    return os.path.join(directory, f".{base}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
 def _temp_path(path: str) -> str:
+    """A new empty file beside `path`, created with the mode `open()` gives (0o666 less the umask)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    return tmp
+    while True:
+        tmp = _unique_name(directory, base)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits taken by another writer
+            continue
+
+
+def make_temp_dir(path: str | os.PathLike) -> str:
+    """A new empty folder beside `path` (for `replace_dir`), created with the mode `os.makedirs` gives
+    (0o777 less the umask)."""
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    while True:
+        tmp = _unique_name(directory, os.path.basename(path))
+        try:
+            os.mkdir(tmp, 0o777)
+            return tmp
+        except FileExistsError:  # pragma: no cover
+            continue
 
 
 def atomic_save(path: str | os.PathLike, write: Callable[[str], Any], suffix: str = "") -> None:

@@ -28,7 +28,6 @@ DEBUG_FLAG = "--debug"
 # They are looked up only in modules already loaded, so that this stays light.
 _LEGACY_USER_ERRORS = (
     ("diffusers_aria.regions", "RegionsMismatchError"),
-    ("diffusers_aria.training.outputs", "OutputDirError"),
     ("diffusers_aria.training.student", "FeatureMappingError"),
     ("diffusers_aria.training.inputs", "RankMismatchError"),
     ("diffusers_aria.training.checkpointing", "CheckpointError"),

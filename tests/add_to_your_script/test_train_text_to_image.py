@@ -94,3 +94,29 @@ def test_block_1_regions_of_a_dataset_column_are_built_once_then_loaded(tmp_path
         load_or_build_regions(folder, ds, column="text", num_regions=5, seed=None)
     with pytest.raises(RegionsMismatchError, match="does not match this prompt pool"):
         load_or_build_regions(folder, ds.map(lambda r: {"text": r["text"] + "!"}), column="text", num_regions=4)
+    # the error names the folder to delete (issue 27)
+    with pytest.raises(RegionsMismatchError, match=rf"num_regions 4 \(this run: 5\); delete '{folder}' to build"):
+        load_or_build_regions(folder, ds, column="text", num_regions=5, seed=None)
+
+
+def test_block_1_regions_of_selected_rows_name_the_folder_and_the_seed(tmp_path, minilm_embedder):
+    """With --max_train_samples the stock script's pool is `shuffle(seed=args.seed).select(...)` of the dataset:
+    another --seed selects other rows, and the error says to keep --seed as well as which folder to delete."""
+    import datasets
+
+    from diffusers_aria import RegionsMismatchError, load_or_build_regions
+
+    captions = [f"a {c} {t}" for c in ("red", "blue", "green") for t in ("apple", "car", "mountain", "cat")]
+    ds = datasets.Dataset.from_dict({"image": list(range(len(captions))), "text": captions})
+    folder = str(tmp_path / "aria_regions")
+    load_or_build_regions(folder, ds.shuffle(seed=1).select(range(8)), column="text", num_regions=3, seed=1,
+                          progress=False)
+    with pytest.raises(RegionsMismatchError) as err:  # the same --max_train_samples, another --seed
+        load_or_build_regions(folder, ds.shuffle(seed=2).select(range(8)), column="text", num_regions=3, seed=2)
+    message = str(err.value)
+    assert message.startswith(f"'{folder}': the regions folder does not match this prompt pool"), message
+    assert f"delete '{folder}' to build them again" in message
+    assert "pass the same --seed on every launch" in message
+    with pytest.raises(RegionsMismatchError) as err:  # the whole dataset: no seed picks its rows
+        load_or_build_regions(folder, ds.select(range(8)).flatten_indices(), column="text", num_regions=3, seed=1)
+    assert f"delete '{folder}'" in str(err.value) and "--seed" not in str(err.value)

@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +171,20 @@ def test_a_failed_start_in_an_existing_folder_removes_only_what_it_created(tmp_p
         ok.mkdir()
         (ok / "model_index.json").write_text("{}")
     assert (ok / "model_index.json").exists()
+
+
+def test_move_run_aside_keeps_the_earlier_run_whole_and_links_its_caches(tmp_path):
+    from diffusers_aria.training.checkpointing import move_run_aside
+
+    out = tmp_path / "run"
+    for rel in ("checkpoint-300/model.safetensors", "regions/region_ids.npy", "validation_final.png"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(rel.encode())
+    moved = move_run_aside(str(out), reuse=("regions", "teacher_latents"), now=0)
+    assert moved == time.strftime(f"{out}.previous-%Y%m%d-%H%M%S", time.localtime(0))
+    assert sorted(p.name for p in Path(moved).iterdir()) == ["checkpoint-300", "regions", "validation_final.png"]
+    assert [p.name for p in out.iterdir()] == ["regions"]  # only the cache asked for (teacher_latents: none)
+    assert os.path.samefile(out / "regions" / "region_ids.npy", Path(moved) / "regions" / "region_ids.npy")
+    (out / "checkpoint-1").mkdir()
+    assert move_run_aside(str(out), now=0) == moved + "-2"  # the same second: a new name, nothing replaced
+    assert (Path(moved) / "checkpoint-300" / "model.safetensors").read_bytes() == b"checkpoint-300/model.safetensors"

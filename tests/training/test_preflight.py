@@ -59,8 +59,12 @@ def write_regions_config(path: Path, num_prompts: int, num_regions: int) -> Path
     return path
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Size, modification time and md5 of every file and folder under `root`."""
+    import hashlib
+
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns, p.is_file() and hashlib.md5(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*"))}
 
 
 # ------------------------------------------------------------------------------------------ paths
@@ -210,12 +214,19 @@ def test_run_folders_and_teacher_folders(tmp_path):
     run.mkdir()
     assert not preflight.check_demo_output_dir(str(run))  # empty
     (run / "run_info.json").write_text("{}")
-    assert preflight.check_demo_output_dir(str(run))  # a previous run: written over
+    assert preflight.check_demo_output_dir(str(run))  # a previous run: moved aside by the script
     teacher = write_fake_pipeline(tmp_path / "tiny-teacher")
     (teacher / preflight.TEACHER_REPORT).write_text("{}")
     assert not preflight.is_run_folder(str(teacher))
-    with pytest.raises(UserError, match="is also the teacher's folder"):
+    with pytest.raises(UserError, match="is the teacher's folder"):
         preflight.check_demo_output_dir(str(teacher), str(teacher))
+    (tmp_path / "link").symlink_to(teacher)  # the same folder by another name
+    inputs = [("--pretrained_model_name_or_path", str(teacher), "the teacher's folder")]
+    with pytest.raises(UserError, match=r"'.*link' is the teacher's folder \(--pretrained_model_name_or_path\)"):
+        preflight.check_output_spares_inputs(str(tmp_path / "link"), inputs)
+    with pytest.raises(UserError, match=r"'.*link/unet' lies inside the teacher's folder"):
+        preflight.check_output_spares_inputs(str(tmp_path / "link" / "unet"), inputs)
+    preflight.check_output_spares_inputs(str(tmp_path / "tiny-teacher-2"), inputs)  # a sibling: fine
     with pytest.raises(UserError, match="holds files that are not a distillation run"):
         preflight.check_demo_output_dir(str(teacher), str(tmp_path / "other"))
     preflight.check_teacher_output_dir(str(teacher))
@@ -268,6 +279,17 @@ def _script_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     lost = tmp / "lost"
     (write_checkpoint(lost / "checkpoint-7") / "aria_state.json").write_text("{")
     new = ["--output_dir", str(tmp / "new")]
+    teacher, over = tmp / "teacher", "--overwrite_output_dir"
+    vae = tmp / "vae"
+    (vae / "config.json").parent.mkdir()
+    (vae / "config.json").write_text("{}")
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    write_regions_config(tmp / "runs" / "mine", num_prompts=30, num_regions=3)
+    pipe = write_fake_pipeline(tmp / "pipe")
+    (pipe / "README.md").write_text("a student I keep")
+    unfinished = tmp / "unfinished"  # killed before its first checkpoint: regions and latents, no checkpoint
+    write_regions_config(unfinished / "regions", num_prompts=30, num_regions=3)
+    small = ["--builtin_pool_size", "30", "--num_regions", "3"]
     return {
         "missing pool": (["--prompt_pool", "nosuch.txt", *new], "--prompt_pool 'nosuch.txt': no such prompt pool"),
         "empty pool": (["--prompt_pool", "empty.txt", *new], "--prompt_pool 'empty.txt' is empty"),
@@ -294,6 +316,34 @@ def _script_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "blocks of a UNet student": (["--pretrained_model_name_or_path",
                                       _family_teacher(tmp, "StableDiffusionXLPipeline"), "--student_num_blocks", "2",
                                       *new], "--student_num_blocks applies to transformer students"),
+        # issue 27: no flag makes the run write into, inside or above a folder it reads
+        "output is the teacher": (["--output_dir", str(teacher), over],
+                                  f"--output_dir {str(teacher)!r} is the teacher's folder (--pretrained_model_name_or_"
+                                  "path); a run writes its student, checkpoints and logs into --output_dir and must "
+                                  "leave what it reads as it is: choose a folder apart from it, e.g. "),
+        "output inside the teacher": (["--output_dir", str(teacher / "unet"), over],
+                                      f"lies inside the teacher's folder {str(teacher)!r}"),
+        "output holds the teacher": (["--output_dir", str(tmp), over],
+                                     f"--output_dir {str(tmp)!r} holds the teacher's folder {str(teacher)!r}"),
+        "output is the VAE": (["--pretrained_vae_model_name_or_path", str(vae), "--output_dir", str(vae), over],
+                              "is the VAE's folder (--pretrained_vae_model_name_or_path)"),
+        "output is named regions": (["--regions_dir", str(tmp / "runs" / "mine"), *small, "--output_dir",
+                                     str(tmp / "runs" / "mine"), over], "is the regions folder (--regions_dir)"),
+        "output holds named regions": (["--regions_dir", str(tmp / "runs" / "mine"), *small, "--output_dir",
+                                        str(tmp / "runs"), over],
+                                       f"holds the regions folder {str(tmp / 'runs' / 'mine')!r} (--regions_dir)"),
+        "overwrite would replace a pipeline": (["--output_dir", str(pipe), over],
+                                               f"--output_dir {str(pipe)!r} holds README.md, model_index.json, "
+                                               "scheduler, text_encoder, tokenizer, unet, which a run writes"),
+        "resume and overwrite": ([*small, "--output_dir", str(run), "--resume_from_checkpoint", "latest", over],
+                                 "--resume_from_checkpoint latest continues the run in"),
+        "an earlier run, no flag": ([*small, "--output_dir", str(run)],
+                                    f"--output_dir {str(run)!r} holds an earlier run (it holds checkpoint-10, "
+                                    "checkpoint-5, regions); pass --resume_from_checkpoint latest to continue it, "
+                                    "--overwrite_output_dir to start a new run there (the earlier one is moved aside"),
+        "resume a run with no checkpoint": ([*small, "--output_dir", str(unfinished), "--resume_from_checkpoint",
+                                             "latest"], "holds a run with no checkpoint to resume from (it holds "
+                                                        "regions); --overwrite_output_dir to start a new run there"),
     }
 
 
@@ -342,7 +392,11 @@ def script_runs(tmp_path_factory):
 @pytest.mark.parametrize("name", ["missing pool", "empty pool", "bad column", "K too large", "unknown allocation",
                                   "foreign output folder", "damaged checkpoint", "every checkpoint damaged",
                                   "other run's pool", "missing teacher", "unsupported teacher",
-                                  "student of another family", "blocks of a UNet student"])
+                                  "student of another family", "blocks of a UNet student", "output is the teacher",
+                                  "output inside the teacher", "output holds the teacher", "output is the VAE",
+                                  "output is named regions", "output holds named regions",
+                                  "overwrite would replace a pipeline", "resume and overwrite",
+                                  "an earlier run, no flag", "resume a run with no checkpoint"])
 def test_training_script_bad_input_is_one_line_and_exit_code_2(script_runs, name):
     cases, runs, _, _ = script_runs
     code, err = runs["results"][name]
@@ -354,7 +408,7 @@ def test_training_script_bad_input_is_one_line_and_exit_code_2(script_runs, name
 def test_training_script_fails_before_the_heavy_imports_and_writes_nothing(script_runs):
     _, runs, before, after = script_runs
     assert runs["heavy"] == []
-    assert before == after
+    assert before == after  # md5, size and time of every file: the teacher's, the VAE's, the regions'
 
 
 def test_training_script_debug_shows_the_traceback(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -193,9 +194,107 @@ def test_regions_from_another_pool_are_refused_and_left_intact(tiny_teacher, sha
     with pytest.raises(RegionsMismatchError, match="built for a pool of 200 prompts but this pool has 150"):
         _script().main(args)
     args = _inproc_args(tiny_teacher, shared_regions, tmp_path / "other2", "--seed", "1")  # same size, other prompts
-    with pytest.raises(RegionsMismatchError, match="does not match this prompt pool: fingerprint"):
+    with pytest.raises(RegionsMismatchError, match="does not match this prompt pool: fingerprint") as err:
         _script().main(args)
+    assert str(err.value).startswith(f"{shared_regions!r}: ")  # the folder, and what to do with it (issue 27)
+    assert ("--regions_dir is never rebuilt: pass the pool its regions were built from (the same --builtin_pool_size "
+            "(this run: 200) and --seed (this run: 1)") in str(err.value)
     assert _snapshot(Path(shared_regions)) == before
+
+
+def _md5s(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_script_never_writes_into_inside_or_above_the_teacher(tiny_teacher, shared_regions, tmp_path):
+    """Called directly (no preflight) with --overwrite_output_dir: the teacher, a VAE and named regions stay
+    byte for byte (issue 27: --output_dir equal to the teacher replaced its weights with the student's)."""
+    import shutil
+
+    from diffusers_aria.training.outputs import OutputDirError
+
+    teacher = tmp_path / "models" / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    regions, vae = tmp_path / "models" / "regions", tmp_path / "models" / "vae"
+    shutil.copytree(shared_regions, regions)
+    shutil.copytree(teacher / "vae", vae)
+    before = _md5s(tmp_path / "models")
+    cases = {str(teacher): "is the teacher's folder", str(teacher / "unet"): "lies inside the teacher's folder",
+             str(tmp_path / "models"): "holds the teacher's folder",
+             str(vae): "is the VAE's folder (--pretrained_vae_model_name_or_path)",
+             str(vae / "run"): "lies inside the VAE's folder", str(regions): "is the regions folder (--regions_dir)"}
+    for out, message in cases.items():
+        args = _inproc_args(str(teacher), str(regions), out, "--overwrite_output_dir",
+                            "--pretrained_vae_model_name_or_path", str(vae))
+        with pytest.raises(OutputDirError, match=re.escape(message)):
+            _script().main(args)
+    assert _md5s(tmp_path / "models") == before and not list(tmp_path.glob("models/*.previous-*"))
+
+
+def _own_regions_args(teacher, out, *extra):
+    """A run that builds its own regions (OUTPUT_DIR/regions) of a 60-prompt pool."""
+    return _script().parse_args(["--pretrained_model_name_or_path", teacher, "--output_dir", str(out), "--image_free",
+                                 "--num_teacher_latents", "8", "--teacher_inference_steps", "2",
+                                 "--builtin_pool_size", "60", "--num_regions", "4", "--resolution", "32",
+                                 "--train_batch_size", "4", "--report_to", "tensorboard", "--aria_warmup_steps", "1",
+                                 *extra])
+
+
+def test_overwrite_moves_an_earlier_run_aside_and_never_mixes_two_runs(tiny_teacher, tmp_path, capsys):
+    """--overwrite_output_dir on a folder holding another run (issue 27: an old checkpoint-300 stayed beside the new
+    run's checkpoints): the earlier run moves whole to OUTPUT_DIR.previous-<time>; the new folder holds only the
+    new run's checkpoints, images and logs, its own regions and teacher latents reused when they match. Resuming
+    with another --seed names the regions folder and --seed."""
+    from diffusers_aria.regions import RegionsMismatchError
+    from diffusers_aria.training.checkpointing import resolve_resume_checkpoint
+
+    out = tmp_path / "run"
+    _script().main(_own_regions_args(tiny_teacher, out, "--max_train_steps", "3", "--checkpointing_steps", "3",
+                                     "--validation_prompts", "a red fox", "--validation_steps", "3",
+                                     "--validation_inference_steps", "1"))
+    first = _md5s(out)
+    assert "checkpoint-3/model.safetensors" in first and "validation/step-3.png" in first
+    capsys.readouterr()
+    _script().main(_own_regions_args(tiny_teacher, out, "--overwrite_output_dir", "--max_train_steps", "2",
+                                     "--checkpointing_steps", "1"))
+    moved = list(tmp_path.glob("run.previous-*"))
+    assert len(moved) == 1 and f"the earlier run in {str(out)!r} was moved to {str(moved[0])!r}" in capsys.readouterr().out
+    assert _md5s(moved[0]) == first  # the earlier run, whole
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "validation").exists() and len(list((out / "logs").iterdir())) == 1
+    assert resolve_resume_checkpoint(str(out), "latest") == str(out / "checkpoint-2")
+    second = _md5s(out)
+    for cache in ("regions/region_ids.npy", "teacher_latents/teacher_latents.safetensors"):  # same settings: reused
+        assert second[cache] == first[cache]
+        assert os.path.samefile(out / cache, moved[0] / cache)  # hard links: no copy, no extra space
+    with pytest.raises(RegionsMismatchError) as err:  # this run's own regions, resumed with another --seed
+        _script().main(_own_regions_args(tiny_teacher, out, "--max_train_steps", "3", "--resume_from_checkpoint",
+                                         "latest", "--seed", "1"))
+    regions = str(out / "regions")
+    assert str(err.value).startswith(f"{regions!r}: ") and (
+        f"{regions!r} holds the regions of the earlier run in {str(out)!r}: to continue that run, pass its pool and "
+        "region settings (the same --builtin_pool_size (this run: 60) and --seed (this run: 1)") in str(err.value)
+    assert _md5s(out) == second and _md5s(moved[0]) == first
+
+
+def test_resuming_into_an_empty_folder_says_so_before_the_models_load(tiny_teacher, shared_regions, tmp_path,
+                                                                     monkeypatch, capsys):
+    """issue 27: the message came after ~90 s of loading; now it is the run's first line."""
+    import diffusers_aria.teachers.parts as parts
+
+    def not_yet(*args, **kwargs):
+        raise RuntimeError("the teacher loads after the message")
+
+    monkeypatch.setattr(parts, "load_teacher", not_yet)
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError, match="the teacher loads after the message"):
+        _script().main(_inproc_args(tiny_teacher, shared_regions, out, "--resume_from_checkpoint", "latest"))
+    assert capsys.readouterr().out.splitlines()[0] == (f"--resume_from_checkpoint latest: no checkpoint in "
+                                                       f"{str(out)!r} yet, starting a new run")
+    assert not out.exists()  # the failed start left nothing
 
 
 def test_bad_lora_targets_and_incompatible_student_are_refused(tiny_teacher, shared_regions, tmp_path):

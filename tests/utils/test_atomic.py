@@ -67,3 +67,28 @@ def test_replace_dir_moves_a_new_folder_in_and_replaces_an_old_one(tmp_path):
         replace_dir(tmp, tmp_path / "out")
         assert (tmp_path / "out" / "v.txt").read_text() == version
         assert os.listdir(tmp_path) == ["out"]  # neither the temporary nor the old folder stays
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_and_folders_get_the_umask_mode_not_owner_only(tmp_path, umask):
+    """What the package writes is readable as the user's other files are (issue 27: they were 0600)."""
+    from diffusers_aria.regions import ConditionRegions
+    from diffusers_aria.utils.atomic import make_temp_dir
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "hello")
+        with atomic_write(tmp_path / "b.bin", "wb") as fh:
+            fh.write(b"\x00")
+        atomic_save(tmp_path / "c.npy", lambda p: np.save(p, np.arange(3)))  # np.save opens the temporary file
+        atomic_copy(tmp_path / "b.bin", tmp_path / "d.bin")
+        regions = ConditionRegions(region_ids=np.array([0, 1, 1], dtype=np.int32),
+                                   centroids=np.eye(2, dtype=np.float32), metadata={})
+        regions.save(str(tmp_path / "regions"))
+        tmp = make_temp_dir(tmp_path / "new")
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "b.bin", "c.npy", "d.bin", "regions/regions_config.json", "regions/region_ids.npy"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    for folder in (tmp_path / "regions", tmp):
+        assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask
