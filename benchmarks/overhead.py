@@ -290,8 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n(a) ARIA per-step work, global batch 256 = 8 ranks x 32 (load {loadavg()})")
     print(table(rows, ["K", "component", "median ms", "p90 ms"]))
     largest = [r for r in res["isolated"] if r["K"] == 4096]
-    if largest:
-        res["met_per_step_target_K4096"] = bool(largest[0]["ms"]["per_step_one_rank"]["median"] <= 1.0)
+    # None: K=4,096 was not measured (--quick), so the target is not judged
+    res["met_per_step_target_K4096"] = (bool(largest[0]["ms"]["per_step_one_rank"]["median"] <= 1.0) if largest
+                                        else None)
     if not args.skip_distill:
         d = distillation(args.pairs, args.block, args.distill_warmup, num_regions=16,
                          pool_size=400 if args.quick else 4000, batch=8, seed=args.seed,
@@ -313,4 +314,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     out = main()
-    sys.exit(0 if out.get("met_per_step_target_K4096", True) and out.get("met_distill_ratio_target", True) else 1)
+    sys.exit(0 if out.get("met_per_step_target_K4096") is not False and out.get("met_distill_ratio_target") is not False
+             else 1)

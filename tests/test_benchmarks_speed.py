@@ -59,7 +59,7 @@ def test_overhead_quick(tmp_path):
         torch.set_num_threads(threads)
     data = json.loads((tmp_path / "overhead_quick.json").read_text())
     for key in ("command", "machine", "loadavg_start", "loadavg_end", "targets", "isolated", "distill",
-                "met_per_step_target_K256", "met_distill_ratio_target"):
+                "met_per_step_target_K4096", "met_distill_ratio_target"):
         assert key in data, key
     assert [r["K"] for r in data["isolated"]] == [16, 256]
     for r in data["isolated"]:
@@ -126,3 +126,24 @@ def test_student_sizes_table(tmp_path, capsys):
     published = [r for r in rows if r["published_b"] is not None and not r["model"].startswith("sd15")]
     assert published and all(abs(r["deviation_pct"]) <= 2.0 for r in published)
     assert "koala_700m" in capsys.readouterr().out
+
+
+def test_busy_cpu_commands_and_step_times():
+    """busy_cpu.py: every entry point runs the same training arguments (the demo's after `--`), the control
+    loads torch before the script, and a step time is the median gap between stream lines after the warm-up.
+    (The benchmark itself takes minutes; its result is recorded in docs/benchmarks-speed.md.)"""
+    busy = _load("busy_cpu")
+    cmds = {e: busy.command(e, "T", "R", "O", "S.jsonl", 5) for e in (*busy.ENTRIES, "torch-first")}
+    train = busy.run_args("T", "R", "O", "S.jsonl", 5)
+    for entry, cmd in cmds.items():
+        assert cmd[-len(train):] == train, entry
+    assert cmds["script"][1] == busy.SCRIPT and cmds["accelerate"][cmds["accelerate"].index("--num_processes") + 1] == "1"
+    assert "--" in cmds["demo"] and cmds["demo"].index("--") < cmds["demo"].index("--write_stream")
+    assert "import runpy, sys, torch" in cmds["torch-first"][2]
+    with pytest.raises(ValueError, match="entry 'nope'"):
+        busy.command("nope", "T", "R", "O", "S", 5)
+    stats = busy.step_stats([0.0, 5.0, 6.0, 7.5, 8.5, 9.5], warmup=1)  # gaps after the first: 1, 1.5, 1, 1
+    assert stats["n"] == 4 and stats["median"] == pytest.approx(1.0)
+    assert busy.step_stats([0.0, 1.0], warmup=2) is None
+    with pytest.raises(SystemExit):  # too few steps for one step time, before anything runs
+        busy.main(["--steps", "3", "--warmup", "2"])

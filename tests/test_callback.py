@@ -107,8 +107,11 @@ def test_two_processes_hold_identical_probabilities(two_process_run):
     for a, b in zip(r0["log"], r1["log"]):
         assert a["probs"] == b["probs"]  # bit-identical on both ranks
     assert r0["estimates"] == r1["estimates"]
-    # allocation moved toward the consistently harder region 4
-    assert r0["log"][-1]["probs"][4] > SIZES[4] / SIZES.sum() * 1.5
+    # allocation moved toward the consistently harder region 4 ...
+    path = [entry["probs"][4] for entry in r0["log"]]
+    assert max(path) > SIZES[4] / SIZES.sum() * 1.5
+    # ... and its excess did not fall over its trial (stall_draws=8): the reducibility test gives the mass back
+    assert path[-1] < 0.5 * max(path)
 
 
 def test_two_process_draws_are_disjoint_slices_of_one_global_draw(two_process_run):

@@ -187,13 +187,13 @@ def run_worker(work_dir: str, rank: int = 0, world: int = 1, device=None, models
 
 
 def main(argv: list[str] | None = None) -> int:
-    from accelerate import PartialState
+    from ..sharded_regions import launched_state
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: accelerate launch -m diffusers_aria.compare.generate WORK_DIR", file=sys.stderr)
         return 2
-    state = PartialState()
+    state = launched_state()
     run_worker(argv[0], state.process_index, state.num_processes, device=state.device,
                log=lambda msg: print(msg, flush=True))
     state.wait_for_everyone()

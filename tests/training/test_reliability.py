@@ -56,8 +56,8 @@ def aria_state(path):
 
 def assert_same_state(a, b):
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for k in a:  # exact; NaN marks a region the reducibility test has not measured yet
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
 
 
 @pytest.fixture(scope="module")

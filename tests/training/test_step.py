@@ -86,7 +86,7 @@ def test_settings_build_the_tracker_and_policy_and_name_settings_the_policy_igno
     assert isinstance(AriaSettings(allocation="doremi", doremi_lr=0.2).make_policy([1, 2]), DoReMiEG)
     with caplog.at_level("WARNING", logger="diffusers_aria.training"):
         assert isinstance(AriaSettings(allocation="doremi", tau=0.3).make_policy([1, 2]), DoReMiEG)
-        AriaSettings(allocation="rc", alpha=1.0, exp3_gamma=0.5).make_policy([1, 2])
+        AriaSettings(allocation="rc", alpha=0.5, exp3_gamma=0.5).make_policy([1, 2])
         AriaSettings(allocation="rc").make_policy([1, 2])  # nothing changed from the defaults: no warning
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0].startswith("--allocation doremi does not use --aria_tau (set away from the default)")

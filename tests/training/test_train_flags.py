@@ -119,7 +119,7 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path, monk
             cfg["damping"]) == (0.8, 0.7, "credible", 0.5, 3.0, 0.2, 0.6, 0.5)
     assert (cfg["fwer"], cfg["max_shift"], cfg["trial_ratio"], cfg["stall_draws"], cfg["stall_decline"]) == (
         0.1, 0.4, 3.0, 150, 0.3)
-    assert "| `baseline_samples` | 40.0 |" in (out / "README.md").read_text()
+    assert "| `baseline_samples` | 40 |" in (out / "README.md").read_text()
     assert "| `samples_per_half_life` | — |" in (out / "README.md").read_text()  # None, as the card shows it
     assert max(r["probability"] for r in report["regions"]) <= 0.6 + 1e-12
     regions = ConditionRegions.load(str(out / "regions"))
