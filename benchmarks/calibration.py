@@ -13,7 +13,7 @@ Parts:
             allocation of the previous z-score rule, which starves regions on noise) and feedback_default (the
             default rule with 10% of the regions 1.5x harder): ratio reported se / empirical sd of the raw
             means (`standard_errors`) and of the shrunk estimates (`uncertainty`); target 1 +- 0.15.
-    null    all regions equal: K in {16, 64, 256, 1024}, global batch max(32, K) (256 for K=1024), CV {0.5, 1},
+    null    all regions equal: K in {64, 256, 1024, 4096}, global batch max(32, K) (256 from K=1024), CV {0.5, 1},
             2,000 steps. Targets over the second half: mean TV(p, prior) <= 0.05, min p/prior >= 0.5, max
             p/prior <= 2 (p averaged over the second half; the per-step extremes are reported too).
     power   10% of the regions `factor` times harder (1.2, 1.5 at K=256 batch 256; 1.2 at K=1024 batch 256),
@@ -21,6 +21,12 @@ Parts:
             1.3x), and the first step at which it is reached.
     drift   K=256, batch 256, CV 1: 10% of the regions 1.5x harder until step 1,000, another 10% after it.
             Target: by step 1,300 the new set >= 1.5x its prior share and the old one <= 1.1x.
+    response  a planted unlearnable region (2x harder, CV 3, whatever it is drawn) and a learnable one (2x,
+            falling as it is drawn), K=64: the first <= 1.1x its prior on average, the second >= 1.5x at its
+            peak and back <= 1.1x at the end.
+    reliability  split-half reliability of the tracker's region scores at RC's allocation: even and odd samples
+            into two trackers, K in {64, 256, 1024, 4096}, 10% of the regions 1.0 / 1.2 / 1.5x harder, batch
+            256, 1,000 steps: the correlation of the halves across regions (no target; 1.0x shows ~0).
 
 "prior" is each policy's own starting allocation (`size**alpha` for ARIA, the prompt share for RC, uniform
 for region-uniform). Policies are the library's, by the same `name:key=value` specs as benchmarks/quality.py;
@@ -209,6 +215,26 @@ def response_case(spec: str, k: int, batch: int, seed: int, steps: int, learn_dr
             "learnable_excess_end": float(excess_l[-1])}
 
 
+def reliability_case(k: int, factor: float, batch: int, seed: int, steps: int, cv: float = 1.0) -> dict:
+    """Split-half reliability of the tracker's region scores: one stream of samples at the prompt-share
+    allocation (RC's; no feedback), 10% of the regions `factor` times harder (1.0: nothing to find), the even
+    samples fed to one tracker and the odd ones to another. The correlation across regions of the two halves'
+    relative excess (`estimates() - 1`), and the Spearman-Brown value 2r / (1 + r) for the whole stream."""
+    ids = region_ids(k, seed)
+    sampler = AdaptiveRegionSampler(ids, seed=seed)
+    model = LossModel(k, cv, seed)
+    model.factor[hard_set(k, seed, 1)] = factor
+    halves = (DiscrepancyTracker(k), DiscrepancyTracker(k))
+    for step in range(steps):
+        reg = sampler.draw_regions(step, batch)
+        losses, t = model.sample(reg)
+        for h, tracker in enumerate(halves):
+            tracker.update(reg[h::2], losses[h::2], t[h::2])
+    a, b = (tr.estimates() - 1.0 for tr in halves)
+    r = float(np.corrcoef(a, b)[0, 1])
+    return {"r_halves": r, "spearman_brown": 2 * r / (1 + r) if r > -1 else float("nan")}
+
+
 def se_case(k: int, half_life: float, cv: float, allocation: str, reps: int, seed: int) -> dict:
     """Reported standard errors vs the empirical sd over `reps` independent runs (fixed regions/sizes)."""
     batch = max(32, k)
@@ -269,6 +295,12 @@ def jobs(args) -> list[tuple[str, dict]]:
                     for alloc in ("uniform", "skewed", "feedback_zscore", "feedback_default"):
                         out.append(("se", dict(k=k, half_life=hl, cv=cv, allocation=alloc, reps=args.se_reps,
                                                seed=args.seeds[0])))
+    if "reliability" in args.parts:
+        for seed in args.seeds:
+            for k in ((64,) if args.quick else (64, 256, 1024, 4096)):
+                for factor in (1.0, 1.2, 1.5):
+                    out.append(("reliability", dict(k=k, factor=factor, batch=256, seed=seed,
+                                                    steps=min(steps, 1000))))
     for spec in args.policies:
         for seed in args.seeds:
             if "null" in args.parts:
@@ -300,7 +332,8 @@ def _detection(spec: str) -> str:
 
 def run_job(job: tuple[str, dict]) -> dict:
     kind, kw = job
-    fn = {"null": null_case, "power": power_case, "drift": drift_case, "se": se_case, "response": response_case}[kind]
+    fn = {"null": null_case, "power": power_case, "drift": drift_case, "se": se_case, "response": response_case,
+          "reliability": reliability_case}[kind]
     return {"part": kind, **kw, **fn(**kw)}
 
 
@@ -361,6 +394,16 @@ def summarise(results: list[dict], policies: list[str]) -> dict[str, str]:
                          str([r["steps_to_switch"] for r in rs]), "yes" if ok else "**no**"])
         tables["drift"] = table(rows, ["policy", "old set before switch", "new set at +300", "old set at +300",
                                        "steps to new>=1.5 & old<=1.1", "met"])
+    rel = [r for r in results if r["part"] == "reliability"]
+    if rel:
+        rows = []
+        for k in sorted({r["k"] for r in rel}):
+            for factor in sorted({r["factor"] for r in rel}):
+                rs = [r for r in rel if r["k"] == k and r["factor"] == factor]
+                rows.append([k, factor, rs[0]["batch"], rs[0]["steps"], _mean(rs, "r_halves"),
+                             _mean(rs, "spearman_brown"), len(rs)])
+        tables["reliability"] = table(rows, ["K", "10% of regions harder by", "batch", "steps",
+                                             "r(even half, odd half)", "Spearman-Brown (whole stream)", "seeds"])
     response = [r for r in results if r["part"] == "response"]
     if response:
         rows = []
@@ -387,8 +430,8 @@ def missed(tables: dict[str, str], policy: str = "aria") -> list[str]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", default=["se", "null", "power", "drift", "response"],
-                   choices=["se", "null", "power", "drift", "response"])
+    p.add_argument("--parts", nargs="+", default=["se", "null", "power", "drift", "response", "reliability"],
+                   choices=["se", "null", "power", "drift", "response", "reliability"])
     p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES),
                    help="policy specs, e.g. aria 'aria:tau=0.2' rc (aria_zscore = the previous default)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

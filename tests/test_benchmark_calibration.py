@@ -22,7 +22,7 @@ def test_calibration_quick(tmp_path):
     res = _calibration().main(["--quick", "--workers", "1", "--out_dir", str(tmp_path)])
     data = json.loads((tmp_path / "calibration_quick.json").read_text())
     assert data["command"].startswith("python benchmarks/calibration.py --quick")
-    assert set(data["tables"]) == {"se", "null", "power", "drift", "response"}
+    assert set(data["tables"]) == {"se", "null", "power", "drift", "response", "reliability"}
     assert data["args"]["policies"] == ["aria", "aria_zscore", "rc"]
     by = {(r["part"], r.get("spec"), r.get("k")): r for r in res["results"] if r["part"] != "se"}
     # 400 steps: the default stays within its null bounds, the previous z-score rule does not
@@ -34,6 +34,10 @@ def test_calibration_quick(tmp_path):
     resp = by[("response", "aria", 64)]
     assert resp["unlearnable_max"] <= 4.0 + 1e-9 and resp["learnable_peak"] > 1.5
     assert res["missed"] == [] or all(line.startswith("response") for line in res["missed"])
+    # split-half reliability: the halves agree where regions differ, and not where nothing differs
+    rel = {r["factor"]: r for r in res["results"] if r["part"] == "reliability"}
+    assert rel[1.5]["r_halves"] > 0.3 and abs(rel[1.0]["r_halves"]) < 0.45
+    assert rel[1.5]["spearman_brown"] > rel[1.5]["r_halves"]
     se = [r for r in res["results"] if r["part"] == "se"]
     assert {r["allocation"] for r in se} == {"uniform", "skewed", "feedback_zscore", "feedback_default"}
     assert all(0.5 < r["ratio_raw"] < 2.0 for r in se)
