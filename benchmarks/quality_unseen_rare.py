@@ -36,7 +36,10 @@ text pathway re-initialised, output KD) in which ARIA gets no help from the desi
     python benchmarks/quality_unseen_rare.py --design small --instances 100 101 --seeds 0 --tag tuning ...
     python benchmarks/quality_unseen_rare.py --report benchmarks/results/quality_unseen_rare_TAG.json
 
-Writes benchmarks/results/quality_unseen_rare[_TAG].json and prints Markdown tables.
+Writes benchmarks/results/quality_unseen_rare[_TAG].json and prints Markdown tables, then issue 25's targets
+for the library default in every cell that ran (`verdict`: at 1,000 steps, small: unseen >= 40% of the
+mixture's gain, rare <= 0.95, seen <= 1.01, natural overall <= 0.99; concept: >= 60%, natural overall <= 0.98;
+all-seen control: natural overall within +-0.5% of RC). Exits 1 when one is missed.
 """
 
 from __future__ import annotations
@@ -546,6 +549,64 @@ def _format_schedule(by_length: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ targets (issue 25)
+REFERENCE = "mix:u=0.33,r=0.17"  # the label-aware mixture, frozen on the tuning instances
+TARGETS = {  # at TARGET_LENGTH steps, per swap schedule: (metric, "min" or "max", limit)
+    "small": [("unseen_share_of_reference_gain", "min", 0.40), ("rare", "max", 0.95), ("seen", "max", 1.01),
+              ("overall_natural", "max", 0.99)],
+    "concept": [("unseen_share_of_reference_gain", "min", 0.60), ("overall_natural", "max", 0.98)],
+}
+CONTROL_TOLERANCE = 0.005  # the all-seen control: natural-weight overall within +-0.5% of RC
+TARGET_LENGTH = "1000"
+
+
+def verdict(results: dict, design: str, policy: str = "aria", reference: str = REFERENCE) -> list[dict]:
+    """Issue 25's targets for `policy` in every cell the results hold (a cell without the policy, the reference
+    or the target length is not judged). One row per criterion: value, limit, met."""
+    rows = []
+    for schedule, by_length in (results.get("summary") or {}).items():
+        summ = by_length.get(TARGET_LENGTH, {})
+        if policy not in summ:
+            continue
+        pooled = summ[policy]["pooled"]
+        for metric, kind, limit in TARGETS.get(design, []):
+            if metric == "unseen_share_of_reference_gain":
+                if reference not in summ:
+                    continue
+                ref = summ[reference]["pooled"]["unseen"]["mean"]
+                value = (1.0 - pooled["unseen"]["mean"]) / (1.0 - ref) if ref < 1.0 else float("nan")
+            else:
+                value = pooled[metric]["mean"]
+            met = bool(value >= limit) if kind == "min" else bool(value <= limit)
+            rows.append({"cell": f"{design}, {schedule}", "metric": metric, "kind": kind, "limit": limit,
+                         "value": float(value), "met": met})
+    for schedule, by_length in (results.get("control_summary") or {}).items():
+        summ = by_length.get(TARGET_LENGTH, {})
+        if policy in summ:
+            value = summ[policy]["pooled"]["overall_natural"]["mean"]
+            rows.append({"cell": f"control, {schedule}", "metric": "overall_natural", "kind": "within",
+                         "limit": CONTROL_TOLERANCE, "value": float(value),
+                         "met": bool(abs(value - 1.0) <= CONTROL_TOLERANCE)})
+    return rows
+
+
+def format_verdict(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    sign = {"min": ">=", "max": "<=", "within": "1 +-"}
+    body = [[r["cell"], r["metric"], f"{sign[r['kind']]} {r['limit']:g}", f"{r['value']:.3f}",
+             "yes" if r["met"] else "**no**"] for r in rows]
+    return f"\n### targets at {TARGET_LENGTH} steps (ARIA, the library default)\n\n" + table(
+        body, ["cell", "metric", "target", "measured", "met"])
+
+
+def _design_of_parts(parts_dir: str) -> str:
+    import glob
+
+    names = [os.path.basename(p).split("_")[0] for p in glob.glob(os.path.join(parts_dir, "*.json"))]
+    return next((n for n in names if n in DESIGNS), "small")
+
+
 def report_parts(parts_dir: str) -> dict:
     """Tables from the part files of a run that has not finished (every complete (instance, seed) so far)."""
     import glob
@@ -567,9 +628,11 @@ def report_parts(parts_dir: str) -> dict:
            "instances_seeds": sorted({(r["instance"], r["seed"]) for r in main_runs}),
            "summary": summaries(main_runs, lengths),
            "control_summary": summaries(ctrl_runs, lengths) if ctrl_runs else None}
+    out["verdict"] = verdict(out, _design_of_parts(parts_dir))
     text = format_tables(out)
     if ctrl_runs:
         text += "\n\n### all-seen control\n" + format_tables({"summary": out["control_summary"]})
+    text += format_verdict(out["verdict"])
     print(f"{len(runs)} runs from {parts_dir}; (instance, seed): {out['instances_seeds']}")
     print(text)
     return {**out, "report": text}
@@ -661,14 +724,16 @@ def main(argv=None) -> dict:
                "summary": summaries(main_runs, args.eval_steps),
                "control_summary": summaries(ctrl_runs, args.eval_steps) if ctrl_runs else None,
                "seconds": time.time() - t0, "loadavg_end": loadavg()}
+    results["verdict"] = verdict(results, args.design)
     text = format_tables(results)
     if ctrl_runs:
         text += "\n\n### all-seen control\n" + format_tables({"summary": results["control_summary"]})
+    text += format_verdict(results["verdict"])
     print(text)
     path = write_json(name, results, args.out_dir)
     log(f"{len(runs)} runs in {results['seconds']:.0f} s; wrote {os.path.relpath(path)}")
     return results
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # exit 1 when the library default misses a target in a cell it ran
+    sys.exit(1 if any(not row["met"] for row in main().get("verdict", [])) else 0)

@@ -115,3 +115,31 @@ def test_concept_design_holds_out_one_whole_topic_group():
     assert unseen_classes == set(np.unique(cls[group == g]))  # every class of the group, and only those
     assert not np.isin(group[d["paired"]], [g]).any()
     assert len(np.flatnonzero(d["kinds"] == "rare")) == 3
+
+
+def _cell(**means):
+    return {"pooled": {m: {"mean": v, "sd_instances": 0.0} for m, v in means.items()}, "per_instance": {}}
+
+
+def test_targets_are_judged_per_cell_and_a_miss_is_reported():
+    v3 = _v3()
+    ref = _cell(unseen=0.5, rare=0.6, seen=1.1, overall_natural=1.0)
+    results = {"summary": {
+        "constant": {"1000": {"rc": _cell(unseen=1, rare=1, seen=1, overall_natural=1), v3.REFERENCE: ref,
+                              "aria": _cell(unseen=0.75, rare=0.9, seen=1.0, overall_natural=0.98)}},
+        "exponential": {"1000": {v3.REFERENCE: ref, "aria": _cell(unseen=0.9, rare=0.9, seen=1.0,
+                                                                    overall_natural=0.98)}},
+        "other": {"300": {"aria": _cell(unseen=0.1)}}},  # no 1,000-step evaluation: not judged
+        "control_summary": {"constant": {"1000": {"aria": _cell(overall_natural=1.004)}},
+                            "exponential": {"1000": {"aria": _cell(overall_natural=1.02)}}}}
+    rows = {(r["cell"], r["metric"]): r for r in v3.verdict(results, "small")}
+    share = rows[("small, constant", "unseen_share_of_reference_gain")]
+    assert share["value"] == pytest.approx(0.5) and share["met"]  # (1 - 0.75) / (1 - 0.5)
+    assert not rows[("small, exponential", "unseen_share_of_reference_gain")]["met"]  # 20% < 40%
+    assert rows[("small, constant", "rare")]["met"] and rows[("small, constant", "overall_natural")]["met"]
+    assert rows[("control, constant", "overall_natural")]["met"]
+    assert not rows[("control, exponential", "overall_natural")]["met"]
+    assert not any(cell.startswith("small, other") for cell, _ in rows)
+    concept = {(r["cell"], r["metric"]) for r in v3.verdict(results, "concept")}
+    assert ("small, constant", "rare") not in concept and ("concept, constant", "overall_natural") in concept
+    assert "**no**" in v3.format_verdict(v3.verdict(results, "small"))

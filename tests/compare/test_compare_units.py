@@ -372,8 +372,8 @@ def test_table_build_and_markdown():
 def test_a_dataset_is_read_with_its_config_and_filtered_by_label(monkeypatch, tmp_path):
     import datasets
 
-    from diffusers_aria.training import data
     from diffusers_aria.compare import paired
+    from diffusers_aria.training import data
 
     seen = {}
 
