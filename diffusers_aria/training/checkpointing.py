@@ -272,12 +272,16 @@ def run_logging_dir(output_dir: str, logging_dir: str = "logs", resume_path: str
     """
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
     name = f"run-{stamp}" + (f"-from-{checkpoint_step(resume_path)}" if resume_path else "")
-    base = os.path.join(output_dir, logging_dir)
-    path, n = os.path.join(base, name), 1
-    while os.path.exists(path):
+    return _unused_path(os.path.join(output_dir, logging_dir, name))
+
+
+def _unused_path(path: str) -> str:
+    """`path`, or `path-2`, `path-3`, ... : the first name nothing holds yet."""
+    candidate, n = path, 1
+    while os.path.lexists(candidate):
         n += 1
-        path = os.path.join(base, f"{name}-{n}")
-    return path
+        candidate = f"{path}-{n}"
+    return candidate
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -298,10 +302,7 @@ def move_run_aside(output_dir: str, reuse: tuple[str, ...] = (), now: float | No
     """
     base = os.path.normpath(output_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
-    target, n = f"{base}.previous-{stamp}", 1
-    while os.path.lexists(target):
-        n += 1
-        target = f"{base}.previous-{stamp}-{n}"
+    target = _unused_path(f"{base}.previous-{stamp}")
     os.rename(base, target)
     for name in reuse:
         if os.path.isdir(os.path.join(target, name)):
