@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+SCORES = ("sparse", "credible", "zscore")
+VARIANCES = ("own_max", "pooled")
+
 
 def _normalise(w: np.ndarray) -> np.ndarray:
     return w / w.sum()
@@ -321,7 +324,7 @@ def sparse_shrinkage(z, fwer: float = 0.05, slab_scale: float = 0.5, start: floa
     return out, w
 
 
-def tree_excess(counts, sums, sq_weights, variance: float, tree=None, method: str = "sparse",
+def tree_excess(counts, sums, sq_weights, variance, tree=None, method: str = "sparse",
                 threshold: float = 1.0, fwer: float = 0.05, weights=None,
                 slab_starts: list[float] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     r"""Credible relative excess of every leaf region, estimated level by level down a `RegionTree`.
@@ -353,21 +356,22 @@ def tree_excess(counts, sums, sq_weights, variance: float, tree=None, method: st
     omega = n.copy() if weights is None else np.asarray(weights, dtype=np.float64)
     info: dict[str, Any] = {"levels": [], "leaf_excess": np.zeros(k), "leaf_se": np.zeros(k)}
     seen = n > 0
-    if not seen.any() or not np.isfinite(variance) or variance <= 0:
+    var = np.broadcast_to(np.asarray(variance, dtype=np.float64), (k,))
+    if not seen.any() or not np.all(np.isfinite(var[seen])) or np.any(var[seen] <= 0):
         return np.zeros(k), info
     safe = np.where(seen, n, 1.0)
     omega = np.where(seen, omega, 0.0)
     ybar_leaf = np.where(seen, m1 / safe, 0.0)
-    v_leaf = np.where(seen, q / safe ** 2, 0.0)  # variance of a leaf mean / sigma^2
     total = omega.sum()
     ybar = float((omega * ybar_leaf).sum() / total) if total > 0 else 0.0
     if not np.isfinite(ybar) or ybar <= 0:
         return np.zeros(k), info
+    # variance of a leaf's relative excess (its mean over the reference): sigma_k^2 q_k / n_k^2 / ybar^2
+    v_leaf = np.where(seen, var * q / safe ** 2, 0.0) / ybar ** 2
     levels = [] if tree is None else [tree.ancestors[lvl] for lvl in range(tree.num_levels)]
     levels.append(np.arange(k))
     prev = np.zeros(k, dtype=np.int64)  # each leaf's node at the level above (the root: 0)
-    scale = variance / ybar ** 2
-    x_up, s2_up, w_up = np.zeros(1), np.array([scale * (omega ** 2 * v_leaf).sum() / total ** 2]), np.array([total])
+    x_up, s2_up, w_up = np.zeros(1), np.array([(omega ** 2 * v_leaf).sum() / total ** 2]), np.array([total])
     theta_up = np.zeros(1)
     for depth, node in enumerate(levels):
         size = int(node.max()) + 1
@@ -377,7 +381,7 @@ def tree_excess(counts, sums, sq_weights, variance: float, tree=None, method: st
         obs = w > 0
         wsafe = np.where(obs, w, 1.0)
         x = np.where(obs, np.bincount(node, weights=omega * ybar_leaf, minlength=size) / wsafe / ybar - 1.0, 0.0)
-        s2 = np.where(obs, scale * np.bincount(node, weights=omega ** 2 * v_leaf, minlength=size) / wsafe ** 2, 0.0)
+        s2 = np.where(obs, np.bincount(node, weights=omega ** 2 * v_leaf, minlength=size) / wsafe ** 2, 0.0)
         var_d = s2 * (1.0 - 2.0 * w / np.maximum(w_up[parent], 1e-300)) + s2_up[parent]
         d = x - x_up[parent]
         ok = obs & (var_d > 0) & np.isfinite(var_d)
@@ -452,6 +456,15 @@ class ARIAAllocation(AllocationPolicy):
         stall_draws: extra draws a boosted region gets to show progress (None: no reducibility test).
         stall_decline: the share of its excess a boosted region must shed within `stall_draws` extra draws.
         trial_ratio: the most a boosted region gets (x its prior) before it has shown progress.
+        variance: the within-region variance a region's excess is judged against: "own_max" (default) the larger
+            of the region's own (moderated toward the pooled one, `DiscrepancyTracker.variances`) and the pooled
+            one; "pooled" the pooled one for all. Losses are right-skewed: with the pooled variance a leaf of a
+            few dozen samples that caught one large loss has a z far beyond what the normal tail allows, so at
+            many leaves chance leaves pass any Bonferroni bound; its own variance carries that outlier too. The
+            max keeps a leaf of unusually calm samples from looking credibly different in the same way.
+        refresh_every: the scores, the reducibility test and the target are recomputed every this many tracker
+            updates after the warm-up (the draws in between are counted); the probabilities stay fixed between
+            refreshes and move `1 - (1 - damping)**refresh_every` of the way at each.
     """
 
     name = "aria"
@@ -460,7 +473,8 @@ class ARIAAllocation(AllocationPolicy):
                  threshold: float = 1.0, fwer: float = 0.05, floor: float = 0.05, max_ratio: float | None = None,
                  max_shift: float = 0.5, cap: float | None = None, damping: float = 0.1, warmup_steps: int = 40,
                  z_clip: float | None = 3.0, tree=None, stall_draws: float | None = 200.0,
-                 stall_decline: float = 0.25, trial_ratio: float = 4.0) -> None:
+                 stall_decline: float = 0.25, trial_ratio: float = 4.0, variance: str = "own_max",
+                 refresh_every: int = 1) -> None:
         if score not in SCORES:
             raise ValueError(f"score={score!r} is not valid; use one of {', '.join(SCORES)}")
         if not tau > 0:
@@ -487,6 +501,11 @@ class ARIAAllocation(AllocationPolicy):
             raise ValueError(f"stall_decline={stall_decline!r} must lie in [0, 1)")
         if not trial_ratio >= 1:
             raise ValueError(f"trial_ratio={trial_ratio!r} must be >= 1")
+        if variance not in VARIANCES:
+            raise ValueError(f"variance={variance!r} is not valid; use one of {', '.join(VARIANCES)}")
+        if not (isinstance(refresh_every, (int, np.integer)) and refresh_every >= 1):
+            raise ValueError(f"refresh_every={refresh_every!r} must be an integer of 1 or more")
+        self.variance, self.refresh_every = variance, int(refresh_every)
         self.alpha, self.tau, self.score, self.threshold = float(alpha), float(tau), score, float(threshold)
         self.fwer, self.floor, self.max_ratio, self.max_shift = float(fwer), float(floor), max_ratio, float(max_shift)
         self.cap, self.damping, self.warmup_steps, self.z_clip = cap, float(damping), int(warmup_steps), z_clip
@@ -511,6 +530,8 @@ class ARIAAllocation(AllocationPolicy):
         self.trial_se = np.zeros(self.num_regions)  # standard error of the excess when the current test began
         self._slab_starts: list[float | None] | None = None  # where the next sparse fits begin (a speed-up only)
         self.stalled_se = np.zeros(self.num_regions)
+        self.pending_draws = np.zeros(self.num_regions)  # draws per region since the last refresh
+        self.failures = np.zeros(self.num_regions)  # failed reducibility tests per region
 
     # ------------------------------------------------------------------------------- scores and target
     def credible_scores(self, tracker) -> np.ndarray:
@@ -524,6 +545,8 @@ class ARIAAllocation(AllocationPolicy):
             e = tracker.estimates()
             return standardise(e, self.z_clip), e / tracker.global_mean() - 1.0, tracker.uncertainty()
         counts, sums, sq_weights, variance = tracker.region_moments()
+        if self.variance == "own_max":  # each region's own (moderated) variance, never below the pooled one
+            variance = np.maximum(tracker.variances(), variance)
         scores, info = tree_excess(counts, sums, sq_weights, variance, self.tree,
                                    "sparse" if self.score == "sparse" else "normal", self.threshold, self.fwer,
                                    weights=self.prompt_share, slab_starts=self._slab_starts)
@@ -550,12 +573,12 @@ class ARIAAllocation(AllocationPolicy):
         """The undamped allocation for the tracker's current evidence (without the reducibility test)."""
         return self.target(self.credible_scores(tracker))
 
-    def _reducible(self, scores: np.ndarray, excess: np.ndarray, se: np.ndarray, tracker) -> np.ndarray:
-        """Apply the reducibility test (class docstring) to this update's scores; returns the scores to use."""
+    def _reducible(self, scores: np.ndarray, excess: np.ndarray, se: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Apply the reducibility test (class docstring) to this refresh's scores, given the draws per region since
+        the previous refresh; returns the scores to use."""
         if self.stall_draws is None or self.score == "zscore":
             self.proven[:] = 1.0
             return scores
-        counts = tracker.last_counts
         extra = np.maximum(counts - self.prior * counts.sum(), 0.0)  # draws beyond what the prior would give
         held = np.isfinite(self.stalled_excess)
         # a held region is released once its excess has fallen on its own
@@ -564,13 +587,15 @@ class ARIAAllocation(AllocationPolicy):
         self.stalled_excess[release] = np.nan
         held &= ~release
         boosted = (scores > 0) & ~held
+        # a proven boost that has ended proves nothing further: the next boost starts a new test. An unproven test
+        # stays open when the boost flickers off, so that its extra draws add up over the flickers
+        done = ~boosted & np.isfinite(self.trial_excess) & (self.proven > 0)
+        self.trial_excess[done] = np.nan
+        self.proven[done] = 0.0
         start = boosted & ~np.isfinite(self.trial_excess)
         self.trial_excess[start] = excess[start]
         self.trial_se[start] = se[start]
         self.trial_draws[start] = 0.0
-        ended = ~boosted & np.isfinite(self.trial_excess)
-        self.trial_excess[ended] = np.nan
-        self.proven[ended] = 0.0
         in_trial = np.isfinite(self.trial_excess)
         self.trial_draws[in_trial] += extra[in_trial]
         # the test measures the fall from the highest level seen during it (a boost can begin while the excess
@@ -582,12 +607,20 @@ class ARIAAllocation(AllocationPolicy):
         # boost begins when a region first looks hard, often at a high draw of its noise: regression to the mean
         # alone must not count)
         noise = 2.0 * np.sqrt(self.trial_se ** 2 + se ** 2)
-        progressed = in_trial & (self.trial_excess - excess >= np.maximum(self.stall_decline * self.trial_excess, noise))
-        self.trial_excess[progressed] = excess[progressed]  # a new test from here
+        fell = in_trial & (self.trial_excess - excess >= np.maximum(self.stall_decline * self.trial_excess, noise))
+        # a fall while boosted is progress (a new test from here); a fall while not boosted closes the test: the
+        # region came back on its own, which says nothing of what extra draws do for it
+        progressed = fell & boosted
+        self.trial_excess[progressed] = excess[progressed]
         self.trial_se[progressed] = se[progressed]
         self.trial_draws[progressed] = 0.0
         self.proven[progressed] = 1.0
-        failed = in_trial & ~progressed & (self.trial_draws >= self.stall_draws)
+        self.trial_excess[fell & ~boosted] = np.nan
+        in_trial &= ~(fell & ~boosted)
+        # each failed test halves the next one's allowance: a region found irreducible once needs more evidence
+        # (a shorter boost) to be chased again, so a lifetime of tests costs at most twice the first
+        failed = in_trial & ~progressed & (self.trial_draws >= self.stall_draws * 0.5 ** self.failures)
+        self.failures[failed] += 1.0
         self.stalled_excess[failed] = np.maximum(self.trial_excess[failed], 1e-12)
         self.stalled_se[failed] = self.trial_se[failed]
         self.trial_excess[failed] = np.nan
@@ -598,17 +631,24 @@ class ARIAAllocation(AllocationPolicy):
         if tracker.num_updates < self.warmup_steps:
             self.probabilities = self.prior.copy()
             return self.probabilities
-        self.scores = self._reducible(*self._scores(tracker), tracker)
+        self.pending_draws += tracker.last_counts
+        if (tracker.num_updates - self.warmup_steps) % self.refresh_every:
+            return self.probabilities  # between refreshes: unchanged (the tracker still takes every update)
+        counts, self.pending_draws = self.pending_draws, np.zeros(self.num_regions)
+        self.scores = self._reducible(*self._scores(tracker), counts)
         self.between_variance = float((self.prior * self.scores ** 2).sum()) if self.score != "zscore" else 0.0
         # a boost that has not yet shown progress goes no higher than trial_ratio x the prior
         upper = np.where(self.proven > 0, self.upper, np.minimum(self.upper, np.maximum(
             self.trial_ratio * self.prior, self.lower)))
         target = self.target(self.scores, upper)
-        p = self.probabilities + self.damping * (target - self.probabilities)
+        # the step of `refresh_every` updates, each `damping` of the way (1 - (1 - damping)**n in all)
+        rate = self.damping if self.refresh_every == 1 else 1.0 - (1.0 - self.damping) ** self.refresh_every
+        p = self.probabilities + rate * (target - self.probabilities)
         self.probabilities = p / p.sum() if abs(p.sum() - 1.0) > 1e-12 else p
         return self.probabilities
 
-    _STATE = ("scores", "trial_excess", "trial_se", "trial_draws", "stalled_excess", "stalled_se", "proven")
+    _STATE = ("scores", "trial_excess", "trial_se", "trial_draws", "stalled_excess", "stalled_se", "proven",
+              "pending_draws", "failures")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), **{k: torch.from_numpy(getattr(self, k).copy()) for k in self._STATE},
@@ -621,7 +661,6 @@ class ARIAAllocation(AllocationPolicy):
         self.between_variance = float(state["between_variance"])
 
 
-SCORES = ("sparse", "credible", "zscore")
 
 
 

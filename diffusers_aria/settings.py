@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .allocation import POLICIES, SCORES, AllocationPolicy, make_policy, policy_arguments
+from .allocation import POLICIES, SCORES, VARIANCES, AllocationPolicy, make_policy, policy_arguments
 from .conditioning import SCHEDULES
 from .utils.errors import UserError
 
@@ -61,6 +61,16 @@ class AriaSettings:
         "sparse empirical-Bayes prior (noise gives 0, a few real effects keep their size); credible: the same "
         "with a normal prior; zscore: the earlier standardised score (moves on noise)", choices=SCORES,
         policy="score")
+    variance: str = _setting(
+        "own_max", "--aria_variance", "the noise each region's excess is judged against: own_max, the larger of "
+        "the region's own score variance (moderated toward the pooled one) and the pooled variance, so that a "
+        "region whose scores are noisier than the rest (a heavy tail, an outlier) does not look credibly harder; "
+        "pooled: one variance for all regions", choices=VARIANCES,
+        policy="variance")
+    refresh_every: int = _setting(
+        1, "--aria_refresh_every", "recompute the allocation every N optimizer steps (the statistics still take "
+        "every step; damping is compounded over the N steps): cuts ARIA's work per step at many regions",
+        check=_AT_LEAST_ONE, policy="refresh_every")
     threshold: float = _setting(
         1.0, "--aria_threshold", "--aria_score credible: heterogeneity threshold, in null standard deviations of "
         "Cochran's Q: spread below it counts as noise", policy="threshold")
