@@ -54,14 +54,14 @@ def test_overhead_quick(tmp_path):
 
     threads = torch.get_num_threads()
     try:
-        _load("overhead").main(["--quick", "--out_dir", str(tmp_path)])
+        _load("overhead").main(["--quick", "--refresh_every", "1", "4", "--out_dir", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     data = json.loads((tmp_path / "overhead_quick.json").read_text())
     for key in ("command", "machine", "loadavg_start", "loadavg_end", "targets", "isolated", "distill",
                 "met_per_step_target_K4096", "met_distill_ratio_target"):
         assert key in data, key
-    assert [r["K"] for r in data["isolated"]] == [16, 256]
+    assert [(r["K"], r["refresh_every"]) for r in data["isolated"]] == [(16, 1), (16, 4), (256, 1), (256, 4)]
     for r in data["isolated"]:
         for comp in ("draw_per_rank", "gather", "tracker_update", "policy_step", "set_probabilities", "record",
                      "on_step_end", "per_step_one_rank", "metrics_every_log_step"):
