@@ -474,7 +474,7 @@ class ARIAAllocation(AllocationPolicy):
                  max_shift: float = 0.5, cap: float | None = None, damping: float = 0.1, warmup_steps: int = 40,
                  z_clip: float | None = 3.0, tree=None, stall_draws: float | None = 200.0,
                  stall_decline: float = 0.25, trial_ratio: float = 4.0, variance: str = "own_max",
-                 refresh_every: int = 1) -> None:
+                 refresh_every: int = 8) -> None:
         if score not in SCORES:
             raise ValueError(f"score={score!r} is not valid; use one of {', '.join(SCORES)}")
         if not tau > 0:

@@ -68,7 +68,7 @@ class AriaSettings:
         "pooled: one variance for all regions", choices=VARIANCES,
         policy="variance")
     refresh_every: int = _setting(
-        1, "--aria_refresh_every", "recompute the allocation every N optimizer steps (the statistics still take "
+        8, "--aria_refresh_every", "recompute the allocation every N optimizer steps (the statistics still take "
         "every step; damping is compounded over the N steps): cuts ARIA's work per step at many regions",
         check=_AT_LEAST_ONE, policy="refresh_every")
     threshold: float = _setting(

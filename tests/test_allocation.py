@@ -220,7 +220,7 @@ def test_aria_damping_one_jumps_to_target():
     est = FakeTracker(np.array([1.0, 1.3, 0.9, 1.0, 1.1]))
     policy = ARIAAllocation(SIZES, damping=1.0, warmup_steps=0, stall_draws=None)  # no trial bound either
     np.testing.assert_allclose(policy.step(0, est), policy.target_from(est), rtol=0, atol=1e-12)
-    damped = ARIAAllocation(SIZES, damping=0.25, warmup_steps=0, stall_draws=None)
+    damped = ARIAAllocation(SIZES, damping=0.25, warmup_steps=0, stall_draws=None, refresh_every=1)
     p = damped.step(0, est)
     expected = damped.prior + 0.25 * (damped.target_from(est) - damped.prior)
     np.testing.assert_allclose(p, expected, rtol=1e-14)
@@ -716,6 +716,10 @@ def test_refresh_every_holds_the_probabilities_between_refreshes_and_compounds_d
             assert np.array_equal(h[s], h[first])
     assert h[8][1] > h[4][1] > every.prior[1]  # and moving toward the harder region
     assert every.config()["refresh_every"] == 4
+    est = FakeTracker(np.array([1.0, 1.3, 0.9, 1.0, 1.1]))
+    damped = ARIAAllocation(SIZES, damping=0.25, warmup_steps=0, stall_draws=None, refresh_every=4)
+    expected = damped.prior + (1 - 0.75 ** 4) * (damped.target_from(est) - damped.prior)
+    np.testing.assert_allclose(damped.step(0, est), expected, rtol=1e-14)  # four steps of damping at once
     with pytest.raises(ValueError, match=r"refresh_every=0 must be an integer of 1 or more"):
         ARIAAllocation(SIZES, refresh_every=0)
 

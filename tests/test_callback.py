@@ -34,7 +34,7 @@ def _objects(accelerator=None, warmup: int = 2):
     sampler = AdaptiveRegionSampler(REGION_IDS, seed=3)
     tracker = DiscrepancyTracker(K, half_life=20, num_timestep_bins=4)
     # the regions come with a tree (two coarse nodes), and the reducibility test runs: its state must resume too
-    policy = ARIAAllocation(sampler.sizes, warmup_steps=warmup, damping=0.5, stall_draws=8.0,
+    policy = ARIAAllocation(sampler.sizes, warmup_steps=warmup, damping=0.5, stall_draws=8.0, refresh_every=2,
                             tree=RegionTree(np.array([[0, 0, 0, 1, 1, 1]])))
     return ARIACallback(accelerator, sampler, tracker, policy, log_every=1)
 
@@ -296,7 +296,7 @@ def test_allocation_plot_names_regions_and_says_why_probability_is_not_the_estim
     ids = np.arange(num_regions * 5) % num_regions
     sampler = AdaptiveRegionSampler(ids, seed=0)
     tracker = DiscrepancyTracker(num_regions, half_life=50)
-    policy = ARIAAllocation(sampler.sizes, warmup_steps=1, damping=0.5)
+    policy = ARIAAllocation(sampler.sizes, warmup_steps=1, damping=0.5, refresh_every=1)
     names = [f"topic{j} (90%)" for j in range(num_regions)]
     cb = ARIACallback(None, sampler, tracker, policy, region_names=names)
     rng = np.random.default_rng(0)
