@@ -73,6 +73,7 @@ class ARIACallback:
         self.last_step = -1
         self._buffer: list[torch.Tensor] = []  # this process's rows since the last on_step_end (not checkpointed)
         self.sampler.set_probabilities(self.policy.probabilities)
+        self._last_set: np.ndarray | None = None  # the probabilities last given to the sampler by on_step_end
         if register_hooks and accelerator is not None:
             accelerator.register_save_state_pre_hook(self._save_hook)
             accelerator.register_load_state_pre_hook(self._load_hook)
@@ -151,7 +152,9 @@ class ARIACallback:
         self.tracker.update(regions, rows[:, 1], torch.nan_to_num(t, nan=0.0) if any_t else None,
                             baseline_weights=self._baseline_weights(regions.numpy()))
         probs = self.policy.step(step, self.tracker)
-        self.sampler.set_probabilities(probs)
+        if probs is not self._last_set:  # a policy between refreshes returns the same array: nothing to set
+            self.sampler.set_probabilities(probs)
+            self._last_set = probs
         self.last_step = int(step)
         self._record(step, probs)
         if self.tracker.last_nonfinite:
@@ -222,6 +225,7 @@ class ARIACallback:
         self.tracker.load_state_dict(state["tracker"])
         self.policy.load_state_dict(state["policy"])
         self.sampler.load_state_dict(state["sampler"])
+        self._last_set = None
         self.history_steps = [int(s) for s in np.asarray(state["history_steps"])]
         self.history_probs = list(np.asarray(state["history_probs"], dtype=np.float32))
         self.history_stride = int(state["history_stride"])

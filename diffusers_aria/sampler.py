@@ -198,8 +198,11 @@ class AdaptiveRegionSampler(Sampler[int]):
         cdf[-1] = 1.0
         return np.minimum(np.searchsorted(cdf, u, side="right"), self.num_regions - 1)
 
-    def draw_global(self, step: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """One global draw of `n` (pool index, region) pairs at `step`; advances the per-region counters."""
+    def draw_global(self, step: int, n: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One global draw of `n` (pool index, region) pairs at `step`; advances the per-region counters.
+
+        `lo`, `hi`: return only the pairs [lo, hi) of the draw (a rank's slice): the counters still advance by the
+        whole draw, and the slice is exactly that of the whole, but only its own prompts are computed."""
         regions = self.draw_regions(step, n)
         # position of each sample among this step's draws from its region
         order = np.argsort(regions, kind="stable")
@@ -209,6 +212,7 @@ class AdaptiveRegionSampler(Sampler[int]):
         rank_in_region[order] = np.arange(n) - starts
         pos = self.counters[regions] + rank_in_region
         self.counters += np.bincount(regions, minlength=self.num_regions)
+        regions, pos = regions[lo:hi], pos[lo:hi]
         size = self.sizes[regions]
         cycle, within = np.divmod(pos, size)
         with np.errstate(over="ignore"):
@@ -226,8 +230,7 @@ class AdaptiveRegionSampler(Sampler[int]):
         """
         world = self.num_replicas if num_replicas is None else int(num_replicas)
         r = self.rank if rank is None else int(rank)
-        idx, reg = self.draw_global(step, n * world)
-        return idx[r * n:(r + 1) * n], reg[r * n:(r + 1) * n]
+        return self.draw_global(step, n * world, r * n, (r + 1) * n)
 
     def draw_counts(self, step: int, counts: Sequence[int], rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """This rank's part of the global draw at `step` when rank r needs `counts[r]` samples.
@@ -241,9 +244,8 @@ class AdaptiveRegionSampler(Sampler[int]):
         r = self.rank if rank is None else int(rank)
         if not 0 <= r < len(counts):
             raise ValueError(f"rank {r} is outside the {len(counts)} ranks of counts={counts}")
-        idx, reg = self.draw_global(step, sum(counts))
         start = sum(counts[:r])
-        return idx[start:start + counts[r]], reg[start:start + counts[r]]
+        return self.draw_global(step, sum(counts), start, start + counts[r])
 
     def __iter__(self) -> Iterator[int]:
         """Yield this rank's part of one global draw after another (with `read_ahead > 0`, starting after the

@@ -509,3 +509,25 @@ def test_bad_batch_size_and_rank_raise():
     s = _sampler(batch_size=5, num_replicas=2)
     with pytest.raises(ValueError, match=r"batch_size=5 must be divisible by num_replicas=2"):
         next(iter(s))
+
+
+def test_a_ranks_slice_is_exactly_that_slice_of_the_whole_draw():
+    """`draw` computes only its own rank's prompts (the permutation is most of a draw's cost), yet returns exactly
+    the slice of the global draw, and every rank's counters advance by the whole draw."""
+    ids = np.random.default_rng(0).integers(0, 40, 3000)
+    ids[:40] = np.arange(40)
+    probs = np.random.default_rng(1).dirichlet(np.ones(40))
+    whole = AdaptiveRegionSampler(ids, seed=5, probabilities=probs)
+    ranks = [AdaptiveRegionSampler(ids, seed=5, probabilities=probs) for _ in range(4)]
+    for step in range(60):  # long enough for small regions to start new cycles
+        idx, reg = whole.draw_global(step, 4 * 16)
+        for r, smp in enumerate(ranks):
+            i, g = smp.draw(step, 16, num_replicas=4, rank=r)
+            np.testing.assert_array_equal(i, idx[r * 16:(r + 1) * 16])
+            np.testing.assert_array_equal(g, reg[r * 16:(r + 1) * 16])
+            np.testing.assert_array_equal(smp.counters, whole.counters)
+    counts = [3, 0, 7, 2]
+    idx, reg = whole.draw_global(60, sum(counts))
+    i, g = ranks[2].draw_counts(60, counts, rank=2)
+    np.testing.assert_array_equal(i, idx[3:10])
+    np.testing.assert_array_equal(g, reg[3:10])
