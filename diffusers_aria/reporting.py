@@ -189,9 +189,8 @@ def plot_caption(cb) -> str:
             "in the region tree, shrunk by how sure the tracker is of it: differences inside the error bars "
             f"count for nothing. The result is bounded ({', '.join(bounds)}); a region gets at most "
             f"{pol.trial_ratio:g}x its prior until its excess falls while it is boosted, and one that does not "
-            f"fall is held at its prior. The probability moves {pol.damping:.0%} of the way per update after a "
-            f"{pol.warmup_steps}-update warm-up. So a bar above the line moves nothing until the tracker is sure "
-            "of it.")
+            f"fall is held at its prior. {_pace(pol)} So a bar above the line moves nothing until the tracker is "
+            "sure of it.")
     if getattr(pol, "score", None) == "zscore":
         return (f"Score 'zscore': probability = size prior (size^{pol.alpha:g}) x exp(z / {pol.tau:g}), z the "
                 "estimates standardised across regions (any spread, noise included, becomes unit spread), "
@@ -216,3 +215,11 @@ def write_report(cb, output_dir: str, plot: bool = True) -> dict[str, str]:
         paths["plot"] = plot_allocation(cb, os.path.join(output_dir, ALLOCATION_PLOT))
     return paths
 
+
+def _pace(pol) -> str:
+    """How fast the allocation moves, in the caption's words."""
+    every = int(getattr(pol, "refresh_every", 1))
+    if every == 1:
+        return f"The probability moves {pol.damping:.0%} of the way per update after a {pol.warmup_steps}-update warm-up."
+    return (f"After a {pol.warmup_steps}-update warm-up the allocation is recomputed every {every} updates and moves "
+            f"{1 - (1 - pol.damping) ** every:.0%} of the way each time ({pol.damping:.0%} an update, compounded).")

@@ -308,6 +308,8 @@ def test_allocation_plot_names_regions_and_says_why_probability_is_not_the_estim
     caption = plot_caption(cb)
     assert "Probability is not the estimate" in caption and "exp(credible excess / 0.1)" in caption
     assert "4x its prior" in caption and "50% of the way" in caption
+    cb.policy.refresh_every = 8
+    assert "recomputed every 8 updates and moves 100% of the way each time" in plot_caption(cb)
     path = cb.plot(str(tmp_path / "aria_allocation.png"))
     width, height = Image.open(path).size
     assert width >= 1200 and height >= 600
