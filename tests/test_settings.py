@@ -54,6 +54,8 @@ def test_the_flags_round_trip_to_the_defaults_and_back():
     ({"num_timestep_bins": 0}, "--aria_num_timestep_bins 0 is not valid; it must be an integer of 1 or more"),
     ({"half_life": float("nan")}, "--aria_half_life nan is not valid"),
     ({"null_prompt_prob": -0.1}, "--null_prompt_prob -0.1 is not valid"),
+    ({"variance": "own"}, "--aria_variance 'own' is not valid; choose one of own_max, pooled"),
+    ({"refresh_every": 0}, "--aria_refresh_every 0 is not valid; it must be an integer of 1 or more"),
 ])
 def test_invalid_values_are_one_line_user_errors_naming_the_flag(change, message):
     with pytest.raises(UserError, match=re.escape(message)):
