@@ -14,7 +14,7 @@ import os
 
 def add_arguments(parser) -> None:
     parser.add_argument("--aria_test_warmup", type=int, default=None,
-                        help="test only: ARIA moves after this many updates (z-scores, damping 0.5)")
+                        help="test only: ARIA moves after this many updates (z-scores, damping 0.5, every update)")
     parser.add_argument("--aria_test_log_every", type=int, default=None,
                         help="test only: ARIACallback.log_every")
 
@@ -25,7 +25,7 @@ def after_block_1(args, aria, regions) -> None:
         from diffusers_aria import ARIAAllocation
 
         aria.policy = ARIAAllocation(regions.sizes, warmup_steps=args.aria_test_warmup, score="zscore",
-                                     damping=0.5)
+                                     damping=0.5, refresh_every=1)
     if args.aria_test_log_every is not None:
         aria.log_every = args.aria_test_log_every
 
