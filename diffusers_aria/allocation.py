@@ -569,6 +569,11 @@ class ARIAAllocation(AllocationPolicy):
             p = self.prior + (self.max_shift / shift) * (p - self.prior)
         return p
 
+    @property
+    def refresh_rate(self) -> float:
+        """How far a refresh moves toward the target: `refresh_every` updates of `damping` each, compounded."""
+        return self.damping if self.refresh_every == 1 else 1.0 - (1.0 - self.damping) ** self.refresh_every
+
     def target_from(self, tracker) -> np.ndarray:
         """The undamped allocation for the tracker's current evidence (without the reducibility test)."""
         return self.target(self.credible_scores(tracker))
@@ -641,9 +646,7 @@ class ARIAAllocation(AllocationPolicy):
         upper = np.where(self.proven > 0, self.upper, np.minimum(self.upper, np.maximum(
             self.trial_ratio * self.prior, self.lower)))
         target = self.target(self.scores, upper)
-        # the step of `refresh_every` updates, each `damping` of the way (1 - (1 - damping)**n in all)
-        rate = self.damping if self.refresh_every == 1 else 1.0 - (1.0 - self.damping) ** self.refresh_every
-        p = self.probabilities + rate * (target - self.probabilities)
+        p = self.probabilities + self.refresh_rate * (target - self.probabilities)
         self.probabilities = p / p.sum() if abs(p.sum() - 1.0) > 1e-12 else p
         return self.probabilities
 
@@ -659,9 +662,6 @@ class ARIAAllocation(AllocationPolicy):
         for k in self._STATE:
             setattr(self, k, np.asarray(state[k], dtype=np.float64).copy())
         self.between_variance = float(state["between_variance"])
-
-
-
 
 
 class StaticAfterWarmup(ARIAAllocation):

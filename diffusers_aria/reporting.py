@@ -222,4 +222,4 @@ def _pace(pol) -> str:
     if every == 1:
         return f"The probability moves {pol.damping:.0%} of the way per update after a {pol.warmup_steps}-update warm-up."
     return (f"After a {pol.warmup_steps}-update warm-up the allocation is recomputed every {every} updates and moves "
-            f"{1 - (1 - pol.damping) ** every:.0%} of the way each time ({pol.damping:.0%} an update, compounded).")
+            f"{pol.refresh_rate:.0%} of the way each time ({pol.damping:.0%} an update, compounded).")
