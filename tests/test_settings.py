@@ -56,6 +56,8 @@ def test_the_flags_round_trip_to_the_defaults_and_back():
     ({"null_prompt_prob": -0.1}, "--null_prompt_prob -0.1 is not valid"),
     ({"variance": "own"}, "--aria_variance 'own' is not valid; choose one of own_max, pooled"),
     ({"refresh_every": 0}, "--aria_refresh_every 0 is not valid; it must be an integer of 1 or more"),
+    ({"refresh_every": 2.5}, "--aria_refresh_every 2.5 is not valid; it must be an integer of 1 or more"),
+    ({"log_every": 1.0}, "--aria_log_every 1.0 is not valid; it must be an integer of 1 or more"),
 ])
 def test_invalid_values_are_one_line_user_errors_naming_the_flag(change, message):
     with pytest.raises(UserError, match=re.escape(message)):
