@@ -67,8 +67,9 @@ def _cmd_regions_build(a: argparse.Namespace) -> int:
 def _regions_build_sharded(a: argparse.Namespace) -> int:
     """`regions build --work_dir W`: every process of the launch embeds its shard (see `sharded_regions`)."""
     from .pool import load_prompt_pool
-    from .sharded_regions import build_regions_sharded, launched_state
+    from .sharded_regions import build_regions_sharded
     from .training.inputs import load_pool
+    from .utils.processes import launched_state
 
     state = launched_state()
     with state.main_process_first():  # a parquet/json pool is converted to Arrow once, by the main process

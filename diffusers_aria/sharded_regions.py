@@ -63,6 +63,7 @@ from .regions import (
     spherical_kmeans,
 )
 from .utils.atomic import atomic_save, atomic_write
+from .utils.processes import launched_state
 
 logger = logging.getLogger(__name__)
 
@@ -339,15 +340,6 @@ class _Comm:
 
     def all_max(self, value: int) -> int:
         return int(self.all_gather(np.asarray([value], dtype=np.int64)).max())
-
-
-def launched_state():
-    """`PartialState` as `Accelerator` would make it: on CPU when `ACCELERATE_USE_CPU` is set (`accelerate launch
-    --cpu`, or `--multi_gpu` on a machine without GPUs), where a bare `PartialState()` would see one process."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _comm(accelerator: Any | None) -> _Comm:

@@ -187,7 +187,7 @@ def run_worker(work_dir: str, rank: int = 0, world: int = 1, device=None, models
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..sharded_regions import launched_state
+    from ..utils.processes import launched_state
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:

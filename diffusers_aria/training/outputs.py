@@ -26,7 +26,7 @@ def prepare_output_dir(args) -> str | None:
     refused, or with `--overwrite_output_dir` moved aside), say at once when `--resume_from_checkpoint latest`
     finds no checkpoint, and move an earlier run aside (`checkpointing.move_run_aside`, main process only).
     Every process checks before the folder changes. Returns where the earlier run went, or None."""
-    from ..sharded_regions import launched_state
+    from ..utils.processes import launched_state
     from .checkpointing import move_run_aside
 
     state = launched_state()  # as the Accelerator will see it (a bare PartialState() sees 1 process on CPU)
