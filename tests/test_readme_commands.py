@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 README = ROOT / "docs" / "usage.md"  # the README links its "Command line" section there
 
 
