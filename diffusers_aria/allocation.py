@@ -8,11 +8,11 @@ history, so every rank computes bit-identical values.
 Policies:
     * `ARIAAllocation` (default): :math:`p_k \propto s_k^\alpha \exp(\hat\theta_k/\tau)`, with :math:`s_k` the
       region size and :math:`\hat\theta_k` the region's *credible* relative excess discrepancy (posterior
-      mean under an empirical-Bayes model of the tracker's means and standard errors, `credible_excess`),
-      kept within per-region bounds (floor, and a cap on p/prior), damped toward the target, and equal to
-      the prior until a warm-up is over. With no real differences it stays at the prior at any K; with
-      equal estimates and alpha=1 it is exactly `PromptUniform` (Random Conditioning); the default
-      alpha=0.5 tempers the size prior toward small regions (the quality benchmark's evidence).
+      estimate down the region tree, each level's differences shrunk by a sparse empirical-Bayes prior,
+      `tree_excess`), kept within per-region bounds (floor, and a cap on p/prior), damped toward the target,
+      equal to the prior until a warm-up is over, and held back where extra draws show no progress (the
+      reducibility test, `reducibility.py`). With no real differences it stays at the prior at any K; with
+      equal estimates and the default alpha=1 it is exactly `PromptUniform` (Random Conditioning).
     * `PromptUniform`: every prompt equally likely (RC); `RegionUniform`: every region equally likely.
     * `StaticAfterWarmup`: ARIA's target computed once at the end of the warm-up, then frozen.
     * `DoReMiEG`: exponentiated-gradient ascent on the excess discrepancy with uniform smoothing.
@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .reducibility import ReducibilityTest
 
 SCORES = ("sparse", "credible", "zscore")
 VARIANCES = ("own_max", "pooled")
@@ -428,12 +430,10 @@ class ARIAAllocation(AllocationPolicy):
     :math:`p_k/\text{prior}_k`, moves at most `max_shift` of the probability mass away from the prior (total
     variation), is approached by `damping` per update, and is the prior until `warmup_steps` updates.
 
-    Reducible excess: a region boosted above its prior must show progress. Until its relative excess has fallen
-    by `stall_decline` of what it was when the boost began, it gets at most `trial_ratio` times its prior;
-    once it has, the test starts again from there and the region may go up to the policy's bounds. If it
-    receives `stall_draws` draws more than its prior share would have given it without such progress, it is
-    held at its prior (its score is 0) until its excess falls by that much on its own. So a region that stays
-    hard however much it is drawn (the student's capacity, or noise the student cannot fit) stops gaining mass.
+    Reducible excess (`reducibility.ReducibilityTest`, `self.reducibility`): a region boosted above its prior gets
+    at most `trial_ratio` times its prior until its excess has fallen by `stall_decline`; one that gets
+    `stall_draws` draws beyond its prior share without such progress is held at its prior until its excess falls
+    on its own. So a region that stays hard however much it is drawn stops gaining mass.
 
     Args:
         sizes: prompts per region (leaf).
@@ -523,15 +523,10 @@ class ARIAAllocation(AllocationPolicy):
         self.probabilities = self.prior.copy()
         self.scores = np.zeros(self.num_regions)  # the credible excess used by the latest target (0 when stalled)
         self.between_variance = 0.0  # the prior-weighted variance of the scores (logged as aria/real_spread)
-        self.trial_excess = np.full(self.num_regions, np.nan)  # relative excess when the current boost began
-        self.trial_draws = np.zeros(self.num_regions)  # extra draws since then
-        self.stalled_excess = np.full(self.num_regions, np.nan)  # excess at which a region was held (NaN: not held)
-        self.proven = np.zeros(self.num_regions)  # 1 once a region's boost has shown progress (until it ends)
-        self.trial_se = np.zeros(self.num_regions)  # standard error of the excess when the current test began
+        # the reducibility test's state (kept, and checkpointed, when the test is off: then every boost is proven)
+        self.reducibility = ReducibilityTest(self.prior, stall_draws or 1.0, stall_decline)
         self._slab_starts: list[float | None] | None = None  # where the next sparse fits begin (a speed-up only)
-        self.stalled_se = np.zeros(self.num_regions)
         self.pending_draws = np.zeros(self.num_regions)  # draws per region since the last refresh
-        self.failures = np.zeros(self.num_regions)  # failed reducibility tests per region
 
     # ------------------------------------------------------------------------------- scores and target
     def credible_scores(self, tracker) -> np.ndarray:
@@ -578,60 +573,6 @@ class ARIAAllocation(AllocationPolicy):
         """The undamped allocation for the tracker's current evidence (without the reducibility test)."""
         return self.target(self.credible_scores(tracker))
 
-    def _reducible(self, scores: np.ndarray, excess: np.ndarray, se: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Apply the reducibility test (class docstring) to this refresh's scores, given the draws per region since
-        the previous refresh; returns the scores to use."""
-        if self.stall_draws is None or self.score == "zscore":
-            self.proven[:] = 1.0
-            return scores
-        extra = np.maximum(counts - self.prior * counts.sum(), 0.0)  # draws beyond what the prior would give
-        held = np.isfinite(self.stalled_excess)
-        # a held region is released once its excess has fallen on its own
-        release = held & (self.stalled_excess - excess >= np.maximum(
-            self.stall_decline * self.stalled_excess, 2.0 * np.sqrt(self.stalled_se ** 2 + se ** 2)))
-        self.stalled_excess[release] = np.nan
-        held &= ~release
-        boosted = (scores > 0) & ~held
-        # a proven boost that has ended proves nothing further: the next boost starts a new test. An unproven test
-        # stays open when the boost flickers off, so that its extra draws add up over the flickers
-        done = ~boosted & np.isfinite(self.trial_excess) & (self.proven > 0)
-        self.trial_excess[done] = np.nan
-        self.proven[done] = 0.0
-        start = boosted & ~np.isfinite(self.trial_excess)
-        self.trial_excess[start] = excess[start]
-        self.trial_se[start] = se[start]
-        self.trial_draws[start] = 0.0
-        in_trial = np.isfinite(self.trial_excess)
-        self.trial_draws[in_trial] += extra[in_trial]
-        # the test measures the fall from the highest level seen during it (a boost can begin while the excess
-        # is still underestimated); the noise margin below keeps a high draw of the noise from counting
-        higher = in_trial & (excess > self.trial_excess)
-        self.trial_excess[higher] = excess[higher]
-        self.trial_se[higher] = se[higher]
-        # progress: the excess fell by stall_decline of where the boost began, and by more than its noise (the
-        # boost begins when a region first looks hard, often at a high draw of its noise: regression to the mean
-        # alone must not count)
-        noise = 2.0 * np.sqrt(self.trial_se ** 2 + se ** 2)
-        fell = in_trial & (self.trial_excess - excess >= np.maximum(self.stall_decline * self.trial_excess, noise))
-        # a fall while boosted is progress (a new test from here); a fall while not boosted closes the test: the
-        # region came back on its own, which says nothing of what extra draws do for it
-        progressed = fell & boosted
-        self.trial_excess[progressed] = excess[progressed]
-        self.trial_se[progressed] = se[progressed]
-        self.trial_draws[progressed] = 0.0
-        self.proven[progressed] = 1.0
-        self.trial_excess[fell & ~boosted] = np.nan
-        in_trial &= ~(fell & ~boosted)
-        # each failed test halves the next one's allowance: a region found irreducible once needs more evidence
-        # (a shorter boost) to be chased again, so a lifetime of tests costs at most twice the first
-        failed = in_trial & ~progressed & (self.trial_draws >= self.stall_draws * 0.5 ** self.failures)
-        self.failures[failed] += 1.0
-        self.stalled_excess[failed] = np.maximum(self.trial_excess[failed], 1e-12)
-        self.stalled_se[failed] = self.trial_se[failed]
-        self.trial_excess[failed] = np.nan
-        self.proven[failed] = 0.0
-        return np.where(np.isfinite(self.stalled_excess), np.minimum(scores, 0.0), scores)
-
     def step(self, step: int, tracker) -> np.ndarray:
         if tracker.num_updates < self.warmup_steps:
             self.probabilities = self.prior.copy()
@@ -640,27 +581,34 @@ class ARIAAllocation(AllocationPolicy):
         if (tracker.num_updates - self.warmup_steps) % self.refresh_every:
             return self.probabilities  # between refreshes: unchanged (the tracker still takes every update)
         counts, self.pending_draws = self.pending_draws, np.zeros(self.num_regions)
-        self.scores = self._reducible(*self._scores(tracker), counts)
+        scores, excess, se = self._scores(tracker)
+        test = self.reducibility
+        if self.stall_draws is None or self.score == "zscore":  # no test: every boost may use the full bounds
+            test.proven[:] = 1.0
+            self.scores = scores
+        else:
+            self.scores = test.apply(scores, excess, se, counts)
         self.between_variance = float((self.prior * self.scores ** 2).sum()) if self.score != "zscore" else 0.0
         # a boost that has not yet shown progress goes no higher than trial_ratio x the prior
-        upper = np.where(self.proven > 0, self.upper, np.minimum(self.upper, np.maximum(
+        upper = np.where(test.proven > 0, self.upper, np.minimum(self.upper, np.maximum(
             self.trial_ratio * self.prior, self.lower)))
         target = self.target(self.scores, upper)
         p = self.probabilities + self.refresh_rate * (target - self.probabilities)
         self.probabilities = p / p.sum() if abs(p.sum() - 1.0) > 1e-12 else p
         return self.probabilities
 
-    _STATE = ("scores", "trial_excess", "trial_se", "trial_draws", "stalled_excess", "stalled_se", "proven",
-              "pending_draws", "failures")
+    _STATE = ("scores", "pending_draws")
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **{k: torch.from_numpy(getattr(self, k).copy()) for k in self._STATE},
-                "between_variance": float(self.between_variance)}
+        own = {k: getattr(self, k).copy() for k in self._STATE}
+        return {**super().state_dict(), **{k: torch.from_numpy(v) for k, v in {**own,
+                **self.reducibility.state_dict()}.items()}, "between_variance": float(self.between_variance)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         for k in self._STATE:
             setattr(self, k, np.asarray(state[k], dtype=np.float64).copy())
+        self.reducibility.load_state_dict(state)
         self.between_variance = float(state["between_variance"])
 
 

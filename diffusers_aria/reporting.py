@@ -49,8 +49,8 @@ def metrics(cb) -> dict[str, float]:
         # their prior because their boost showed no progress
         **({"aria/real_spread": float(np.sqrt(cb.policy.between_variance)),
             "aria/credible_regions": float(np.count_nonzero(cb.policy.scores > 0)),
-            "aria/held_regions": float(np.isfinite(cb.policy.stalled_excess).sum())}
-           if hasattr(cb.policy, "stalled_excess") else {}),
+            "aria/held_regions": float(cb.policy.reducibility.held.sum())}
+           if hasattr(cb.policy, "reducibility") else {}),
         "aria/nonfinite_total": float(cb.tracker.num_nonfinite),
         "aria/tracker_updates": float(cb.tracker.num_updates),
     }

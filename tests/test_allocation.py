@@ -26,6 +26,7 @@ from diffusers_aria.allocation import (
     tree_excess,
 )
 from diffusers_aria.hierarchy import RegionTree
+from diffusers_aria.reducibility import ReducibilityTest
 from diffusers_aria.sampler import AdaptiveRegionSampler
 from diffusers_aria.tracker import DiscrepancyTracker
 
@@ -642,7 +643,7 @@ def test_a_boost_is_bounded_by_the_trial_ratio_until_it_shows_progress():
     policy = ARIAAllocation(SIZES, damping=1.0, warmup_steps=0, trial_ratio=2.0)
     p = policy.step(0, est)
     assert p[1] == pytest.approx(2.0 * policy.prior[1], rel=1e-12)
-    assert policy.proven[1] == 0 and np.isfinite(policy.trial_excess[1])
+    assert policy.reducibility.proven[1] == 0 and np.isfinite(policy.reducibility.trial_excess[1])
     free = ARIAAllocation(SIZES, damping=1.0, warmup_steps=0, stall_draws=None).step(0, est)
     assert free[1] > 3.0 * policy.prior[1]
 
@@ -662,13 +663,15 @@ def test_tree_policy_state_round_trip_and_stall_state(tmp_path):
     tree = _tree(np.repeat(np.arange(4), 5))
     a = ARIAAllocation(np.full(20, 10.0), tree=tree, warmup_steps=2, stall_draws=50.0)
     h = _response_run(a, 20, 150, seed=4, learn_draws=200.0)
-    assert np.isfinite(a.stalled_excess[0])  # region 0 was tried and held
+    assert np.isfinite(a.reducibility.stalled_excess[0])  # region 0 was tried and held
     path = tmp_path / "aria.pt"
     torch.save(a.state_dict(), path)
     b = ARIAAllocation(np.full(20, 10.0), tree=tree, warmup_steps=2, stall_draws=50.0)
     b.load_state_dict(torch.load(path, weights_only=True))
-    for name in ("probabilities", "scores", "trial_excess", "trial_draws", "stalled_excess"):
+    for name in ("probabilities", "scores"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    for name in ReducibilityTest.STATE:
+        np.testing.assert_array_equal(getattr(a.reducibility, name), getattr(b.reducibility, name))
     assert h.shape == (150, 20)
 
 
@@ -732,8 +735,10 @@ def test_refresh_every_counts_the_draws_between_refreshes_and_resumes_exactly(tm
     torch.save(a.state_dict(), path)
     b = ARIAAllocation(np.full(20, 10.0), warmup_steps=2, stall_draws=50.0, refresh_every=3)
     b.load_state_dict(torch.load(path, weights_only=True))
-    for name in ("probabilities", "pending_draws", "failures", "trial_draws", "stalled_excess"):
+    for name in ("probabilities", "pending_draws"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    for name in ("failures", "trial_draws", "stalled_excess"):
+        np.testing.assert_array_equal(getattr(a.reducibility, name), getattr(b.reducibility, name))
 
 
 def test_a_region_whose_boost_flickers_still_fails_its_test_and_the_next_test_is_shorter():
@@ -753,18 +758,18 @@ def test_a_region_whose_boost_flickers_still_fails_its_test_and_the_next_test_is
     for step in range(12):
         tracker._se = np.full(5, 5.0 if step % 3 == 0 else 0.01)  # the boost flickers off every third update
         tracker.p = policy.step(step, tracker)
-        if policy.failures[1] > len(failed_at):
+        if policy.reducibility.failures[1] > len(failed_at):
             failed_at.append(step)
-    assert failed_at and np.isfinite(policy.stalled_excess[1])  # the flickers did not restart its test
+    assert failed_at and np.isfinite(policy.reducibility.stalled_excess[1])  # the flickers did not restart its test
     tracker._se = np.full(5, 0.01)
     tracker._est = flat  # its excess falls on its own: released
     tracker.p = policy.step(12, tracker)
-    assert not np.isfinite(policy.stalled_excess[1])
+    assert not np.isfinite(policy.reducibility.stalled_excess[1])
     tracker._est = hard
     boosted = 0
     for step in range(13, 30):
         tracker.p = policy.step(step, tracker)
-        if policy.failures[1] == 2:
+        if policy.reducibility.failures[1] == 2:
             break
         boosted += 1
-    assert policy.failures[1] == 2 and boosted == 2  # 50 extra draws this time: two updates of 30
+    assert policy.reducibility.failures[1] == 2 and boosted == 2  # 50 extra draws this time: two updates of 30
