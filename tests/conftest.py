@@ -7,8 +7,6 @@ import os
 # Before anything loads torch: OpenMP reads this once, at load. Spinning OpenMP threads make 2 torch threads
 # ~7x slower than 1 on a busy 2-core machine; subprocesses the tests launch inherit it. A set value is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # scripts/test.sh: a core for each pytest worker
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -51,14 +49,6 @@ def make_topic_prompts() -> tuple[list[str], list[str]]:
             prompts.append(TOPIC_PHRASINGS[topic].format(subject))
             topics.append(topic)
     return prompts, topics
-
-
-def pytest_collection_modifyitems(config, items):
-    """The files with end-to-end runs (marked `slow`) first, each file's tests kept together and in order: with
-    pytest-xdist's `--dist loadfile` (scripts/test.sh) a worker takes the next whole file when it is free, so the
-    long files start early and both workers end on short ones."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable
 
 
 @pytest.fixture(scope="session")
