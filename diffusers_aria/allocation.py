@@ -523,8 +523,8 @@ class ARIAAllocation(AllocationPolicy):
         self.probabilities = self.prior.copy()
         self.scores = np.zeros(self.num_regions)  # the credible excess used by the latest target (0 when stalled)
         self.between_variance = 0.0  # the prior-weighted variance of the scores (logged as aria/real_spread)
-        # the reducibility test's state (kept, and checkpointed, when the test is off: then every boost is proven)
-        self.reducibility = ReducibilityTest(self.prior, stall_draws or 1.0, stall_decline)
+        # the z-score rule has no test (its scores are not in units of excess)
+        self.reducibility = ReducibilityTest(self.prior, None if score == "zscore" else self.stall_draws, stall_decline)
         self._slab_starts: list[float | None] | None = None  # where the next sparse fits begin (a speed-up only)
         self.pending_draws = np.zeros(self.num_regions)  # draws per region since the last refresh
 
@@ -581,16 +581,10 @@ class ARIAAllocation(AllocationPolicy):
         if (tracker.num_updates - self.warmup_steps) % self.refresh_every:
             return self.probabilities  # between refreshes: unchanged (the tracker still takes every update)
         counts, self.pending_draws = self.pending_draws, np.zeros(self.num_regions)
-        scores, excess, se = self._scores(tracker)
-        test = self.reducibility
-        if self.stall_draws is None or self.score == "zscore":  # no test: every boost may use the full bounds
-            test.proven[:] = 1.0
-            self.scores = scores
-        else:
-            self.scores = test.apply(scores, excess, se, counts)
+        self.scores = self.reducibility.apply(*self._scores(tracker), counts)
         self.between_variance = float((self.prior * self.scores ** 2).sum()) if self.score != "zscore" else 0.0
         # a boost that has not yet shown progress goes no higher than trial_ratio x the prior
-        upper = np.where(test.proven > 0, self.upper, np.minimum(self.upper, np.maximum(
+        upper = np.where(self.reducibility.proven > 0, self.upper, np.minimum(self.upper, np.maximum(
             self.trial_ratio * self.prior, self.lower)))
         target = self.target(self.scores, upper)
         p = self.probabilities + self.refresh_rate * (target - self.probabilities)
@@ -600,9 +594,9 @@ class ARIAAllocation(AllocationPolicy):
     _STATE = ("scores", "pending_draws")
 
     def state_dict(self) -> dict[str, Any]:
-        own = {k: getattr(self, k).copy() for k in self._STATE}
-        return {**super().state_dict(), **{k: torch.from_numpy(v) for k, v in {**own,
-                **self.reducibility.state_dict()}.items()}, "between_variance": float(self.between_variance)}
+        arrays = {**{k: getattr(self, k).copy() for k in self._STATE}, **self.reducibility.state_dict()}
+        return {**super().state_dict(), **{k: torch.from_numpy(v) for k, v in arrays.items()},
+                "between_variance": float(self.between_variance)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

@@ -26,13 +26,17 @@ import numpy as np
 
 
 class ReducibilityTest:
-    """Per-region state of the reducibility test (module docstring). Arrays of length K, float64; NaN: none."""
+    """Per-region state of the reducibility test (module docstring). Arrays of length K, float64; NaN: none.
+
+    `stall_draws=None` turns the test off: `apply` returns the scores unchanged and every boost counts as proven
+    (the state is still kept and checkpointed, so that a checkpoint has the same keys either way)."""
 
     STATE = ("trial_excess", "trial_se", "trial_draws", "stalled_excess", "stalled_se", "proven", "failures")
 
-    def __init__(self, prior: np.ndarray, stall_draws: float, stall_decline: float) -> None:
+    def __init__(self, prior: np.ndarray, stall_draws: float | None, stall_decline: float) -> None:
         k = len(prior)
-        self.prior, self.stall_draws, self.stall_decline = prior, float(stall_draws), float(stall_decline)
+        self.prior, self.stall_decline = prior, float(stall_decline)
+        self.stall_draws = None if stall_draws is None else float(stall_draws)
         self.trial_excess = np.full(k, np.nan)  # relative excess when the open test began (or its highest since)
         self.trial_se = np.zeros(k)  # standard error of that excess
         self.trial_draws = np.zeros(k)  # draws beyond the prior share since the test began
@@ -51,6 +55,9 @@ class ReducibilityTest:
 
         scores: the credible excess per region; excess, se: the raw relative excess and its standard error;
         counts: the draws per region since the previous refresh."""
+        if self.stall_draws is None:
+            self.proven[:] = 1.0
+            return scores
         extra = np.maximum(counts - self.prior * counts.sum(), 0.0)  # draws beyond what the prior would give
         self._release(excess, se)
         boosted = (scores > 0) & ~self.held

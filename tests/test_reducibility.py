@@ -57,3 +57,11 @@ def test_each_failure_halves_the_next_allowance_and_the_state_round_trips():
     again.load_state_dict(test.state_dict())
     for name in ReducibilityTest.STATE:
         np.testing.assert_array_equal(getattr(again, name), getattr(test, name))
+
+
+def test_off_returns_the_scores_and_counts_every_boost_as_proven():
+    test = ReducibilityTest(PRIOR, stall_draws=None, stall_decline=0.25)
+    for _ in range(20):  # far beyond any allowance
+        out = _refresh(test, [0.3, 0, 0, 0], [0.4, 0, 0, 0], [90, 3, 3, 4])
+    np.testing.assert_array_equal(out, [0.3, 0, 0, 0])
+    assert test.proven.tolist() == [1.0] * 4 and not test.held.any() and test.failures.sum() == 0
