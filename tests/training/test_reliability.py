@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import TRAIN_SCRIPT
+from launching import TRAIN_SCRIPT, run_training
 
 pytestmark = pytest.mark.slow
 FAULTS = Path(__file__).parent / "fault_injection"
@@ -62,9 +62,10 @@ def assert_same_state(a, b):
 
 @pytest.fixture(scope="module")
 def straight_run(tiny_teacher, shared_regions, tmp_path_factory):
+    """The uninterrupted run, in this process: the killed runs below are subprocesses (a kill needs one), and
+    they reach the same state bit for bit."""
     d = tmp_path_factory.mktemp("straight")
-    subprocess.run(launch_cmd(run_args(tiny_teacher, shared_regions, d / "out", d / "s.jsonl")), check=True,
-                   env=env(), capture_output=True, timeout=TIMEOUT)
+    run_training(run_args(tiny_teacher, shared_regions, d / "out", d / "s.jsonl"))
     return d
 
 
@@ -83,9 +84,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted(tiny_teach
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "run_info.json").exists()
-    subprocess.run(launch_cmd(run_args(tiny_teacher, shared_regions, out, stream) + ["--resume_from_checkpoint",
-                                                                                      "latest"]),
-                   check=True, env=env(), capture_output=True, timeout=TIMEOUT)
+    run_training(run_args(tiny_teacher, shared_regions, out, stream) + ["--resume_from_checkpoint", "latest"])
     assert stream_by_step(stream) == stream_by_step(straight_run / "s.jsonl")
     assert_same_state(aria_state(out / "checkpoint-6"), aria_state(straight_run / "out" / "checkpoint-6"))
 
@@ -101,9 +100,7 @@ def test_sigkill_during_a_checkpoint_write_never_uses_the_partial_checkpoint(tin
     from diffusers_aria.training.checkpointing import resolve_resume_checkpoint
 
     assert resolve_resume_checkpoint(str(out), "latest") == str(out / "checkpoint-3")
-    subprocess.run(launch_cmd(run_args(tiny_teacher, shared_regions, out, stream) + ["--resume_from_checkpoint",
-                                                                                      "latest"]),
-                   check=True, env=env(), capture_output=True, timeout=TIMEOUT)
+    run_training(run_args(tiny_teacher, shared_regions, out, stream) + ["--resume_from_checkpoint", "latest"])
     assert not (out / ".checkpoint-6.tmp").exists()  # cleaned up on start
     assert stream_by_step(stream) == stream_by_step(straight_run / "s.jsonl")
     assert_same_state(aria_state(out / "checkpoint-6"), aria_state(straight_run / "out" / "checkpoint-6"))
@@ -315,8 +312,7 @@ def test_bad_lora_targets_and_incompatible_student_are_refused(tiny_teacher, sha
 def test_resume_with_a_different_number_of_processes_works(tiny_teacher, shared_regions, tmp_path):
     """A 1-process checkpoint resumed by 2 processes: ARIA's state is global, so the run goes on."""
     out = tmp_path / "out"
-    args = run_args(tiny_teacher, shared_regions, out, tmp_path / "s.jsonl", steps=3)
-    subprocess.run(launch_cmd(args), check=True, env=env(), capture_output=True, timeout=TIMEOUT)
+    run_training(run_args(tiny_teacher, shared_regions, out, tmp_path / "s.jsonl", steps=3))
     cmd = launch_cmd(run_args(tiny_teacher, shared_regions, out, tmp_path / "s.jsonl", steps=4)
                      + ["--resume_from_checkpoint", "latest"])
     cmd[cmd.index("--num_processes") + 1] = "2"

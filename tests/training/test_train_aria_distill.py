@@ -1,4 +1,5 @@
-"""End-to-end runs of train_scripts/train_aria_distill.py through real `accelerate launch` subprocesses.
+"""End-to-end runs of train_scripts/train_aria_distill.py: two processes through a real `accelerate launch`, one
+process in this one (`run_training`: the script's main() from a clean accelerate state).
 
 A tiny teacher pipeline is built once per session; every run trains 2-6 steps. Between them the runs cover
 the full and LoRA students, image-free and imagefolder data, one and two processes, every --allocation
@@ -14,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from launching import TRAIN_SCRIPT, write_imagefolder
+from launching import TRAIN_SCRIPT, run_training, write_imagefolder
 from launching import launch_training as launch
 
 pytestmark = pytest.mark.slow
@@ -60,8 +61,8 @@ def test_two_process_full_student_aria(tiny_teacher, shared_regions, tmp_path):
 
 def test_lora_student_exp3(tiny_teacher, shared_regions, tmp_path):
     out = tmp_path / "lora"
-    launch(base_args(tiny_teacher, str(out), shared_regions,
-                     extra=["--student_mode", "lora", "--student_architecture", "bk_tiny", "--rank", "2", "--lora_alpha", "4", "--lora_target_modules",
+    run_training(base_args(tiny_teacher, str(out), shared_regions,
+                           extra=["--student_mode", "lora", "--student_architecture", "bk_tiny", "--rank", "2", "--lora_alpha", "4", "--lora_target_modules",
                             "to_q", "to_v", "--allocation", "exp3", "--exp3_gamma", "0.2"]))
     assert (out / "pytorch_lora_weights.safetensors").exists()
     from diffusers import StableDiffusionPipeline
@@ -80,7 +81,7 @@ def test_imagefolder_region_uniform_ema_task_loss(tiny_teacher, shared_regions, 
     out = tmp_path / "paired"
     args = base_args(tiny_teacher, str(out), shared_regions)
     args.remove("--image_free")
-    launch(args + ["--train_data_dir", write_imagefolder(tmp_path / "images"), "--random_flip", "--center_crop",
+    run_training(args + ["--train_data_dir", write_imagefolder(tmp_path / "images"), "--random_flip", "--center_crop",
                    "--allocation", "region_uniform", "--use_ema", "--ema_decay", "0.9", "--lambda_sd", "0.5",
                    "--rc_schedule", "sigmoid", "--rc_lambda", "8", "--null_prompt_prob", "0.1",
                    "--dataloader_num_workers", "1", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1"])
@@ -107,9 +108,9 @@ def test_bf16_full_student_paired_with_validation(tiny_teacher, shared_regions, 
     out = tmp_path / "bf16"
     args = base_args(tiny_teacher, str(out), shared_regions)
     args.remove("--image_free")
-    launch(args + ["--train_data_dir", write_imagefolder(tmp_path / "images"), "--mixed_precision", "bf16",
-                   "--validation_prompts", "a red fox", "--validation_steps", "1", "--validation_inference_steps", "2",
-                   "--use_ema"], mixed_precision="bf16")
+    run_training(args + ["--train_data_dir", write_imagefolder(tmp_path / "images"), "--mixed_precision", "bf16",
+                         "--validation_prompts", "a red fox", "--validation_steps", "1",
+                         "--validation_inference_steps", "2", "--use_ema"])
     assert (out / "validation" / "step-1.png").exists() and (out / "validation_final.png").exists()
     assert _single_dtype(out) == {torch.float32}  # one dtype throughout, whatever the training precision
     from diffusers import StableDiffusionPipeline
@@ -122,10 +123,10 @@ def test_bf16_full_student_paired_with_validation(tiny_teacher, shared_regions, 
 
 def test_bf16_lora_student_image_free_with_feature_kd(tiny_teacher, shared_regions, tmp_path):
     out = tmp_path / "bf16-lora"
-    launch(base_args(tiny_teacher, str(out), shared_regions,
-                     extra=["--student_mode", "lora", "--rank", "2", "--lora_alpha", "4", "--mixed_precision", "bf16",
-                            "--lambda_kd_feat", "1.0", "--validation_prompts", "a blue car",
-                            "--validation_inference_steps", "2"]), mixed_precision="bf16")
+    run_training(base_args(tiny_teacher, str(out), shared_regions,
+                           extra=["--student_mode", "lora", "--rank", "2", "--lora_alpha", "4", "--mixed_precision",
+                                  "bf16", "--lambda_kd_feat", "1.0", "--validation_prompts", "a blue car",
+                                  "--validation_inference_steps", "2"]))
     assert (out / "validation_final.png").exists() and (out / "pytorch_lora_weights.safetensors").exists()
     assert _single_dtype(out) == {torch.float32}
     from diffusers import StableDiffusionPipeline
@@ -140,12 +141,13 @@ def test_resume_continues_the_exact_prompt_stream(tiny_teacher, shared_regions, 
     common = ["--allocation", "static", "--checkpointing_steps", "3", "--rc_schedule", "constant", "--rc_constant",
               "0.7", "--aria_warmup_steps", "2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    launch(base_args(tiny_teacher, str(straight), shared_regions, steps=6,
-                     extra=common + ["--write_stream", str(tmp_path / "a.jsonl")]))
-    launch(base_args(tiny_teacher, str(split), shared_regions, steps=3,
-                     extra=common + ["--write_stream", str(tmp_path / "b.jsonl")]))
-    launch(base_args(tiny_teacher, str(split), shared_regions, steps=6,
-                     extra=common + ["--write_stream", str(tmp_path / "b.jsonl"), "--resume_from_checkpoint", "latest"]))
+    run_training(base_args(tiny_teacher, str(straight), shared_regions, steps=6,
+                           extra=common + ["--write_stream", str(tmp_path / "a.jsonl")]))
+    run_training(base_args(tiny_teacher, str(split), shared_regions, steps=3,
+                           extra=common + ["--write_stream", str(tmp_path / "b.jsonl")]))
+    run_training(base_args(tiny_teacher, str(split), shared_regions, steps=6,
+                           extra=common + ["--write_stream", str(tmp_path / "b.jsonl"),
+                                           "--resume_from_checkpoint", "latest"]))
     assert read_stream(str(tmp_path / "a.jsonl")) == read_stream(str(tmp_path / "b.jsonl"))
     from safetensors.torch import load_file
 

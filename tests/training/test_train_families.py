@@ -1,9 +1,10 @@
-"""The same training script on SDXL, PixArt and SD3 teachers, through real `accelerate launch` subprocesses.
+"""The same training script on SDXL, PixArt and SD3 teachers: SD3's first full run in two processes through a real
+`accelerate launch`, the others in this process (`run_training`).
 
 Per family: a full student trains 2 steps with feature KD and a validation grid, resumes to step 3 from its
-latest checkpoint, and its saved pipeline (the teacher's class) reloads and generates; a LoRA student trains
-2 steps in bf16 and its adapter loads into the saved pipeline the way the model card says. SD3's full run
-uses two processes.
+latest checkpoint in one process, and its saved pipeline (the teacher's class) reloads and generates; a LoRA
+student trains 2 steps in bf16 and its adapter loads into the saved pipeline the way the model card says. SD3's
+first full run uses two processes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from launching import launch_training, write_imagefolder
+from launching import launch_training, run_training, write_imagefolder
 
 from diffusers_aria.embedded.tiny_families import make_tiny_family_teacher
 
@@ -61,19 +62,22 @@ def test_full_student_trains_resumes_saves_and_generates(family, teachers, share
 
     pipeline_class, flags, _, procs = CASES[family]
     out = tmp_path / "full"
-    launch_training(run_args(teachers[family], out, shared_regions, 2,
-                             flags + ["--checkpointing_steps", "1", "--validation_prompts", "a red cube",
-                                      "--validation_inference_steps", "2"]), num_processes=procs)
+    train = launch_training if procs > 1 else (lambda args, num_processes: run_training(args))
+    train(run_args(teachers[family], out, shared_regions, 2,
+                   flags + ["--checkpointing_steps", "1", "--validation_prompts", "a red cube",
+                            "--validation_inference_steps", "2"]), num_processes=procs)
     assert (out / "checkpoint-2").is_dir() and (out / "validation_final.png").is_file()
     if "--use_ema" in flags:  # the EMA of a transformer student, in diffusers' EMA folder layout
         ema = json.load(open(out / "checkpoint-2" / "unet_ema" / "config.json"))
         assert ema["_class_name"] == "PixArtTransformer2DModel" and ema["num_layers"] == 2
-    launch_training(run_args(teachers[family], out, shared_regions, 3,
-                             flags + ["--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"]),
-                    num_processes=procs)
     info = json.load(open(out / "run_info.json"))
-    assert info["global_step"] == 3 and info["num_processes"] == procs
-    assert len(set(info["aria_state_hashes"])) == 1
+    assert info["global_step"] == 2 and info["num_processes"] == procs
+    assert len(set(info["aria_state_hashes"])) == 1  # the same ARIA state on every rank
+    # resumed in this process (SD3's two-process checkpoint in one process: ARIA's state is global)
+    run_training(run_args(teachers[family], out, shared_regions, 3,
+                          flags + ["--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"]))
+    info = json.load(open(out / "run_info.json"))
+    assert info["global_step"] == 3 and info["num_processes"] == 1
     index = json.load(open(out / "model_index.json"))
     assert index["_class_name"] == pipeline_class
     card = (out / "README.md").read_text()
@@ -108,9 +112,9 @@ def test_lora_student_saves_an_adapter_that_loads_as_the_card_says(family, teach
         vae.register_to_config(scaling_factor=0.5)
         vae.save_pretrained(tmp_path / "own-vae")
         vae_flags = ["--pretrained_vae_model_name_or_path", str(tmp_path / "own-vae")]
-    launch_training(run_args(teachers[family], out, shared_regions, 2,
-                             flags + vae_flags + ["--student_mode", "lora", "--rank", "2", "--checkpointing_steps", "100",
-                                      "--mixed_precision", "bf16"], data=data), mixed_precision="bf16")
+    run_training(run_args(teachers[family], out, shared_regions, 2,
+                          flags + vae_flags + ["--student_mode", "lora", "--rank", "2", "--checkpointing_steps", "100",
+                                               "--mixed_precision", "bf16"], data=data))
     assert (out / "teacher_latents").exists() == (data is None)
     card = (out / "README.md").read_text()
     if flags:  # the flag reached the run's recorded settings
