@@ -142,15 +142,15 @@ class ARIACallback:
         local = (torch.cat([r.to(self._buffer[0].device) for r in self._buffer]) if self._buffer
                  else torch.zeros((0, 3), dtype=torch.float64))
         self._buffer.clear()
-        rows = self._gather_rows(local)  # t stays NaN where none was given
-        regions, t = rows[:, 0].long(), rows[:, 2]
-        has_t = ~torch.isnan(t[regions >= 0])
+        rows = self._gather_rows(local).numpy()  # t stays NaN where none was given; numpy from here on (fewer calls)
+        regions, t = rows[:, 0].astype(np.int64), rows[:, 2]
+        has_t = ~np.isnan(t[regions >= 0])
         any_t = bool(has_t.any())
         if any_t and not bool(has_t.all()):
             raise ValueError(f"step {step}: some micro-batches came with timesteps and some without; "
                              "pass timesteps always or never")
-        self.tracker.update(regions, rows[:, 1], torch.nan_to_num(t, nan=0.0) if any_t else None,
-                            baseline_weights=self._baseline_weights(regions.numpy()))
+        self.tracker.update(regions, rows[:, 1], np.nan_to_num(t, nan=0.0) if any_t else None,
+                            baseline_weights=self._baseline_weights(regions))
         probs = self.policy.step(step, self.tracker)
         if probs is not self._last_set:  # a policy between refreshes returns the same array: nothing to set
             self.sampler.set_probabilities(probs)

@@ -112,6 +112,7 @@ class AdaptiveRegionSampler(Sampler[int]):
         self.probabilities = self.sizes / self.sizes.sum()  # the latest probabilities set
         # (first draw step, probabilities) in step order: a draw uses the last entry that starts at or before it
         self._schedule: list[tuple[int, np.ndarray]] = [(0, self.probabilities)]
+        self._cdf: tuple[np.ndarray | None, np.ndarray | None] = (None, None)  # (probabilities, their cumulative sum)
         self._pending: deque[np.ndarray] = deque()  # regions of the draws made by iteration, not yet trained on
         self._warned = False
         if probabilities is not None:
@@ -194,9 +195,12 @@ class AdaptiveRegionSampler(Sampler[int]):
     def draw_regions(self, step: int, n: int) -> np.ndarray:
         """The regions of one global draw of `n` samples at `step` (does not advance counters)."""
         u = self._rng(step).random(n)
-        cdf = np.cumsum(self._probabilities_at(step))
-        cdf[-1] = 1.0
-        return np.minimum(np.searchsorted(cdf, u, side="right"), self.num_regions - 1)
+        p = self._probabilities_at(step)
+        if self._cdf[0] is not p:  # the probabilities change only at a refresh (arrays are replaced, never edited)
+            cdf = np.cumsum(p)
+            cdf[-1] = 1.0
+            self._cdf = (p, cdf)
+        return np.minimum(np.searchsorted(self._cdf[1], u, side="right"), self.num_regions - 1)
 
     def draw_global(self, step: int, n: int, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One global draw of `n` (pool index, region) pairs at `step`; advances the per-region counters.
