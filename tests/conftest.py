@@ -12,6 +12,9 @@ import pytest  # noqa: E402
 
 # The suite never reaches the network: the default embedder resolves to the installed offline copy.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# As scripts/bootstrap.sh exports it: the tokenizers' own thread pools, in every process of two workers and their
+# subprocesses, only compete for the 2 cores.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -114,9 +117,7 @@ def _debug_launch(fn, args=(), num_processes: int = 2) -> None:
     test that calls a script's main()) would reach the children, and they would see one process.
     """
     from accelerate import debug_launcher
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from launching import reset_accelerate_state
 
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    GradientState._reset_state()
+    reset_accelerate_state()
     debug_launcher(fn, args=args, num_processes=num_processes)

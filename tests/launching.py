@@ -43,17 +43,17 @@ def one_process_run():
     that call a script's main() directly)."""
     import torch
 
-    _reset_accelerate_state()
+    reset_accelerate_state()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        _reset_accelerate_state()
+        reset_accelerate_state()
 
 
-def _reset_accelerate_state() -> None:
+def reset_accelerate_state() -> None:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
@@ -61,11 +61,10 @@ def _reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def launch_training(args: list[str], num_processes: int = 1, timeout: int = 600,
-                    mixed_precision: str = "no") -> subprocess.CompletedProcess:
+def launch_training(args: list[str], num_processes: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """`accelerate launch train_aria_distill.py ARGS` on CPU (gloo for 2 processes); raises with the tails of
     its output when it fails."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", mixed_precision,
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--num_processes", str(num_processes)]
     cmd += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")

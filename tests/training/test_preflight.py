@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launching import TRAIN_SCRIPT
+from launching import TRAIN_SCRIPT, training_script
 
 from diffusers_aria.training import preflight
 from diffusers_aria.utils.errors import UserError
@@ -422,8 +422,7 @@ def test_training_script_debug_shows_the_traceback(tmp_path):
 
 def test_check_train_args_passes_a_good_setup(tmp_path):
     """The checks let a valid run through: a new folder, the regions of a resumed run that match its pool."""
-    sys.path.insert(0, str(TRAIN_SCRIPT.parent))
-    import train_aria_distill
+    train_aria_distill = training_script()
 
     teacher = write_fake_pipeline(tmp_path / "teacher")
     base = ["--pretrained_model_name_or_path", str(teacher), "--image_free", "--builtin_pool_size", "30",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import TRAIN_SCRIPT, run_training
+from launching import TRAIN_SCRIPT, run_training, training_script
 
 pytestmark = pytest.mark.slow
 FAULTS = Path(__file__).parent / "fault_injection"
@@ -109,15 +109,8 @@ def test_sigkill_during_a_checkpoint_write_never_uses_the_partial_checkpoint(tin
 # ------------------------------------------------------------------------------------- in-process runs
 
 
-def _script():
-    sys.path.insert(0, str(TRAIN_SCRIPT.parent))
-    import train_aria_distill
-
-    return train_aria_distill
-
-
 def _inproc_args(teacher, regions, out, *extra):
-    return _script().parse_args(["--pretrained_model_name_or_path", teacher, "--output_dir", str(out),
+    return training_script().parse_args(["--pretrained_model_name_or_path", teacher, "--output_dir", str(out),
                                  "--regions_dir", regions, "--image_free", "--num_teacher_latents", "8",
                                  "--teacher_inference_steps", "2", "--builtin_pool_size", "200", "--num_regions", "6",
                                  "--resolution", "32", "--train_batch_size", "4", "--max_train_steps", "4",
@@ -147,7 +140,7 @@ def _nan_on(monkeypatch, bad_steps: set[int], samples: slice):
 def test_nonfinite_losses_are_skipped_and_never_reach_the_tracker(tiny_teacher, shared_regions, tmp_path, monkeypatch):
     _nan_on(monkeypatch, {1, 2}, slice(0, 2))
     out = tmp_path / "nan"
-    _script().main(_inproc_args(tiny_teacher, shared_regions, out, "--aria_feed", "all", "--max_nonfinite_steps", "3"))
+    training_script().main(_inproc_args(tiny_teacher, shared_regions, out, "--aria_feed", "all", "--max_nonfinite_steps", "3"))
     info = json.load(open(out / "run_info.json"))
     assert info["global_step"] == 4 and info["nonfinite_samples"] == 4
     report = json.load(open(out / "aria_report.json"))
@@ -162,7 +155,7 @@ def test_nonfinite_losses_are_skipped_and_never_reach_the_tracker(tiny_teacher, 
 def test_consecutive_nonfinite_steps_stop_with_a_clear_error(tiny_teacher, shared_regions, tmp_path, monkeypatch):
     _nan_on(monkeypatch, {0, 1, 2, 3}, slice(0, 4))
     with pytest.raises(RuntimeError, match=r"2 consecutive steps had a non-finite loss \(--max_nonfinite_steps=2\)"):
-        _script().main(_inproc_args(tiny_teacher, shared_regions, tmp_path / "nan2", "--max_nonfinite_steps", "2"))
+        training_script().main(_inproc_args(tiny_teacher, shared_regions, tmp_path / "nan2", "--max_nonfinite_steps", "2"))
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -177,9 +170,9 @@ def test_non_empty_output_dir_is_refused_and_left_intact(tiny_teacher, shared_re
     from diffusers_aria.training.outputs import OutputDirError
 
     with pytest.raises(OutputDirError, match=r"--output_dir .*busy.* is not empty \(it holds precious.txt\)"):
-        _script().main(_inproc_args(tiny_teacher, shared_regions, out))
+        training_script().main(_inproc_args(tiny_teacher, shared_regions, out))
     assert _snapshot(out) == before
-    _script().main(_inproc_args(tiny_teacher, shared_regions, out, "--overwrite_output_dir", "--max_train_steps", "1"))
+    training_script().main(_inproc_args(tiny_teacher, shared_regions, out, "--overwrite_output_dir", "--max_train_steps", "1"))
     assert (out / "precious.txt").read_text() == "keep me" and (out / "run_info.json").exists()
 
 
@@ -189,10 +182,10 @@ def test_regions_from_another_pool_are_refused_and_left_intact(tiny_teacher, sha
     before = _snapshot(Path(shared_regions))
     args = _inproc_args(tiny_teacher, shared_regions, tmp_path / "other", "--builtin_pool_size", "150")
     with pytest.raises(RegionsMismatchError, match="built for a pool of 200 prompts but this pool has 150"):
-        _script().main(args)
+        training_script().main(args)
     args = _inproc_args(tiny_teacher, shared_regions, tmp_path / "other2", "--seed", "1")  # same size, other prompts
     with pytest.raises(RegionsMismatchError, match="does not match this prompt pool: fingerprint") as err:
-        _script().main(args)
+        training_script().main(args)
     assert str(err.value).startswith(f"{shared_regions!r}: ")  # the folder, and what to do with it (issue 27)
     assert ("--regions_dir is never rebuilt: pass the pool its regions were built from (the same --builtin_pool_size "
             "(this run: 200) and --seed (this run: 1)") in str(err.value)
@@ -227,13 +220,13 @@ def test_the_script_never_writes_into_inside_or_above_the_teacher(tiny_teacher, 
         args = _inproc_args(str(teacher), str(regions), out, "--overwrite_output_dir",
                             "--pretrained_vae_model_name_or_path", str(vae))
         with pytest.raises(OutputDirError, match=re.escape(message)):
-            _script().main(args)
+            training_script().main(args)
     assert _md5s(tmp_path / "models") == before and not list(tmp_path.glob("models/*.previous-*"))
 
 
 def _own_regions_args(teacher, out, *extra):
     """A run that builds its own regions (OUTPUT_DIR/regions) of a 60-prompt pool."""
-    return _script().parse_args(["--pretrained_model_name_or_path", teacher, "--output_dir", str(out), "--image_free",
+    return training_script().parse_args(["--pretrained_model_name_or_path", teacher, "--output_dir", str(out), "--image_free",
                                  "--num_teacher_latents", "8", "--teacher_inference_steps", "2",
                                  "--builtin_pool_size", "60", "--num_regions", "4", "--resolution", "32",
                                  "--train_batch_size", "4", "--report_to", "tensorboard", "--aria_warmup_steps", "1",
@@ -249,13 +242,13 @@ def test_overwrite_moves_an_earlier_run_aside_and_never_mixes_two_runs(tiny_teac
     from diffusers_aria.training.checkpointing import resolve_resume_checkpoint
 
     out = tmp_path / "run"
-    _script().main(_own_regions_args(tiny_teacher, out, "--max_train_steps", "3", "--checkpointing_steps", "3",
+    training_script().main(_own_regions_args(tiny_teacher, out, "--max_train_steps", "3", "--checkpointing_steps", "3",
                                      "--validation_prompts", "a red fox", "--validation_steps", "3",
                                      "--validation_inference_steps", "1"))
     first = _md5s(out)
     assert "checkpoint-3/model.safetensors" in first and "validation/step-3.png" in first
     capsys.readouterr()
-    _script().main(_own_regions_args(tiny_teacher, out, "--overwrite_output_dir", "--max_train_steps", "2",
+    training_script().main(_own_regions_args(tiny_teacher, out, "--overwrite_output_dir", "--max_train_steps", "2",
                                      "--checkpointing_steps", "1"))
     moved = list(tmp_path.glob("run.previous-*"))
     assert len(moved) == 1 and f"the earlier run in {str(out)!r} was moved to {str(moved[0])!r}" in capsys.readouterr().out
@@ -268,7 +261,7 @@ def test_overwrite_moves_an_earlier_run_aside_and_never_mixes_two_runs(tiny_teac
         assert second[cache] == first[cache]
         assert os.path.samefile(out / cache, moved[0] / cache)  # hard links: no copy, no extra space
     with pytest.raises(RegionsMismatchError) as err:  # this run's own regions, resumed with another --seed
-        _script().main(_own_regions_args(tiny_teacher, out, "--max_train_steps", "3", "--resume_from_checkpoint",
+        training_script().main(_own_regions_args(tiny_teacher, out, "--max_train_steps", "3", "--resume_from_checkpoint",
                                          "latest", "--seed", "1"))
     regions = str(out / "regions")
     assert str(err.value).startswith(f"{regions!r}: ") and (
@@ -288,7 +281,7 @@ def test_resuming_into_an_empty_folder_says_so_before_the_models_load(tiny_teach
     monkeypatch.setattr(parts, "load_teacher", not_yet)
     out = tmp_path / "new"
     with pytest.raises(RuntimeError, match="the teacher loads after the message"):
-        _script().main(_inproc_args(tiny_teacher, shared_regions, out, "--resume_from_checkpoint", "latest"))
+        training_script().main(_inproc_args(tiny_teacher, shared_regions, out, "--resume_from_checkpoint", "latest"))
     assert capsys.readouterr().out.splitlines()[0] == (f"--resume_from_checkpoint latest: no checkpoint in "
                                                        f"{str(out)!r} yet, starting a new run")
     assert not out.exists()  # the failed start left nothing
@@ -296,7 +289,7 @@ def test_resuming_into_an_empty_folder_says_so_before_the_models_load(tiny_teach
 
 def test_bad_lora_targets_and_incompatible_student_are_refused(tiny_teacher, shared_regions, tmp_path):
     with pytest.raises(ValueError, match=r"LoRA target module\(s\) \['to_nothing'\] match nothing"):
-        _script().main(_inproc_args(tiny_teacher, shared_regions, tmp_path / "l", "--student_mode", "lora",
+        training_script().main(_inproc_args(tiny_teacher, shared_regions, tmp_path / "l", "--student_mode", "lora",
                                     "--lora_target_modules", "to_nothing"))
     from diffusers import UNet2DConditionModel
 
@@ -305,7 +298,7 @@ def test_bad_lora_targets_and_incompatible_student_are_refused(tiny_teacher, sha
                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4)
     bad.save_pretrained(tmp_path / "bad_student")
     with pytest.raises(ValueError, match="has cross_attention_dim 16 but the teacher has 384"):
-        _script().main(_inproc_args(tiny_teacher, shared_regions, tmp_path / "s", "--student_model_name_or_path",
+        training_script().main(_inproc_args(tiny_teacher, shared_regions, tmp_path / "s", "--student_model_name_or_path",
                                     str(tmp_path / "bad_student")))
 
 

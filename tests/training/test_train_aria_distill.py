@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
-from launching import TRAIN_SCRIPT, run_training, write_imagefolder
 from launching import launch_training as launch
+from launching import run_training, training_script, write_imagefolder
 
 pytestmark = pytest.mark.slow
 
@@ -164,8 +163,7 @@ def test_resume_continues_the_exact_prompt_stream(tiny_teacher, shared_regions, 
 
 def test_push_to_hub_and_doremi_in_process(tiny_teacher, shared_regions, tmp_path, monkeypatch):
     """The script's main() with the Hub calls replaced: everything up to the network call is real."""
-    sys.path.insert(0, str(TRAIN_SCRIPT.parent))
-    import train_aria_distill
+    train_aria_distill = training_script()
 
     import diffusers_aria.publish.hub as hub
 

@@ -8,17 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from launching import TRAIN_SCRIPT
+from launching import training_script
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    sys.path.insert(0, str(TRAIN_SCRIPT.parent))
-    import train_aria_distill
-
-    return train_aria_distill
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +75,7 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path, monk
         for i, topic in enumerate(["cat", "dog", "car", "boat", "pizza", "cake", "tree", "river"] * 4):
             w.writerow([i, f"a photo of a {topic} number {i}"])
     out = tmp_path / "out"
-    args = _script().parse_args([
+    args = training_script().parse_args([
         "--pretrained_model_name_or_path", tiny_teacher, "--revision", "main", "--output_dir", str(out),
         "--student_architecture", "bk_small", "--student_width_scale", "0.5",
         "--lambda_kd_output", "1.0", "--lambda_kd_feat", "0.5", "--lambda_sd", "0.1",
@@ -113,7 +106,7 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path, monk
         "--snr_gamma", "5", "--noise_offset", "0.05", "--input_perturbation", "0.1", "--prediction_type", "v_prediction",
         "--image_interpolation_mode", "bilinear", "--non_ema_revision", "main",
     ])
-    _script().main(args)
+    training_script().main(args)
     report = json.load(open(out / "aria_report.json"))
     cfg = report["policy_config"]
     assert (cfg["alpha"], cfg["tau"], cfg["score"], cfg["threshold"], cfg["max_ratio"], cfg["floor"], cfg["cap"],
@@ -152,7 +145,7 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path, monk
 
 
 def _image_free(teacher, regions, out, *extra):
-    return _script().parse_args(["--pretrained_model_name_or_path", teacher, "--output_dir", str(out),
+    return training_script().parse_args(["--pretrained_model_name_or_path", teacher, "--output_dir", str(out),
                                  "--regions_dir", regions, "--image_free", "--num_teacher_latents", "4",
                                  "--teacher_inference_steps", "2", "--builtin_pool_size", "200", "--num_regions", "6",
                                  "--resolution", "32", "--train_batch_size", "2", "--report_to", "none", *extra])
@@ -164,7 +157,7 @@ def test_epochs_validation_epochs_and_ema_in_unet_ema(tiny_teacher, shared_regio
     from diffusers import UNet2DConditionModel
 
     out = tmp_path / "epochs"
-    _script().main(_image_free(tiny_teacher, shared_regions, out, "--num_train_epochs", "2", "--validation_epochs", "1",
+    training_script().main(_image_free(tiny_teacher, shared_regions, out, "--num_train_epochs", "2", "--validation_epochs", "1",
                                "--validation_prompts", "a koala", "--validation_inference_steps", "2",
                                "--use_ema", "--offload_ema", "--foreach_ema", "--checkpointing_steps", "4"))
     assert json.load(open(out / "run_info.json"))["global_step"] == 4
@@ -183,15 +176,15 @@ def test_missing_optional_packages_fail_before_loading(tiny_teacher, shared_regi
     monkeypatch.setattr(diffusers.utils, "is_xformers_available", lambda: False)
     monkeypatch.setattr(parts, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     with pytest.raises(ImportError, match="--use_8bit_adam needs bitsandbytes"):
-        _script().main(_image_free(tiny_teacher, shared_regions, tmp_path / "a", "--use_8bit_adam"))
+        training_script().main(_image_free(tiny_teacher, shared_regions, tmp_path / "a", "--use_8bit_adam"))
     with pytest.raises(ValueError, match="xformers is not installed"):
-        _script().main(_image_free(tiny_teacher, shared_regions, tmp_path / "b",
+        training_script().main(_image_free(tiny_teacher, shared_regions, tmp_path / "b",
                                    "--enable_xformers_memory_efficient_attention"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_bad_flag_values_give_clear_errors():
-    s = _script()
+    s = training_script()
     with pytest.raises(SystemExit):
         s.parse_args(["--pretrained_model_name_or_path", "x", "--image_free", "--allocation", "nope"])
     with pytest.raises(SystemExit):  # no paired data source
@@ -222,7 +215,7 @@ def test_variant_weights_are_loaded(tiny_teacher, tmp_path):
         part.save_pretrained(teacher / name, variant="ema")
     parts = load_teacher(str(teacher), variant="ema")
     assert float(next(parts.denoiser.parameters()).flatten()[0]) == 0.125
-    assert _script().parse_args(["--pretrained_model_name_or_path", "x", "--image_free", "--variant", "ema"]).variant == "ema"
+    assert training_script().parse_args(["--pretrained_model_name_or_path", "x", "--image_free", "--variant", "ema"]).variant == "ema"
 
 
 def test_every_flag_is_exercised_by_a_test():
