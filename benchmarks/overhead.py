@@ -89,6 +89,7 @@ def isolated(k: int, steps: int, warmup: int, world: int = 8, per_rank: int = 32
     samplers[0].set_probabilities = _timed(t_comp["set_probabilities"], samplers[0].set_probabilities)
     cb._record = _timed(t_comp["record"], cb._record)
     t_draw, t_cb, t_metrics, t_rank_total = [], [], [], []
+    last_set = policy.probabilities
     for step in range(warmup + steps):
         timed = step >= warmup
         if step == warmup:
@@ -107,8 +108,10 @@ def isolated(k: int, steps: int, warmup: int, world: int = 8, per_rank: int = 32
         t0 = time.perf_counter()
         probs = cb.on_step_end(step, region, loss, t)
         dt = time.perf_counter() - t0
-        for smp in samplers[1:]:  # the other ranks' callbacks compute the same probabilities
-            smp.set_probabilities(probs)
+        if probs is not last_set:  # the other ranks' callbacks compute the same probabilities and, as this one,
+            last_set = probs       # set them only when they changed (at a refresh)
+            for smp in samplers[1:]:
+                smp.set_probabilities(probs)
         if timed:
             t_draw.extend(draws)
             t_cb.append(dt)

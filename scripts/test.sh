@@ -7,6 +7,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # -rs: the reason of every skipped test is printed at the end. -n 2 --dist worksteal: two pytest workers (most
 # tests are single-threaded Python or subprocess start-up, so two cores run two of them at once); a worker
-# that runs out of tests takes queued ones from the other (12-13 min on 2 idle cores; whole files per worker,
+# that runs out of tests takes queued ones from the other (6-8 min on 2 idle cores; whole files per worker,
 # slow files first, took as long: docs/benchmarks-speed.md). `bash scripts/test.sh -n 0` runs in one process.
 python -m pytest -q -rs -p no:cacheprovider -n 2 --dist worksteal "$@" tests
