@@ -525,7 +525,9 @@ class ARIAAllocation(AllocationPolicy):
         self.between_variance = 0.0  # the prior-weighted variance of the scores (logged as aria/real_spread)
         # the z-score rule has no test (its scores are not in units of excess)
         self.reducibility = ReducibilityTest(self.prior, None if score == "zscore" else self.stall_draws, stall_decline)
-        self._slab_starts: list[float | None] | None = None  # where the next sparse fits begin (a speed-up only)
+        # where the next sparse fits begin (the previous refresh's slab weights): checkpointed, since the fit's last
+        # bits depend on where it starts, and a resumed run must start where the uninterrupted one would
+        self._slab_starts: list[float | None] | None = None
         self.pending_draws = np.zeros(self.num_regions)  # draws per region since the last refresh
 
     # ------------------------------------------------------------------------------- scores and target
@@ -595,8 +597,9 @@ class ARIAAllocation(AllocationPolicy):
 
     def state_dict(self) -> dict[str, Any]:
         arrays = {**{k: getattr(self, k).copy() for k in self._STATE}, **self.reducibility.state_dict()}
+        starts = np.array([np.nan if w is None else w for w in self._slab_starts or []], dtype=np.float64)
         return {**super().state_dict(), **{k: torch.from_numpy(v) for k, v in arrays.items()},
-                "between_variance": float(self.between_variance)}
+                "slab_starts": torch.from_numpy(starts), "between_variance": float(self.between_variance)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -604,6 +607,9 @@ class ARIAAllocation(AllocationPolicy):
             setattr(self, k, np.asarray(state[k], dtype=np.float64).copy())
         self.reducibility.load_state_dict(state)
         self.between_variance = float(state["between_variance"])
+        # (a checkpoint written before the starts were saved has none: its fits start cold, as they did then)
+        starts = np.asarray(state.get("slab_starts", []), dtype=np.float64)
+        self._slab_starts = [None if np.isnan(w) else float(w) for w in starts] if starts.size else None
 
 
 class StaticAfterWarmup(ARIAAllocation):
