@@ -35,11 +35,13 @@ text pathway re-initialised, output KD) in which ARIA gets no help from the desi
     python benchmarks/quality_unseen_rare.py --quick                      # smoke, < 5 min
     python benchmarks/quality_unseen_rare.py --design small --instances 100 101 --seeds 0 --tag tuning ...
     python benchmarks/quality_unseen_rare.py --report benchmarks/results/quality_unseen_rare_TAG.json
+    python benchmarks/quality_unseen_rare.py --pool RESULTS_A.json RESULTS_B.json   # seeds of two rounds as one
 
 Writes benchmarks/results/quality_unseen_rare[_TAG].json and prints Markdown tables, then issue 25's targets
 for the library default in every cell that ran (`verdict`: at 1,000 steps, small: unseen >= 40% of the
 mixture's gain, rare <= 0.95, seen <= 1.01, natural overall <= 0.99; concept: >= 60%, natural overall <= 0.98;
-all-seen control: natural overall within +-0.5% of RC). Exits 1 when one is missed.
+all-seen control: natural overall within +-0.5% of RC). Exits 1 when one is missed (`--pool` too: the verdict
+over the runs of every file it reads).
 """
 
 from __future__ import annotations
@@ -638,6 +640,60 @@ def report_parts(parts_dir: str) -> dict:
     return {**out, "report": text}
 
 
+POOL_FREE_ARGS = ("seeds", "control_seeds", "policies", "control_policies", "instances", "eval_steps", "workers",
+                  "tag")  # what may differ between the invocations pooled by --pool
+
+
+def pool_results(paths: list[str]) -> dict:
+    """The runs of several invocations read as one (e.g. control seeds run in two rounds): the same design and
+    settings (every argument but those of POOL_FREE_ARGS), no run twice; the tables and the verdict over them all."""
+    if not paths:
+        raise SystemExit("--pool needs one or more results files of quality_unseen_rare.py")
+    files = []
+    for path in paths:
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--pool: cannot read {path!r} as a results file ({err})") from None
+        if not isinstance(data, dict) or "runs" not in data or "args" not in data:
+            raise SystemExit(f"--pool: {path!r} is not a results file of quality_unseen_rare.py (no 'runs' and 'args')")
+        files.append((path, data))
+    first_path, first = files[0]
+    settings = {k: v for k, v in first["args"].items() if k not in POOL_FREE_ARGS}
+    seen: dict[tuple, str] = {}
+    runs = []
+    for path, data in files:
+        for k in sorted(set(settings) | set(data["args"]) - set(POOL_FREE_ARGS)):
+            if data["args"].get(k) != settings.get(k):
+                raise SystemExit(f"--pool: {path!r} was run with {k}={data['args'].get(k)!r} but {first_path!r} with "
+                                 f"{k}={settings.get(k)!r}; only {', '.join(POOL_FREE_ARGS)} may differ")
+        for r in data["runs"]:
+            key = (r["policy"], r["instance"], r["seed"], r.get("schedule", "constant"), bool(r.get("control")))
+            if key in seen:
+                raise SystemExit(f"--pool: the run {key} (policy, instance, seed, schedule, control) is in both "
+                                 f"{seen[key]!r} and {path!r}")
+            seen[key] = path
+            runs.append(r)
+    main_runs = [r for r in runs if not r.get("control")]
+    ctrl_runs = [r for r in runs if r.get("control")]
+    lengths = sorted({L for r in runs for L in r["evals"]}, key=int)
+    out = {"pooled_files": [p for p, _ in files], "num_runs": len(runs),
+           "seeds": {kind: {spec: sorted({r["seed"] for r in rs if r["policy"] == spec})
+                            for spec in dict.fromkeys(r["policy"] for r in rs)}
+                     for kind, rs in (("main", main_runs), ("control", ctrl_runs)) if rs},
+           "summary": summaries(main_runs, lengths),
+           "control_summary": summaries(ctrl_runs, lengths) if ctrl_runs else None}
+    out["verdict"] = verdict(out, settings.get("design", "small"))
+    text = format_tables(out)
+    if ctrl_runs:
+        text += "\n\n### all-seen control\n" + format_tables({"summary": out["control_summary"]})
+    text += format_verdict(out["verdict"])
+    print(f"{len(runs)} runs pooled from {len(files)} files; seeds per policy: {out['seeds']}")
+    print(text)
+    return {**out, "report": text}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="< 5 minutes: one instance, few steps (smoke)")
@@ -697,6 +753,8 @@ def main(argv=None) -> dict:
         return {"report": text}
     if argv[:1] == ["--report_parts"]:  # the runs finished so far of an interrupted (resumable) run
         return report_parts(argv[1])
+    if argv[:1] == ["--pool"]:  # several invocations' runs as one (seeds run in separate rounds)
+        return pool_results(argv[1:])
     args = parse_args(argv)
     os.makedirs(args.cache_dir, exist_ok=True)
     name = "quality_unseen_rare" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")

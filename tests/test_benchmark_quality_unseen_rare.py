@@ -143,3 +143,49 @@ def test_targets_are_judged_per_cell_and_a_miss_is_reported():
     concept = {(r["cell"], r["metric"]) for r in v3.verdict(results, "concept")}
     assert ("small, constant", "rare") not in concept and ("concept, constant", "overall_natural") in concept
     assert "**no**" in v3.format_verdict(v3.verdict(results, "small"))
+
+
+def _results_file(path, ratios: dict[int, float], **args) -> str:
+    """A minimal results file: control runs of RC and ARIA at 1,000 steps, ARIA's overall error `ratios[seed]` x RC's."""
+    v3 = _v3()
+    runs = []
+    for seed, ratio in ratios.items():
+        for policy, factor in (("rc", 1.0), ("aria", ratio)):
+            ev = {m: 2.0 * factor for m in v3.METRICS}
+            ev.update(swap_share={"unseen": 0.0, "rare": 0.0}, distinct_drawn={"unseen": 0, "rare": 0})
+            runs.append({"policy": policy, "seed": seed, "instance": 0, "schedule": "exponential", "control": True,
+                         "evals": {"1000": ev}})
+    settings = {"design": "small", "pool_size": 3000, "control_seeds": sorted(ratios), "tag": os.path.basename(path)}
+    path.write_text(json.dumps({"args": {**settings, **args}, "runs": runs}))
+    return str(path)
+
+
+def test_pool_reads_the_seeds_of_several_rounds_as_one(tmp_path):
+    v3 = _v3()
+    a = _results_file(tmp_path / "a.json", {10: 1.008, 11: 1.006})  # alone: 1.007, outside +-0.5%
+    b = _results_file(tmp_path / "b.json", {16: 0.996, 17: 0.994})
+    alone = v3.main(["--pool", a])["verdict"]
+    assert alone[0]["value"] == pytest.approx(1.007) and not alone[0]["met"]
+    pooled = v3.main(["--pool", a, b])
+    row = pooled["verdict"][0]
+    assert row["cell"] == "control, exponential" and row["value"] == pytest.approx(1.001) and row["met"]
+    assert pooled["seeds"]["control"]["aria"] == [10, 11, 16, 17]
+    assert "**no**" not in pooled["report"]
+
+
+def test_pool_refuses_other_settings_a_run_twice_and_other_files(tmp_path):
+    v3 = _v3()
+    a = _results_file(tmp_path / "a.json", {10: 1.0})
+    other = _results_file(tmp_path / "other.json", {11: 1.0}, pool_size=2000)
+    with pytest.raises(SystemExit, match=r"other\.json' was run with pool_size=2000 but .*a\.json' with pool_size=3000"):
+        v3.main(["--pool", a, other])
+    again = _results_file(tmp_path / "again.json", {10: 1.0})
+    with pytest.raises(SystemExit, match=r"the run \('rc', 0, 10, 'exponential', True\).* is in both .*a\.json.*again\.json"):
+        v3.main(["--pool", a, again])
+    (tmp_path / "notes.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(SystemExit, match=r"notes\.json' is not a results file of quality_unseen_rare\.py"):
+        v3.main(["--pool", a, str(tmp_path / "notes.json")])
+    with pytest.raises(SystemExit, match=r"cannot read .*missing\.json"):
+        v3.main(["--pool", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match=r"--pool needs one or more results files"):
+        v3.main(["--pool"])
