@@ -108,8 +108,9 @@ def sentence_embeddings(text_encoder, tokenizer, prompts: Sequence[str], batch_s
     for start in range(0, len(prompts), batch_size):
         tokens = _tokenize(tokenizer, prompts[start : start + batch_size])
         mask = tokens.attention_mask.to(device)
-        out.append(text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float())
-    return pool_sentence_embeddings(torch.cat(out), _tokenize(tokenizer, prompts).attention_mask.to(device))
+        # pooled batch by batch: only [N, 384] is kept, never every prompt's token states
+        out.append(pool_sentence_embeddings(text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0], mask))
+    return torch.cat(out)
 
 
 def pool_sentence_embeddings(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

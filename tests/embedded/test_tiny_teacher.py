@@ -26,6 +26,8 @@ from diffusers_aria.embedded.minilm import (
     TOKEN_LENGTH,
     encode_prompts,
     load_minilm_text_encoder,
+    pool_sentence_embeddings,
+    sentence_embeddings,
 )
 from diffusers_aria.embedded.sensitivity import DEFAULT_SENSITIVITY_TIMESTEPS, text_sensitivity  # noqa: E402
 from diffusers_aria.embedded.synthetic_latents import (
@@ -112,6 +114,24 @@ def test_encode_prompts_matches_pipeline(teacher):
     assert ours.shape == (3, TOKEN_LENGTH, CROSS_ATTENTION_DIM)
     theirs, _ = pipe.encode_prompt(PROMPTS[:3], "cpu", 1, False)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_sentence_embeddings_pool_the_token_states_and_ignore_padding(minilm):
+    text_encoder, tokenizer = minilm
+    prompts = PROMPTS[:5] + ["fox"]  # the last one is nearly all padding
+    emb = sentence_embeddings(text_encoder, tokenizer, prompts)
+    assert emb.shape == (len(prompts), CROSS_ATTENTION_DIM)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(prompts)))
+    # pooled batch by batch: the same rows in batches of 2
+    torch.testing.assert_close(sentence_embeddings(text_encoder, tokenizer, prompts, batch_size=2), emb)
+    # from token states already computed (the tiny teacher's one encoder pass): the same embeddings, bit for bit
+    states = encode_prompts(text_encoder, tokenizer, prompts)
+    mask = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").attention_mask
+    assert torch.equal(pool_sentence_embeddings(states, mask), emb)
+    # the padding does not count: averaged over every position, the short prompt's embedding is another
+    unmasked = pool_sentence_embeddings(states, torch.ones_like(mask))
+    assert float(unmasked[-1] @ emb[-1]) < 0.99
 
 
 def test_second_call_is_cached_and_force_retrains(teacher):
