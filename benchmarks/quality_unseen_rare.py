@@ -623,21 +623,27 @@ def report_parts(parts_dir: str) -> dict:
         same = [g for g in groups if g and bool(g[0].get("control")) == control]
         full = max((len(g) for g in same), default=0)
         runs.extend(r for g in same if len(g) == full for r in g)
+    out = report_runs(runs, _design_of_parts(parts_dir), parts_dir=parts_dir, instances_seeds=sorted(
+        {(r["instance"], r["seed"]) for r in runs if not r.get("control")}))
+    print(f"{len(runs)} runs from {parts_dir}; (instance, seed): {out['instances_seeds']}")
+    print(out["report"])
+    return out
+
+
+def report_runs(runs: list[dict], design: str, **extra) -> dict:
+    """The tables and the verdict of finished runs (main and control), as `main` prints them; `extra` goes first
+    into the returned dict."""
     main_runs = [r for r in runs if not r.get("control")]
     ctrl_runs = [r for r in runs if r.get("control")]
     lengths = sorted({L for r in runs for L in r["evals"]}, key=int)
-    out = {"parts_dir": parts_dir, "num_runs": len(runs),
-           "instances_seeds": sorted({(r["instance"], r["seed"]) for r in main_runs}),
-           "summary": summaries(main_runs, lengths),
+    out = {**extra, "num_runs": len(runs), "summary": summaries(main_runs, lengths),
            "control_summary": summaries(ctrl_runs, lengths) if ctrl_runs else None}
-    out["verdict"] = verdict(out, _design_of_parts(parts_dir))
+    out["verdict"] = verdict(out, design)
     text = format_tables(out)
     if ctrl_runs:
         text += "\n\n### all-seen control\n" + format_tables({"summary": out["control_summary"]})
-    text += format_verdict(out["verdict"])
-    print(f"{len(runs)} runs from {parts_dir}; (instance, seed): {out['instances_seeds']}")
-    print(text)
-    return {**out, "report": text}
+    out["report"] = text + format_verdict(out["verdict"])
+    return out
 
 
 POOL_FREE_ARGS = ("seeds", "control_seeds", "policies", "control_policies", "instances", "eval_steps", "workers",
@@ -675,23 +681,14 @@ def pool_results(paths: list[str]) -> dict:
                                  f"{seen[key]!r} and {path!r}")
             seen[key] = path
             runs.append(r)
-    main_runs = [r for r in runs if not r.get("control")]
-    ctrl_runs = [r for r in runs if r.get("control")]
-    lengths = sorted({L for r in runs for L in r["evals"]}, key=int)
-    out = {"pooled_files": [p for p, _ in files], "num_runs": len(runs),
-           "seeds": {kind: {spec: sorted({r["seed"] for r in rs if r["policy"] == spec})
-                            for spec in dict.fromkeys(r["policy"] for r in rs)}
-                     for kind, rs in (("main", main_runs), ("control", ctrl_runs)) if rs},
-           "summary": summaries(main_runs, lengths),
-           "control_summary": summaries(ctrl_runs, lengths) if ctrl_runs else None}
-    out["verdict"] = verdict(out, settings.get("design", "small"))
-    text = format_tables(out)
-    if ctrl_runs:
-        text += "\n\n### all-seen control\n" + format_tables({"summary": out["control_summary"]})
-    text += format_verdict(out["verdict"])
+    seeds = {kind: {spec: sorted({r["seed"] for r in runs if bool(r.get("control")) == control and r["policy"] == spec})
+                    for spec in dict.fromkeys(r["policy"] for r in runs if bool(r.get("control")) == control)}
+             for kind, control in (("main", False), ("control", True))}
+    out = report_runs(runs, settings.get("design", "small"), pooled_files=[p for p, _ in files],
+                      seeds={kind: by_policy for kind, by_policy in seeds.items() if by_policy})
     print(f"{len(runs)} runs pooled from {len(files)} files; seeds per policy: {out['seeds']}")
-    print(text)
-    return {**out, "report": text}
+    print(out["report"])
+    return out
 
 
 def parse_args(argv=None):
