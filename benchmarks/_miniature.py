@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from diffusers_aria.embedded.minilm import (
     CROSS_ATTENTION_DIM,
     TOKEN_LENGTH,
+    attention_mask,
     load_minilm_text_encoder,
     pool_sentence_embeddings,
 )
@@ -83,9 +84,8 @@ def encode_prompts(prompts: list[str], cache_dir: str, batch_size: int = 64) -> 
         return torch.from_numpy(np.load(tok_path).astype(np.float32)), np.load(emb_path)
     model, tokenizer = load_minilm_text_encoder(TOKEN_LENGTH)
     tok = minilm_token_states(model, tokenizer, prompts, batch_size=batch_size).float()
-    mask = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").attention_mask
-    emb = pool_sentence_embeddings(tok, mask).numpy().astype(np.float32)  # = sentence_embeddings, one pass less
+    # = sentence_embeddings, one encoder pass less
+    emb = pool_sentence_embeddings(tok, attention_mask(tokenizer, prompts)).numpy().astype(np.float32)
     atomic_save(tok_path, lambda tmp: np.save(tmp, tok.numpy().astype(np.float16)), suffix=".npy")
     atomic_save(emb_path, lambda tmp: np.save(tmp, emb), suffix=".npy")
     return tok, emb

@@ -681,11 +681,11 @@ def pool_results(paths: list[str]) -> dict:
                                  f"{seen[key]!r} and {path!r}")
             seen[key] = path
             runs.append(r)
-    seeds = {kind: {spec: sorted({r["seed"] for r in runs if bool(r.get("control")) == control and r["policy"] == spec})
-                    for spec in dict.fromkeys(r["policy"] for r in runs if bool(r.get("control")) == control)}
-             for kind, control in (("main", False), ("control", True))}
+    seeds: dict[str, dict[str, set]] = {}  # {"main" | "control": {policy: seeds}}
+    for r in runs:
+        seeds.setdefault("control" if r.get("control") else "main", {}).setdefault(r["policy"], set()).add(r["seed"])
     out = report_runs(runs, settings.get("design", "small"), pooled_files=[p for p, _ in files],
-                      seeds={kind: by_policy for kind, by_policy in seeds.items() if by_policy})
+                      seeds={kind: {spec: sorted(s) for spec, s in by.items()} for kind, by in seeds.items()})
     print(f"{len(runs)} runs pooled from {len(files)} files; seeds per policy: {out['seeds']}")
     print(out["report"])
     return out

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 __all__ = [
     "CROSS_ATTENTION_DIM",
     "TOKEN_LENGTH",
+    "attention_mask",
     "encode_prompts",
     "load_minilm_text_encoder",
     "pool_sentence_embeddings",
@@ -113,8 +114,13 @@ def sentence_embeddings(text_encoder, tokenizer, prompts: Sequence[str], batch_s
     return torch.cat(out)
 
 
+def attention_mask(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """The attention mask of `prompts`, padded and truncated as `encode_prompts` pads them."""
+    return _tokenize(tokenizer, prompts).attention_mask
+
+
 def pool_sentence_embeddings(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """`sentence_embeddings` of prompts whose per-token states (`encode_prompts`, the attention mask passed)
-    are already computed: their masked mean, L2-normalised. Saves a second pass of the encoder."""
+    """`sentence_embeddings` of prompts whose per-token states (`encode_prompts`, which passes MiniLM its attention
+    mask) are already computed: their masked mean, L2-normalised. Saves a second pass of the encoder."""
     weights = attention_mask.to(hidden_states.device).unsqueeze(-1).float()
     return F.normalize((hidden_states.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0), dim=-1)

@@ -55,6 +55,7 @@ from .latent_renderer import ANCHORS_NAME, LatentRenderer
 from .minilm import (
     CROSS_ATTENTION_DIM,
     TOKEN_LENGTH,
+    attention_mask,
     check_prompts,
     encode_prompts,
     load_minilm_text_encoder,
@@ -415,12 +416,11 @@ def _build(
     gen = torch.Generator().manual_seed(seed)
 
     unique_prompts = list(dict.fromkeys(prompts))
-    embeds = encode_prompts(text_encoder, tokenizer, unique_prompts).float()  # MiniLM passes its attention mask
+    embeds = encode_prompts(text_encoder, tokenizer, unique_prompts).float()
     uncond = encode_prompts(text_encoder, tokenizer, [""])[0].float()
-    mask = tokenizer(unique_prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").attention_mask
-    latents, anchor_idx, patterns = synthetic_latents_and_anchors(
-        pool_sentence_embeddings(embeds, mask), int(unet.config.in_channels), int(unet.config.sample_size), gen)
+    latents, anchor_idx, patterns = synthetic_latents_and_anchors(  # sentence embeddings, pooled from `embeds`
+        pool_sentence_embeddings(embeds, attention_mask(tokenizer, unique_prompts)), int(unet.config.in_channels),
+        int(unet.config.sample_size), gen)
 
     eval_prompts = unique_prompts
     timesteps = DEFAULT_SENSITIVITY_TIMESTEPS

@@ -24,6 +24,7 @@ from diffusers_aria.embedded.latent_renderer import ANCHORS_NAME, LatentRenderer
 from diffusers_aria.embedded.minilm import (
     CROSS_ATTENTION_DIM,
     TOKEN_LENGTH,
+    attention_mask,
     encode_prompts,
     load_minilm_text_encoder,
     pool_sentence_embeddings,
@@ -126,8 +127,7 @@ def test_sentence_embeddings_pool_the_token_states_and_ignore_padding(minilm):
     torch.testing.assert_close(sentence_embeddings(text_encoder, tokenizer, prompts, batch_size=2), emb)
     # from token states already computed (the tiny teacher's one encoder pass): the same embeddings, bit for bit
     states = encode_prompts(text_encoder, tokenizer, prompts)
-    mask = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").attention_mask
+    mask = attention_mask(tokenizer, prompts)
     assert torch.equal(pool_sentence_embeddings(states, mask), emb)
     # the padding does not count: averaged over every position, the short prompt's embedding is another
     unmasked = pool_sentence_embeddings(states, torch.ones_like(mask))
