@@ -73,8 +73,10 @@ def encode_prompts(prompts: list[str], cache_dir: str, batch_size: int = 64) -> 
     """MiniLM token states [N, 32, 384] (float32) and L2-normalised mean-pooled embeddings [N, 384].
 
     Computed once per prompt set with ``diffusers_aria.embedded.minilm`` (one encoder pass: the sentence embeddings
-    are pooled from the token states) and cached as .npy (token states stored in float16: a cache hit returns them rounded, a fresh
-    computation does not).
+    are pooled from the token states) and cached as .npy. The token states are stored in float16 and returned
+    rounded to it whether computed or read, so the caller that fills the cache gets what every later caller reads
+    (the quality benchmarks' main process fills it before their workers read it: their runs always had the
+    rounded states).
     """
     os.makedirs(cache_dir, exist_ok=True)
     key = fingerprint(prompts)
@@ -86,9 +88,10 @@ def encode_prompts(prompts: list[str], cache_dir: str, batch_size: int = 64) -> 
     tok = minilm_token_states(model, tokenizer, prompts, batch_size=batch_size).float()
     # = sentence_embeddings, one encoder pass less
     emb = pool_sentence_embeddings(tok, attention_mask(tokenizer, prompts)).numpy().astype(np.float32)
-    atomic_save(tok_path, lambda tmp: np.save(tmp, tok.numpy().astype(np.float16)), suffix=".npy")
+    tok16 = tok.numpy().astype(np.float16)
+    atomic_save(tok_path, lambda tmp: np.save(tmp, tok16), suffix=".npy")
     atomic_save(emb_path, lambda tmp: np.save(tmp, emb), suffix=".npy")
-    return tok, emb
+    return torch.from_numpy(tok16.astype(np.float32)), emb
 
 
 class TextStates:

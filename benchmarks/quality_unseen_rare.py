@@ -67,6 +67,7 @@ for _p in (REPO, HERE):
 
 from diffusers_aria.allocation import AllocationPolicy, make_policy, policy_arguments  # noqa: E402
 from diffusers_aria.callback import ARIACallback  # noqa: E402
+from diffusers_aria.conditioning import feed_mask  # noqa: E402
 from diffusers_aria.embedded.builtin_pool import builtin_prompt_records  # noqa: E402
 from diffusers_aria.embedded.tiny_teacher import tiny_scheduler  # noqa: E402
 from diffusers_aria.sampler import AdaptiveRegionSampler  # noqa: E402
@@ -222,9 +223,9 @@ class TrueErrorARIA(AllocationPolicy):
 
 def parse_spec(spec: str) -> tuple[str, dict, dict, dict]:
     name, settings = split_spec(spec)
-    pol, trk, run = {}, {}, {"regions": "library"}
+    pol, trk, run = {}, {}, {"regions": "library", "feed": "all"}
     for k, val in settings.items():
-        (trk if k in TRACKER_KEYS else run if k == "regions" else pol)[k] = val
+        (trk if k in TRACKER_KEYS else run if k in ("regions", "feed") else pol)[k] = val
     if name not in (*BASE_POLICIES, "mix", "aria_true"):
         raise SystemExit(f"unknown policy {name!r}")
     if name == "mix":
@@ -314,6 +315,7 @@ def run_one(spec: str, seed: int, ctx: dict, args, schedule: str = "constant") -
     scored = copy.deepcopy(student).requires_grad_(False)
     params, ema_params = list(student.parameters()), list(scored.parameters())
     scheduler = tiny_scheduler()
+    alphas_cumprod = scheduler.alphas_cumprod
     B, pool_t, paired_t = args.batch, torch.as_tensor(pool), torch.as_tensor(paired)
     kind_of = design["kinds"][cls]
     swaps = {k: 0 for k in KINDS}
@@ -353,7 +355,8 @@ def run_one(spec: str, seed: int, ctx: dict, args, schedule: str = "constant") -
         pos = np.searchsorted(pool, c)
         in_pool = (pos < len(pool)) & (pool[np.minimum(pos, len(pool) - 1)] == c)
         region_of_sample[in_pool] = reg[pos[in_pool]]
-        cb.on_step_end(step, torch.as_tensor(region_of_sample), per.detach(), t)
+        mask = feed_mask(run_kw["feed"], coins, t, alphas_cumprod)
+        cb.on_step_end(step, torch.as_tensor(region_of_sample), per.detach(), t, mask)
         if name == "aria_true" and (step + 1) % args.true_every == 0:
             num = true_ev.errors(scored)
             e = np.bincount(true_reg, weights=num, minlength=K) / np.maximum(

@@ -20,6 +20,35 @@ from .sampler import AdaptiveRegionSampler
 
 SCHEDULES = ("exponential", "sigmoid", "constant")
 NULL_REGION = -1
+FEEDS = ("all", "swapped", "congruent")
+
+
+def feed_mask(feed: str, swapped, timesteps=None, alphas_cumprod=None, max_signal: float = 0.5):
+    """Which samples of a batch feed ARIA's tracker (None: all of them).
+
+    - "all": every sample;
+    - "swapped": only samples whose caption Random Conditioning swapped for a pool prompt;
+    - "congruent": paired samples, and swapped ones only where the noise dominates the latent
+      (`alphas_cumprod[t] <= max_signal`: at most half of x_t's variance is the paired image). A swap at a small
+      t asks the teacher about an image that contradicts the prompt, a case no prompt's own sample ever shows;
+      its loss measures that contradiction, not how well the student renders the prompt. Under RC's exponential
+      p(t) about 3% of the swaps fall below the line (Stable Diffusion's scaled-linear betas: t < 354 of 1000);
+      with a constant p(t) about a third.
+
+    `swapped`: bool [B]; `timesteps`: [B]; `alphas_cumprod`: the noise scheduler's, indexed by timestep.
+    """
+    if feed not in FEEDS:
+        raise ValueError(f"feed {feed!r} is not valid; choose one of {', '.join(FEEDS)}")
+    if feed == "all":
+        return None
+    swapped = torch.as_tensor(swapped, dtype=torch.bool)
+    if feed == "swapped":
+        return swapped
+    if timesteps is None or alphas_cumprod is None:
+        raise ValueError("feed 'congruent' needs the batch's timesteps and the scheduler's alphas_cumprod")
+    ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    t = torch.as_tensor(timesteps).long().cpu().clamp(0, ab.numel() - 1)
+    return ~swapped.cpu() | (ab[t] <= max_signal)
 
 
 @dataclass

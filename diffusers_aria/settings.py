@@ -25,12 +25,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .allocation import POLICIES, SCORES, VARIANCES, AllocationPolicy, make_policy, policy_arguments
-from .conditioning import SCHEDULES
+from .conditioning import FEEDS, SCHEDULES
 from .utils.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-FEEDS = ("swapped", "all")
 
 _POSITIVE = (lambda v: v > 0, "a number above 0")
 _NON_NEGATIVE = (lambda v: v >= 0, "a number of 0 or more")
@@ -124,7 +122,8 @@ class AriaSettings:
         50.0, "--aria_baseline_samples", "each timestep bin's loss baseline is the mean of about its latest this "
         "many samples (a sample is scored against it when it arrives)", check=_POSITIVE, tracker="baseline_samples")
     feed: str = _setting(
-        "all", "--aria_feed", "which samples feed the tracker: all, or only those whose prompt was swapped",
+        "all", "--aria_feed", "which samples feed the tracker: all; swapped (only those whose prompt was swapped); "
+        "congruent (paired ones, and swapped ones where noise dominates the latent, alphas_cumprod[t] <= 0.5)",
         choices=FEEDS)
     doremi_lr: float = _setting(
         0.5, "--doremi_lr", "step size of the doremi policy's exponentiated-gradient update", check=_POSITIVE,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_aria.conditioning import NULL_REGION, RandomConditioning, SwapSchedule
+from diffusers_aria.conditioning import NULL_REGION, RandomConditioning, SwapSchedule, feed_mask
 from diffusers_aria.sampler import AdaptiveRegionSampler
 
 T = 1000
@@ -328,3 +328,28 @@ def test_caption_region_cache_overflow_keeps_current_batch():
     out = rc(0, torch.zeros(4, dtype=torch.long), captions)
     assert out.region_ids.tolist() == [3, 3, 3, 3]
     assert len(rc._assigned) <= 100_000
+
+
+# ------------------------------------------------------------------------------------------- feeds
+def test_feed_mask_picks_all_the_swaps_or_paired_samples_and_noise_dominated_swaps():
+    from diffusers import DDPMScheduler
+
+    ab = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    swapped = torch.tensor([True, True, True, False, False])
+    t = torch.tensor([10, 353, 354, 10, 900])
+    assert feed_mask("all", swapped, t, ab) is None
+    assert feed_mask("swapped", swapped, t, ab).tolist() == [True, True, True, False, False]
+    # paired samples always; a swap only where at most half of x_t's variance is the paired image
+    assert float(ab[353]) > 0.5 >= float(ab[354])
+    assert feed_mask("congruent", swapped, t, ab).tolist() == [False, False, True, True, True]
+    assert feed_mask("congruent", swapped, t, ab, max_signal=0.9).tolist() == [False, True, True, True, True]
+    # under RC's exponential p(t) few swaps are dropped, with a constant p(t) about a third
+    tt = torch.arange(1000)
+    dropped = (ab[tt] > 0.5).double()
+    exp_p = SwapSchedule("exponential")(tt)
+    assert float((exp_p * dropped).sum() / exp_p.sum()) < 0.04
+    assert 0.3 < float(dropped.mean()) < 0.4
+    with pytest.raises(ValueError, match="feed 'x' is not valid; choose one of all, swapped, congruent"):
+        feed_mask("x", swapped)
+    with pytest.raises(ValueError, match="needs the batch's timesteps"):
+        feed_mask("congruent", swapped, t)

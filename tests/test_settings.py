@@ -47,7 +47,7 @@ def test_the_flags_round_trip_to_the_defaults_and_back():
     ({"allocation": "nope"}, "--allocation 'nope' is not valid; choose one of aria, rc"),
     ({"score": "z"}, "--aria_score 'z' is not valid; choose one of sparse, credible, zscore"),
     ({"rc_schedule": "linear"}, "--rc_schedule 'linear' is not valid; choose one of exponential, sigmoid, constant"),
-    ({"feed": "x"}, "--aria_feed 'x' is not valid; choose one of swapped, all"),
+    ({"feed": "x"}, "--aria_feed 'x' is not valid; choose one of all, swapped, congruent"),
     ({"tau": 0.0}, "--aria_tau 0.0 is not valid; it must be a number above 0"),
     ({"floor": 1.5}, "--aria_floor 1.5 is not valid; it must be a probability between 0 and 1"),
     ({"max_ratio": 0.5}, "--aria_max_ratio 0.5 is not valid; it must be a number of 1 or more, or 'none'"),

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..callback import ARIACallback
-from ..conditioning import RandomConditioning, SwapSchedule
+from ..conditioning import RandomConditioning, SwapSchedule, feed_mask
 from ..sampler import AdaptiveRegionSampler
 from ..settings import AriaSettings
 from ..tracker import DiscrepancyTracker
@@ -25,20 +25,28 @@ class AriaComponents:
     callback: ARIACallback
     conditioning: RandomConditioning
     feed: str = "all"
+    alphas_cumprod: torch.Tensor | None = None
 
     def accumulate(self, cond, losses: torch.Tensor, timesteps: torch.Tensor) -> None:
-        """Report a micro-batch's per-sample losses to the callback: every sample, or with `feed="swapped"`
-        (`--aria_feed swapped`) only those whose prompt Random Conditioning swapped for a pool prompt.
+        """Report a micro-batch's per-sample losses to the callback, those that `--aria_feed` picks
+        (`conditioning.feed_mask`): every sample; only those whose prompt Random Conditioning swapped for a pool
+        prompt ("swapped"); or paired samples and the swaps where noise dominates the latent ("congruent").
 
         `cond`: the micro-batch's `ConditioningBatch` (`conditioning(...)`); `losses` detached, one per sample.
         """
-        mask = cond.swapped if self.feed == "swapped" else None
+        mask = feed_mask(self.feed, cond.swapped, timesteps, self.alphas_cumprod)
         self.callback.accumulate(cond.region_ids, losses, timesteps, mask=mask)
 
 
 def build_aria(settings: AriaSettings, regions, pool, accelerator=None, seed: int = 0,
-               num_train_timesteps: int = 1000, region_names: list[str] | None = None) -> AriaComponents:
-    """Sampler, tracker, policy, callback and RC helper for `regions` of `pool`, from `settings`."""
+               num_train_timesteps: int = 1000, region_names: list[str] | None = None,
+               alphas_cumprod: torch.Tensor | None = None) -> AriaComponents:
+    """Sampler, tracker, policy, callback and RC helper for `regions` of `pool`, from `settings`.
+
+    `alphas_cumprod`: the noise scheduler's (needed by `feed="congruent"`)."""
+    if settings.feed == "congruent" and alphas_cumprod is None:
+        raise ValueError("--aria_feed congruent needs the noise scheduler's alphas_cumprod: pass "
+                         "build_aria(..., alphas_cumprod=noise_scheduler.alphas_cumprod)")
     sampler = AdaptiveRegionSampler(regions.region_ids, seed=seed)
     tracker = settings.make_tracker(regions.num_regions, num_train_timesteps)
     policy = settings.make_policy(sampler.sizes, tree=getattr(regions, "tree", None))
@@ -52,7 +60,8 @@ def build_aria(settings: AriaSettings, regions, pool, accelerator=None, seed: in
             return accelerator.gather(torch.tensor([n], device=accelerator.device)).cpu().tolist()
     rc = RandomConditioning(sampler, pool, schedule=schedule, null_prompt_prob=settings.null_prompt_prob, seed=seed,
                             regions=regions, gather_counts=gather_counts)
-    return AriaComponents(sampler, tracker, policy, callback, rc, feed=settings.feed)
+    ab = None if alphas_cumprod is None else torch.as_tensor(alphas_cumprod).detach().double().cpu()
+    return AriaComponents(sampler, tracker, policy, callback, rc, feed=settings.feed, alphas_cumprod=ab)
 
 
 def region_names_from_groups(region_ids: np.ndarray, groups: list[str] | None) -> list[str] | None:

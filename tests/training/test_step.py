@@ -68,6 +68,29 @@ def test_build_aria_wires_settings_into_components():
         AriaSettings(allocation="x")
 
 
+@pytest.mark.parametrize("feed, fed", [("all", [0, 1, 2, 3]), ("swapped", [0, 1]), ("congruent", [1, 2, 3])])
+def test_the_feed_picks_the_samples_the_tracker_sees(feed, fed):
+    from diffusers import DDPMScheduler
+
+    from diffusers_aria.conditioning import ConditioningBatch
+    from diffusers_aria.regions import ConditionRegions
+
+    regions = ConditionRegions(np.array([0, 1, 2, 3], dtype=np.int32), np.eye(4, dtype=np.float32))
+    ab = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    c = build_aria(AriaSettings(feed=feed), regions, [f"p{i}" for i in range(4)], alphas_cumprod=ab)
+    # sample i is in region i: two swaps (t = 50: the image dominates; t = 900: noise does), two paired samples
+    cond = ConditioningBatch(prompts=["a", "b", "c", "d"], swapped=torch.tensor([True, True, False, False]),
+                             region_ids=torch.tensor([0, 1, 2, 3]), pool_indices=torch.tensor([0, 1, -1, -1]))
+    c.accumulate(cond, torch.ones(4), torch.tensor([50, 900, 50, 900]))
+    c.callback.on_step_end(0)
+    # the first samples of a timestep bin only start its baseline: the fed samples show in the bins' counts
+    assert sorted(np.nonzero(c.tracker.b0)[0].tolist()) == sorted({[0, 9, 0, 9][i] for i in fed})
+    assert c.tracker.b0.sum() == pytest.approx(len(fed))
+    if feed == "congruent":
+        with pytest.raises(ValueError, match="needs the noise scheduler's alphas_cumprod"):
+            build_aria(AriaSettings(feed=feed), regions, [f"p{i}" for i in range(4)])
+
+
 def test_region_names_from_groups():
     names = region_names_from_groups(np.array([0, 0, 1]), ["cats", "cats", "food"])
     assert names == ["cats (100%)", "food (100%)"]
