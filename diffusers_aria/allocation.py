@@ -31,6 +31,21 @@ from .reducibility import ReducibilityTest
 
 SCORES = ("sparse", "credible", "zscore")
 VARIANCES = ("own_max", "pooled")
+NULLS = ("theoretical", "empirical")
+
+
+def empirical_null_scale(z) -> float:
+    """Width of the bulk of standardised differences (Efron 2004, "Large-scale simultaneous hypothesis testing:
+    the choice of a null hypothesis"): 1.4826 x their median absolute deviation from the median, never below 1.
+
+    Pure noise gives about 1 (the theoretical null). When most nodes of a level differ a little for real (some
+    classes are simply harder than others, everywhere), the bulk is wider than the noise, and only nodes that
+    stand out of that bulk are exceptions worth drawing more of.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.size < 3:
+        return 1.0
+    return max(1.0, 1.4826 * float(np.median(np.abs(z - np.median(z)))))
 
 
 def _normalise(w: np.ndarray) -> np.ndarray:
@@ -328,7 +343,7 @@ def sparse_shrinkage(z, fwer: float = 0.05, slab_scale: float = 0.5, start: floa
 
 def tree_excess(counts, sums, sq_weights, variance, tree=None, method: str = "sparse",
                 threshold: float = 1.0, fwer: float = 0.05, weights=None,
-                slab_starts: list[float] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                slab_starts: list[float] | None = None, null: str = "theoretical") -> tuple[np.ndarray, dict[str, Any]]:
     r"""Credible relative excess of every leaf region, estimated level by level down a `RegionTree`.
 
     A leaf's mean score is :math:`\bar y_k = \text{sum}_k / n_k` with variance :math:`\sigma^2 q_k / n_k^2`
@@ -345,6 +360,9 @@ def tree_excess(counts, sums, sq_weights, variance, tree=None, method: str = "sp
     a whole moves all its leaves together. With no tree this is one level of leaves under the root.
 
     `slab_starts`: per level, a guess of the slab weight to begin the sparse fit from (the previous update's).
+    `null` (sparse): "theoretical" judges each level's standardised differences against the noise alone;
+    "empirical" against the width of their bulk when that is wider (`empirical_null_scale`), so that only nodes
+    standing out of a broad real spread keep a difference (in excess units, the same size as before).
 
     Returns (scores [K], info): info["leaf_excess"] the leaves' raw relative excess x (0 where unobserved),
     info["leaf_se"] its standard error with the pooled variance, info["reference"] the mean score x is relative to,
@@ -393,9 +411,12 @@ def tree_excess(counts, sums, sq_weights, variance, tree=None, method: str = "sp
             if method == "sparse":
                 sd = np.sqrt(var_d[ok])
                 start = slab_starts[depth] if slab_starts is not None and depth < len(slab_starts) else None
-                mu, slab = sparse_shrinkage(d[ok] / sd, fwer, start=start)
-                delta[ok] = mu * sd
+                z = d[ok] / sd
+                width = empirical_null_scale(z) if null == "empirical" else 1.0
+                mu, slab = sparse_shrinkage(z / width, fwer, start=start)
+                delta[ok] = mu * sd * width
                 level_info["slab_weight"] = slab
+                level_info["null_width"] = width
             elif method == "normal":
                 wt = 1.0 / var_d[ok]
                 groups = parent[ok]
@@ -465,6 +486,9 @@ class ARIAAllocation(AllocationPolicy):
         refresh_every: the scores, the reducibility test and the target are recomputed every this many tracker
             updates after the warm-up (the draws in between are counted); the probabilities stay fixed between
             refreshes and move `1 - (1 - damping)**refresh_every` of the way at each.
+        null: what a tree level's differences are judged against (score="sparse"): "theoretical" the noise alone;
+            "empirical" the width of the level's bulk of differences when it is wider than the noise
+            (`empirical_null_scale`): a broad real spread of difficulty is then the norm, not an exception.
     """
 
     name = "aria"
@@ -474,7 +498,7 @@ class ARIAAllocation(AllocationPolicy):
                  max_shift: float = 0.5, cap: float | None = None, damping: float = 0.1, warmup_steps: int = 40,
                  z_clip: float | None = 3.0, tree=None, stall_draws: float | None = 200.0,
                  stall_decline: float = 0.25, trial_ratio: float = 4.0, variance: str = "own_max",
-                 refresh_every: int = 8) -> None:
+                 refresh_every: int = 8, null: str = "theoretical") -> None:
         if score not in SCORES:
             raise ValueError(f"score={score!r} is not valid; use one of {', '.join(SCORES)}")
         if not tau > 0:
@@ -503,6 +527,9 @@ class ARIAAllocation(AllocationPolicy):
             raise ValueError(f"trial_ratio={trial_ratio!r} must be >= 1")
         if variance not in VARIANCES:
             raise ValueError(f"variance={variance!r} is not valid; use one of {', '.join(VARIANCES)}")
+        if null not in NULLS:
+            raise ValueError(f"null={null!r} is not valid; use one of {', '.join(NULLS)}")
+        self.null = null
         if not (isinstance(refresh_every, (int, np.integer)) and refresh_every >= 1):
             raise ValueError(f"refresh_every={refresh_every!r} must be an integer of 1 or more")
         self.variance, self.refresh_every = variance, int(refresh_every)
@@ -546,7 +573,7 @@ class ARIAAllocation(AllocationPolicy):
             variance = np.maximum(tracker.variances(), variance)
         scores, info = tree_excess(counts, sums, sq_weights, variance, self.tree,
                                    "sparse" if self.score == "sparse" else "normal", self.threshold, self.fwer,
-                                   weights=self.prompt_share, slab_starts=self._slab_starts)
+                                   weights=self.prompt_share, slab_starts=self._slab_starts, null=self.null)
         self._slab_starts = [lvl.get("slab_weight") for lvl in info["levels"]]
         # the test of progress reads each region's own variance: a harder region's scores vary more (the noise
         # of a loss grows with it), and the pooled variance would take its chance swings for progress

@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .allocation import POLICIES, SCORES, VARIANCES, AllocationPolicy, make_policy, policy_arguments
+from .allocation import NULLS, POLICIES, SCORES, VARIANCES, AllocationPolicy, make_policy, policy_arguments
 from .conditioning import FEEDS, SCHEDULES
 from .utils.errors import UserError
 
@@ -65,6 +65,11 @@ class AriaSettings:
         "region whose scores are noisier than the rest (a heavy tail, an outlier) does not look credibly harder; "
         "pooled: one variance for all regions", choices=VARIANCES,
         policy="variance")
+    null: str = _setting(
+        "theoretical", "--aria_null", "what each region-tree level's differences are judged against: theoretical, "
+        "the noise alone; empirical, the width of the level's bulk of differences when wider than the noise "
+        "(a broad real spread of difficulty is the norm; only regions standing out of it are drawn more)",
+        choices=NULLS, policy="null")
     refresh_every: int = _setting(
         8, "--aria_refresh_every", "recompute the allocation every N optimizer steps (the statistics still take "
         "every step; damping is compounded over the N steps): cuts ARIA's work per step at many regions",

@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from diffusers_aria.allocation import (
     EXP3,
+    NULLS,
     POLICIES,
     ARIAAllocation,
     DoReMiEG,
@@ -21,6 +22,7 @@ from diffusers_aria.allocation import (
     StaticAfterWarmup,
     _min_slab_weight,
     credible_excess,
+    empirical_null_scale,
     make_policy,
     policy_arguments,
     project_to_bounds,
@@ -527,10 +529,11 @@ def _null_run(policy, k: int, batch: int, steps: int, seed: int, factor=None) ->
     return np.asarray(history)
 
 
-def test_null_the_default_stays_at_its_prior_and_the_zscore_rule_does_not():
+@pytest.mark.parametrize("null", NULLS)
+def test_null_the_default_stays_at_its_prior_and_the_zscore_rule_does_not(null):
     """Fast version of benchmarks/calibration.py's null case (K=64, batch 64, CV 1, 600 steps)."""
     k = 64
-    aria = ARIAAllocation(np.full(k, 20.0))
+    aria = ARIAAllocation(np.full(k, 20.0), null=null)
     h = _null_run(aria, k, 64, 600, seed=1)[300:]
     ratio = h.mean(0) * k
     assert 0.5 * np.abs(h - 1 / k).sum(1).mean() < 0.05
@@ -539,7 +542,8 @@ def test_null_the_default_stays_at_its_prior_and_the_zscore_rule_does_not():
     assert 0.5 * np.abs(old[300:] - 1 / k).sum(1).mean() > 0.3  # the earlier rule moves on pure noise
 
 
-def test_power_the_default_moves_toward_regions_truly_harder():
+@pytest.mark.parametrize("null", NULLS)
+def test_power_the_default_moves_toward_regions_truly_harder(null):
     """Fast version of the power case: 10% of 64 regions 1.2x harder -> >= 1.5x their prior share over the second
     half (with the reducibility test off: these regions never get easier, which that test is made to stop
     chasing). Judged against their own noise (a harder region's losses vary more), they take a few hundred
@@ -548,7 +552,7 @@ def test_power_the_default_moves_toward_regions_truly_harder():
     factor = np.ones(k)
     hard = np.arange(0, k, 10)
     factor[hard] = 1.2
-    h = _null_run(ARIAAllocation(np.full(k, 20.0), stall_draws=None), k, 64, 1200, seed=2, factor=factor)
+    h = _null_run(ARIAAllocation(np.full(k, 20.0), stall_draws=None, null=null), k, 64, 1200, seed=2, factor=factor)
     lift = h[600:, hard].sum(1).mean() / (len(hard) / k)
     assert lift >= 1.5
 
@@ -596,6 +600,38 @@ def test_tree_excess_finds_a_small_concept_inside_an_average_coarse_region():
     # no tree: one level of leaves, the same detection
     leaves, info = tree_excess(n, means * n, n, 1.0, None)
     assert len(info["levels"]) == 1 and np.all(leaves[[0, 1]] > 0.3)
+
+
+def test_empirical_null_scale_is_the_noise_for_noise_and_the_bulk_for_a_broad_spread():
+    rng = np.random.default_rng(30)
+    assert empirical_null_scale(rng.normal(size=4096)) < 1.06  # never below 1, about 1 for noise
+    assert empirical_null_scale(0.5 * rng.normal(size=4096)) == 1.0
+    assert 2.8 < empirical_null_scale(3.0 * rng.normal(size=4096)) < 3.2
+    z = rng.normal(size=4096)
+    z[:200] += 10.0  # 5% exceptions barely widen the bulk
+    assert empirical_null_scale(z) < 1.15
+    assert empirical_null_scale([5.0, -5.0]) == 1.0  # too few values to say
+
+
+def test_the_empirical_null_keeps_the_exceptions_and_drops_a_broad_real_spread():
+    """512 leaves that all differ a little for real (sd 0.1 of excess, twice their noise) and 4 leaves 80%
+    harder: judged against the noise, dozens of the broad spread's leaves are credible; judged against the
+    bulk's width, only the 4 exceptions, with most of their size."""
+    k = 512
+    rng = np.random.default_rng(31)
+    n = np.full(k, 400.0)  # unit variance per sample: noise sd of a leaf's excess 0.05
+    means = 1.0 + rng.normal(0, 0.1, k)
+    means[:4] = 1.8
+    means = means + rng.normal(0, 0.05, k)
+    theory, _ = tree_excess(n, means * n, n, 1.0, None)
+    empirical, info = tree_excess(n, means * n, n, 1.0, None, null="empirical")
+    assert np.count_nonzero(theory[4:]) > 20
+    assert np.count_nonzero(empirical[4:]) <= 2 and np.all(empirical[:4] > 0.5)  # a far tail leaf may stay
+    assert empirical[4:].max() < 0.5 * empirical[:4].min()
+    assert info["levels"][0]["null_width"] > 1.5
+    # pure noise: the same zeros either way
+    flat = 1.0 + rng.normal(0, 0.05, k)
+    assert np.array_equal(tree_excess(n, flat * n, n, 1.0, None, null="empirical")[0], np.zeros(k))
 
 
 def test_tree_excess_moves_a_whole_coarse_region_together():
@@ -700,12 +736,13 @@ def test_an_outlier_leaf_is_credible_with_the_pooled_variance_and_not_with_its_o
     assert np.count_nonzero(with_own) == 1
 
 
-def test_null_at_many_leaves_with_a_heavy_tail():
+@pytest.mark.parametrize("null", NULLS)
+def test_null_at_many_leaves_with_a_heavy_tail(null):
     """Fast version of the calibration null at many leaves (1,024 leaves, batch 256, lognormal CV 1): with the
     default variance no leaf holds more than twice its prior over the second half; the pooled one is the
     variance the default replaced (reported seeds: a chance leaf at 20x its prior at 4,096 leaves)."""
     k = 1024
-    h = _null_run(ARIAAllocation(np.full(k, 20.0)), k, 256, 500, seed=5)[250:]
+    h = _null_run(ARIAAllocation(np.full(k, 20.0), null=null), k, 256, 500, seed=5)[250:]
     ratio = h.mean(0) * k
     assert 0.5 * np.abs(h - 1 / k).sum(1).mean() < 0.05
     assert ratio.max() < 2.0 and ratio.min() > 0.5, (ratio.max(), ratio.min())
