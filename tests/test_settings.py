@@ -36,10 +36,11 @@ def test_the_flags_round_trip_to_the_defaults_and_back():
     assert AriaSettings.from_args(_parser().parse_args([])) == AriaSettings()
     args = _parser().parse_args(["--allocation", "exp3", "--aria_alpha", "0.8", "--aria_max_ratio", "none",
                                  "--aria_no_timestep_norm", "--exp3_gamma", "0.3", "--rc_schedule", "sigmoid",
-                                 "--aria_feed", "swapped", "--aria_warmup_steps", "7"])
+                                 "--aria_feed", "congruent", "--aria_warmup_steps", "7", "--aria_null", "empirical"])
     s = AriaSettings.from_args(args)
+    assert s.null == "empirical" and AriaSettings(null=s.null).make_policy([1, 2]).null == "empirical"
     assert (s.allocation, s.alpha, s.max_ratio, s.timestep_norm, s.exp3_gamma, s.rc_schedule, s.feed,
-            s.warmup_steps) == ("exp3", 0.8, None, False, 0.3, "sigmoid", "swapped", 7)
+            s.warmup_steps) == ("exp3", 0.8, None, False, 0.3, "sigmoid", "congruent", 7)
     assert args.aria_no_timestep_norm is True and isinstance(args.aria_warmup_steps, int)
 
 
@@ -55,6 +56,7 @@ def test_the_flags_round_trip_to_the_defaults_and_back():
     ({"half_life": float("nan")}, "--aria_half_life nan is not valid"),
     ({"null_prompt_prob": -0.1}, "--null_prompt_prob -0.1 is not valid"),
     ({"variance": "own"}, "--aria_variance 'own' is not valid; choose one of own_max, pooled"),
+    ({"null": "none"}, "--aria_null 'none' is not valid; choose one of theoretical, empirical"),
     ({"refresh_every": 0}, "--aria_refresh_every 0 is not valid; it must be an integer of 1 or more"),
     ({"refresh_every": 2.5}, "--aria_refresh_every 2.5 is not valid; it must be an integer of 1 or more"),
     ({"log_every": 1.0}, "--aria_log_every 1.0 is not valid; it must be an integer of 1 or more"),

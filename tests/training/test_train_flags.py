@@ -91,7 +91,7 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path, monk
         "--aria_prior_strength", "2", "--aria_feed", "swapped", "--aria_log_every", "1",
         "--aria_fwer", "0.1", "--aria_max_shift", "0.4", "--aria_trial_ratio", "3", "--aria_stall_draws", "150",
         "--aria_stall_decline", "0.3", "--aria_baseline_samples", "40", "--region_branching", "2",
-        "--aria_variance", "pooled", "--aria_refresh_every", "2",
+        "--aria_variance", "pooled", "--aria_refresh_every", "2", "--aria_null", "empirical",
         "--rc_schedule", "constant", "--rc_constant", "0.9", "--rc_lambda", "3",
         "--train_batch_size", "2", "--max_train_steps", "2", "--gradient_accumulation_steps", "2",
         "--gradient_checkpointing", "--learning_rate", "1e-4", "--scale_lr", "--lr_scheduler", "cosine",
@@ -113,7 +113,7 @@ def test_many_flags_in_one_run(tiny_teacher, paired_disk_dataset, tmp_path, monk
             cfg["damping"]) == (0.8, 0.7, "credible", 0.5, 3.0, 0.2, 0.6, 0.5)
     assert (cfg["fwer"], cfg["max_shift"], cfg["trial_ratio"], cfg["stall_draws"], cfg["stall_decline"]) == (
         0.1, 0.4, 3.0, 150, 0.3)
-    assert (cfg["variance"], cfg["refresh_every"]) == ("pooled", 2)
+    assert (cfg["variance"], cfg["refresh_every"], cfg["null"]) == ("pooled", 2, "empirical")
     assert "| `baseline_samples` | 40 |" in (out / "README.md").read_text()
     assert "| `samples_per_half_life` | — |" in (out / "README.md").read_text()  # None, as the card shows it
     assert max(r["probability"] for r in report["regions"]) <= 0.6 + 1e-12
