@@ -31,7 +31,7 @@ from .reducibility import ReducibilityTest
 
 SCORES = ("sparse", "credible", "zscore")
 VARIANCES = ("own_max", "pooled")
-NULLS = ("theoretical", "empirical")
+NULLS = ("theoretical", "empirical", "empirical_leaves")
 
 
 def empirical_null_scale(z) -> float:
@@ -365,7 +365,9 @@ def tree_excess(counts, sums, sq_weights, variance, tree=None, method: str = "sp
     `slab_starts`: per level, a guess of the slab weight to begin the sparse fit from (the previous update's).
     `null` (sparse): "theoretical" judges each level's standardised differences against the noise alone;
     "empirical" against the width of their bulk when that is wider (`empirical_null_scale`), so that only nodes
-    standing out of a broad real spread keep a difference (in excess units, the same size as before).
+    standing out of a broad real spread keep a difference (in excess units, the same size as before);
+    "empirical_leaves" does so at the leaf level only (coarse levels have few nodes, and whole groups that differ
+    there are what a hard concept looks like).
 
     Returns (scores [K], info): info["leaf_excess"] the leaves' raw relative excess x (0 where unobserved),
     info["leaf_se"] its standard error with the pooled variance, info["reference"] the mean score x is relative to,
@@ -415,7 +417,9 @@ def tree_excess(counts, sums, sq_weights, variance, tree=None, method: str = "sp
                 sd = np.sqrt(var_d[ok])
                 start = slab_starts[depth] if slab_starts is not None and depth < len(slab_starts) else None
                 z = d[ok] / sd
-                width = empirical_null_scale(z) if null == "empirical" else 1.0
+                leaves = depth == len(levels) - 1
+                width = (empirical_null_scale(z) if null == "empirical" or (null == "empirical_leaves" and leaves)
+                         else 1.0)
                 mu, slab = sparse_shrinkage(z / width, fwer, start=start)
                 delta[ok] = mu * sd * width
                 level_info["slab_weight"] = slab
@@ -491,7 +495,8 @@ class ARIAAllocation(AllocationPolicy):
             refreshes and move `1 - (1 - damping)**refresh_every` of the way at each.
         null: what a tree level's differences are judged against (score="sparse"): "theoretical" the noise alone;
             "empirical" the width of the level's bulk of differences when it is wider than the noise
-            (`empirical_null_scale`): a broad real spread of difficulty is then the norm, not an exception.
+            (`empirical_null_scale`): a broad real spread of difficulty is then the norm, not an exception;
+            "empirical_leaves": the same at the leaf level only.
     """
 
     name = "aria"

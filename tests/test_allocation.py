@@ -638,6 +638,26 @@ def test_the_empirical_null_keeps_the_exceptions_and_drops_a_broad_real_spread()
     assert np.array_equal(tree_excess(n, flat * n, n, 1.0, None, null="empirical")[0], np.zeros(k))
 
 
+def test_empirical_leaves_judges_only_the_leaves_against_their_bulk():
+    """8 coarse groups that all differ for real (a whole group is what a hard concept looks like) over leaves with
+    a broad spread of their own: "empirical" widens the null at both levels and so drops the groups' differences
+    (8 groups evenly spread are a bulk, not an exception); "empirical_leaves" widens it at the leaves only."""
+    k = 512
+    groups = np.repeat(np.arange(8), 64)
+    rng = np.random.default_rng(32)
+    n = np.full(k, 400.0)
+    means = 1.0 + np.linspace(-0.4, 0.4, 8)[groups] + rng.normal(0, 0.1, k) + rng.normal(0, 0.05, k)
+    widths = {}
+    for null in NULLS:
+        scores, info = tree_excess(n, means * n, n, 1.0, _tree(groups), null=null)
+        widths[null] = [lvl["null_width"] for lvl in info["levels"]]
+        gap = scores[groups == 7].mean() - scores[groups == 0].mean()
+        assert (gap > 0.3) if null != "empirical" else (abs(gap) < 0.05), (null, gap)
+    assert widths["theoretical"] == [1.0, 1.0]
+    assert widths["empirical"][0] > 2.0 and widths["empirical"][1] > 1.5
+    assert widths["empirical_leaves"][0] == 1.0 and widths["empirical_leaves"][1] == widths["empirical"][1]
+
+
 def test_tree_excess_moves_a_whole_coarse_region_together():
     k = 64
     groups = np.repeat(np.arange(8), 8)
