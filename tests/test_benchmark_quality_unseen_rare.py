@@ -33,7 +33,7 @@ def test_quality_smoke(tmp_path, monkeypatch):
     argv = ["--instances", "7", "--seeds", "0", "--pool_size", "600", "--min_class_size", "6",
             "--teacher_steps", "20", "--eval_steps", "3", "6", "--true_every", "3", "--batch", "8",
             "--eval_t", "100", "700", "--policies", "rc", "aria", "mix:u=0.4,r=0.2", "aria_true",
-            "aria:regions=classes", "--control_seeds", "0", "--workers", "2",
+            "aria:regions=classes", "aria:feed=congruent,null=empirical", "--control_seeds", "0", "--workers", "2",
             "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path), "--tag", "smoke"]
     res = v3.main(argv)
     parts = sorted(p.name for p in (tmp_path / "quality_unseen_rare_smoke_parts").glob("*.json"))
@@ -42,7 +42,7 @@ def test_quality_smoke(tmp_path, monkeypatch):
     again = v3.main(argv)  # resumes from the part files: the same runs, none trained again
     assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in res["runs"]]
     partial = v3.main(["--report_parts", str(tmp_path / "quality_unseen_rare_smoke_parts")])  # unfinished run's tables
-    assert partial["num_runs"] == 14 and partial["instances_seeds"] == [(7, 0)]
+    assert partial["num_runs"] == 16 and partial["instances_seeds"] == [(7, 0)]
     assert partial["summary"]["exponential"]["6"]["aria"]["pooled"]["unseen"]["mean"] == pytest.approx(
         res["summary"]["exponential"]["6"]["aria"]["pooled"]["unseen"]["mean"])
     data = json.loads((tmp_path / "quality_unseen_rare_smoke.json").read_text())
@@ -55,7 +55,8 @@ def test_quality_smoke(tmp_path, monkeypatch):
     assert set(data["summary"]) == {"constant", "exponential"}
     assert set(data["summary"]["constant"]) == {"3", "6"}
     summ = data["summary"]["constant"]["6"]
-    assert set(summ) == {"rc", "aria", "mix:u=0.4,r=0.2", "aria_true", "aria:regions=classes"}
+    assert set(summ) == {"rc", "aria", "mix:u=0.4,r=0.2", "aria_true", "aria:regions=classes",
+                         "aria:feed=congruent,null=empirical"}
     assert summ["rc"]["pooled"]["unseen"]["mean"] == pytest.approx(1.0)
     for spec, s in summ.items():
         for m in ("unseen", "rare", "seen", "overall_natural", "overall_eval_mix"):
@@ -70,6 +71,14 @@ def test_quality_smoke(tmp_path, monkeypatch):
     assert np.isfinite(data["control_summary"]["exponential"]["6"]["aria"]["pooled"]["seen"]["mean"])
     report = v3.main(["--report", str(tmp_path / "quality_unseen_rare_smoke.json")])["report"]
     assert "#### 6 steps" in report and "swap schedule: exponential" in report
+
+
+def test_a_spec_routes_feed_and_regions_to_the_run_and_the_rest_to_the_policy():
+    v3 = _v3()
+    name, pol, trk, run = v3.parse_spec("aria:feed=congruent,null=empirical,half_life=20")
+    assert (name, pol, run["feed"], run["regions"]) == ("aria", {"null": "empirical"}, "congruent", "library")
+    assert trk == {"half_life": 20}
+    assert v3.parse_spec("aria")[3]["feed"] == "all"
 
 
 def test_swap_schedules():
