@@ -31,7 +31,8 @@ from .reducibility import ReducibilityTest
 
 SCORES = ("sparse", "credible", "zscore")
 VARIANCES = ("own_max", "pooled")
-NULLS = ("theoretical", "empirical", "empirical_leaves")
+NULLS = ("theoretical", "empirical", "empirical_leaves", "empirical_large")
+EMPIRICAL_MIN_NODES = 50  # null="empirical_large": the levels with at least this many nodes have a bulk to measure
 
 
 def empirical_null_scale(z) -> float:
@@ -367,7 +368,8 @@ def tree_excess(counts, sums, sq_weights, variance, tree=None, method: str = "sp
     "empirical" against the width of their bulk when that is wider (`empirical_null_scale`), so that only nodes
     standing out of a broad real spread keep a difference (in excess units, the same size as before);
     "empirical_leaves" does so at the leaf level only (coarse levels have few nodes, and whole groups that differ
-    there are what a hard concept looks like).
+    there are what a hard concept looks like); "empirical_large" at the levels of at least `EMPIRICAL_MIN_NODES`
+    observed nodes (a bulk needs many nodes to be measured).
 
     Returns (scores [K], info): info["leaf_excess"] the leaves' raw relative excess x (0 where unobserved),
     info["leaf_se"] its standard error with the pooled variance, info["reference"] the mean score x is relative to,
@@ -417,9 +419,9 @@ def tree_excess(counts, sums, sq_weights, variance, tree=None, method: str = "sp
                 sd = np.sqrt(var_d[ok])
                 start = slab_starts[depth] if slab_starts is not None and depth < len(slab_starts) else None
                 z = d[ok] / sd
-                leaves = depth == len(levels) - 1
-                width = (empirical_null_scale(z) if null == "empirical" or (null == "empirical_leaves" and leaves)
-                         else 1.0)
+                empirical = (null == "empirical" or (null == "empirical_leaves" and depth == len(levels) - 1)
+                             or (null == "empirical_large" and z.size >= EMPIRICAL_MIN_NODES))
+                width = empirical_null_scale(z) if empirical else 1.0
                 mu, slab = sparse_shrinkage(z / width, fwer, start=start)
                 delta[ok] = mu * sd * width
                 level_info["slab_weight"] = slab
@@ -496,7 +498,8 @@ class ARIAAllocation(AllocationPolicy):
         null: what a tree level's differences are judged against (score="sparse"): "theoretical" the noise alone;
             "empirical" the width of the level's bulk of differences when it is wider than the noise
             (`empirical_null_scale`): a broad real spread of difficulty is then the norm, not an exception;
-            "empirical_leaves": the same at the leaf level only.
+            "empirical_leaves": the same at the leaf level only; "empirical_large": at the levels of at least 50
+            observed nodes.
     """
 
     name = "aria"

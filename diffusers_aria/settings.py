@@ -69,7 +69,7 @@ class AriaSettings:
         "theoretical", "--aria_null", "what each region-tree level's differences are judged against: theoretical, "
         "the noise alone; empirical, the width of the level's bulk of differences when wider than the noise "
         "(a broad real spread of difficulty is the norm; only regions standing out of it are drawn more); "
-        "empirical_leaves, the same at the leaf level only",
+        "empirical_leaves, the same at the leaf level only; empirical_large, at the levels of 50 or more nodes",
         choices=NULLS, policy="null")
     refresh_every: int = _setting(
         8, "--aria_refresh_every", "recompute the allocation every N optimizer steps (the statistics still take "

@@ -641,7 +641,8 @@ def test_the_empirical_null_keeps_the_exceptions_and_drops_a_broad_real_spread()
 def test_empirical_leaves_judges_only_the_leaves_against_their_bulk():
     """8 coarse groups that all differ for real (a whole group is what a hard concept looks like) over leaves with
     a broad spread of their own: "empirical" widens the null at both levels and so drops the groups' differences
-    (8 groups evenly spread are a bulk, not an exception); "empirical_leaves" widens it at the leaves only."""
+    (8 groups evenly spread are a bulk, not an exception); "empirical_leaves" widens it at the leaves only, and so
+    does "empirical_large" (levels of at least 50 nodes)."""
     k = 512
     groups = np.repeat(np.arange(8), 64)
     rng = np.random.default_rng(32)
@@ -656,6 +657,7 @@ def test_empirical_leaves_judges_only_the_leaves_against_their_bulk():
     assert widths["theoretical"] == [1.0, 1.0]
     assert widths["empirical"][0] > 2.0 and widths["empirical"][1] > 1.5
     assert widths["empirical_leaves"][0] == 1.0 and widths["empirical_leaves"][1] == widths["empirical"][1]
+    assert widths["empirical_large"] == widths["empirical_leaves"]  # 8 nodes are too few for a bulk, 512 are not
 
 
 def test_tree_excess_moves_a_whole_coarse_region_together():

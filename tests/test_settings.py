@@ -56,7 +56,8 @@ def test_the_flags_round_trip_to_the_defaults_and_back():
     ({"half_life": float("nan")}, "--aria_half_life nan is not valid"),
     ({"null_prompt_prob": -0.1}, "--null_prompt_prob -0.1 is not valid"),
     ({"variance": "own"}, "--aria_variance 'own' is not valid; choose one of own_max, pooled"),
-    ({"null": "none"}, "--aria_null 'none' is not valid; choose one of theoretical, empirical, empirical_leaves"),
+    ({"null": "none"}, "--aria_null 'none' is not valid; choose one of theoretical, empirical, empirical_leaves, "
+                      "empirical_large"),
     ({"refresh_every": 0}, "--aria_refresh_every 0 is not valid; it must be an integer of 1 or more"),
     ({"refresh_every": 2.5}, "--aria_refresh_every 2.5 is not valid; it must be an integer of 1 or more"),
     ({"log_every": 1.0}, "--aria_log_every 1.0 is not valid; it must be an integer of 1 or more"),
