@@ -173,7 +173,7 @@ def _main(args: argparse.Namespace) -> None:
     aria = build_aria(settings, regions, pool, accelerator, seed=args.seed,
                       num_train_timesteps=noise_scheduler.config.num_train_timesteps,
                       region_names=region_names_from_groups(regions.region_ids, groups),
-                      alphas_cumprod=noise_scheduler.alphas_cumprod)
+                      alphas_cumprod=getattr(noise_scheduler, "alphas_cumprod", None))
 
     # --- paired data ------------------------------------------------------------------------------------
     with accelerator.main_process_first():

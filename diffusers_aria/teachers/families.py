@@ -105,6 +105,15 @@ class FlowMatchingNoise:
         s = (timesteps.to(torch.float32) + 1) / n
         return shift * s / (1 + (shift - 1) * s)
 
+    @property
+    def alphas_cumprod(self):
+        """The clean latent's share of x_t's variance at each integer timestep, (1 - sigma)^2 / ((1 - sigma)^2 +
+        sigma^2): the role DDPM's `alphas_cumprod` plays (ARIA's `--aria_feed congruent` reads it)."""
+        import torch
+
+        sigma = self.sigmas(torch.arange(self.config["num_train_timesteps"])).double()
+        return (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma ** 2)
+
     def add_noise(self, latents, noise, timesteps):
         sigma = self.sigmas(timesteps).to(latents.device).reshape(-1, *([1] * (latents.dim() - 1)))
         return ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)

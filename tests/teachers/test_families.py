@@ -145,6 +145,15 @@ def test_flow_matching_noise_follows_the_sd3_scheduler():
     assert torch.equal(prediction_target(flow, x0, n, ts), n - x0)  # the velocity
     with pytest.raises(ValueError, match="'v_prediction'.*velocity"):
         flow.register_to_config(prediction_type="v_prediction")
+    # the clean latent's share of x_t's variance (what --aria_feed congruent reads), from 1 down to 0
+    share = flow.alphas_cumprod
+    assert share.shape == (1000,) and float(share[0]) > 0.99 and float(share[-1]) < 1e-3
+    assert bool((share[1:] <= share[:-1]).all())
+    x0, n = torch.randn(200_000), torch.randn(200_000)
+    t = torch.full((200_000,), 400)
+    xt = flow.add_noise(x0, n, t)
+    assert float((((1 - flow.sigmas(t)) * x0) ** 2).mean() / (xt ** 2).mean()) == pytest.approx(
+        float(share[400]), rel=0.02)
 
 
 def test_prediction_type_leaves_the_teachers_sampling_scheduler_alone(tiny_teacher):

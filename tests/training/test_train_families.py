@@ -42,6 +42,7 @@ def run_args(teacher: str, out, regions: str, steps: int, extra: list[str], data
             *(data or ["--image_free"]), "--num_teacher_latents", "8", "--teacher_inference_steps", "2",
             "--builtin_pool_size", "200", "--num_regions", "6", "--train_batch_size", "2",
             "--max_train_steps", str(steps), "--aria_warmup_steps", "1", "--aria_log_every", "1",
+            "--aria_feed", "congruent",  # needs each family's noise schedule (flow matching's too)
             "--report_to", "none", "--learning_rate", "1e-3"] + extra
 
 
