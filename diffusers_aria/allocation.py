@@ -376,6 +376,8 @@ def tree_excess(counts, sums, sq_weights, variance, tree=None, method: str = "sp
     info["levels"] per level the nodes, the fitted slab weight (sparse) or real variance (normal) and the number
     of non-zero differences.
     """
+    if null not in NULLS:
+        raise ValueError(f"null={null!r} is not valid; use one of {', '.join(NULLS)}")
     n = np.asarray(counts, dtype=np.float64)
     m1 = np.asarray(sums, dtype=np.float64)
     q = np.asarray(sq_weights, dtype=np.float64)
@@ -540,10 +542,9 @@ class ARIAAllocation(AllocationPolicy):
             raise ValueError(f"variance={variance!r} is not valid; use one of {', '.join(VARIANCES)}")
         if null not in NULLS:
             raise ValueError(f"null={null!r} is not valid; use one of {', '.join(NULLS)}")
-        self.null = null
         if not (isinstance(refresh_every, (int, np.integer)) and refresh_every >= 1):
             raise ValueError(f"refresh_every={refresh_every!r} must be an integer of 1 or more")
-        self.variance, self.refresh_every = variance, int(refresh_every)
+        self.variance, self.refresh_every, self.null = variance, int(refresh_every), null
         self.alpha, self.tau, self.score, self.threshold = float(alpha), float(tau), score, float(threshold)
         self.fwer, self.floor, self.max_ratio, self.max_shift = float(fwer), float(floor), max_ratio, float(max_shift)
         self.cap, self.damping, self.warmup_steps, self.z_clip = cap, float(damping), int(warmup_steps), z_clip

@@ -332,9 +332,9 @@ def test_caption_region_cache_overflow_keeps_current_batch():
 
 # ------------------------------------------------------------------------------------------- feeds
 def test_feed_mask_picks_all_the_swaps_or_paired_samples_and_noise_dominated_swaps():
-    from diffusers import DDPMScheduler
+    from diffusers_aria.embedded.tiny_teacher import tiny_scheduler  # Stable Diffusion's scaled-linear betas
 
-    ab = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    ab = tiny_scheduler().alphas_cumprod
     swapped = torch.tensor([True, True, True, False, False])
     t = torch.tensor([10, 353, 354, 10, 900])
     assert feed_mask("all", swapped, t, ab) is None

@@ -70,13 +70,12 @@ def test_build_aria_wires_settings_into_components():
 
 @pytest.mark.parametrize("feed, fed", [("all", [0, 1, 2, 3]), ("swapped", [0, 1]), ("congruent", [1, 2, 3])])
 def test_the_feed_picks_the_samples_the_tracker_sees(feed, fed):
-    from diffusers import DDPMScheduler
-
     from diffusers_aria.conditioning import ConditioningBatch
+    from diffusers_aria.embedded.tiny_teacher import tiny_scheduler
     from diffusers_aria.regions import ConditionRegions
 
     regions = ConditionRegions(np.array([0, 1, 2, 3], dtype=np.int32), np.eye(4, dtype=np.float32))
-    ab = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    ab = tiny_scheduler().alphas_cumprod
     c = build_aria(AriaSettings(feed=feed), regions, [f"p{i}" for i in range(4)], alphas_cumprod=ab)
     # sample i is in region i: two swaps (t = 50: the image dominates; t = 900: noise does), two paired samples
     cond = ConditioningBatch(prompts=["a", "b", "c", "d"], swapped=torch.tensor([True, True, False, False]),
