@@ -225,6 +225,16 @@ def train_or_load_teacher(cache_dir: str, text: TextStates, latents: torch.Tenso
     return unet, TeacherInfo(path, False, secs, final, {})
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 (16 hex digits) of a module's parameters and buffers, by name: two teachers of the same settings
+    trained on different hosts can differ in their last bits, and so can every run that reads them."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 @torch.no_grad()
 def text_sensitivity(unet, text: TextStates, latents: torch.Tensor, timesteps, num_pairs: int = 128,
                      seed: int = 0) -> dict[int, float]:

@@ -459,10 +459,11 @@ def _teacher_job(job) -> dict:
     torch.set_num_threads(1)
     ctx = prepare_instance(instance, args, control)
     d = ctx["design"]
-    from _miniature import text_sensitivity
+    from _miniature import text_sensitivity, weights_digest
 
     sens = text_sensitivity(ctx["teacher"], ctx["text"], ctx["latents"], [100, 500, 900], num_pairs=64)
     return {"instance": instance, "control": control, "purity": ctx["purity"],
+            "teacher_digest": weights_digest(ctx["teacher"]),
             "teacher_text_sensitivity": {str(t): v for t, v in sens.items()},
             "teacher_cached": ctx["teacher_info"].cached, "teacher_seconds": ctx["teacher_info"].train_seconds,
             "num_heldout": int(len(d["heldout"])), "num_pool": int(len(d["pool"])),
@@ -688,10 +689,36 @@ def pool_results(paths: list[str]) -> dict:
     for r in runs:
         seeds.setdefault("control" if r.get("control") else "main", {}).setdefault(r["policy"], set()).add(r["seed"])
     out = report_runs(runs, settings.get("design", "small"), pooled_files=[p for p, _ in files],
-                      seeds={kind: {spec: sorted(s) for spec, s in by.items()} for kind, by in seeds.items()})
+                      seeds={kind: {spec: sorted(s) for spec, s in by.items()} for kind, by in seeds.items()},
+                      teachers_differ=_teachers_differ(files))
     print(f"{len(runs)} runs pooled from {len(files)} files; seeds per policy: {out['seeds']}")
+    for inst, by_file in out["teachers_differ"].items():
+        print(f"NOTE: instance {inst}: the files' runs come from {len(set(by_file.values()))} different teachers "
+              f"({', '.join(f'{os.path.basename(p)}: {t}' for p, t in by_file.items())}); the same seed does not "
+              "give the same run in both, so read the pooled seeds as seeds of one instance, not as one experiment")
     print(out["report"])
     return out
+
+
+def _teacher_identity(record: dict) -> str | None:
+    """A teacher's identity in a results file's `instances` record: its weights digest, or (files written before
+    the digest was recorded) its text sensitivities, which differ in their last digits when the weights do."""
+    if record.get("teacher_digest"):
+        return str(record["teacher_digest"])
+    sens = record.get("teacher_text_sensitivity")
+    return "text sensitivity " + "/".join(f"{sens[t]:.9g}" for t in sorted(sens, key=int)) if sens else None
+
+
+def _teachers_differ(files: list[tuple[str, dict]]) -> dict[str, dict[str, str]]:
+    """{instance label: {file: teacher identity}} for the instances whose files record different teachers."""
+    seen: dict[str, dict[str, str]] = {}
+    for path, data in files:
+        for rec in data.get("instances") or []:
+            ident = _teacher_identity(rec)
+            if ident is not None:
+                label = f"{rec['instance']}{' (control)' if rec.get('control') else ''}"
+                seen.setdefault(label, {})[path] = ident
+    return {label: by for label, by in seen.items() if len(set(by.values())) > 1}
 
 
 def parse_args(argv=None):

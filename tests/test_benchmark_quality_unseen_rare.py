@@ -50,6 +50,7 @@ def test_quality_smoke(tmp_path, monkeypatch):
     inst = [i for i in data["instances"] if not i["control"]][0]
     assert len(inst["unseen_classes"]) == 3 and len(inst["rare_classes"]) == 3
     assert 0 < inst["purity"]["kind"] <= 1 and 0 < inst["purity"]["class"] <= 1
+    assert len(inst["teacher_digest"]) == 16 and int(inst["teacher_digest"], 16) >= 0  # which teacher ran
     # the library's default regions (about 4 prompts each) and their tree
     assert inst["num_regions"] == 128 and inst["tree_levels"] == [2, 16, 128]
     assert set(data["summary"]) == {"constant", "exponential"}
@@ -180,6 +181,46 @@ def test_pool_reads_the_seeds_of_several_rounds_as_one(tmp_path):
     assert row["cell"] == "control, exponential" and row["value"] == pytest.approx(1.001) and row["met"]
     assert pooled["seeds"]["control"]["aria"] == [10, 11, 16, 17]
     assert "**no**" not in pooled["report"]
+
+
+def _with_teacher(path: str, **record) -> str:
+    data = json.loads(open(path).read())
+    data["instances"] = [{"instance": 0, "control": True, **record}]
+    open(path, "w").write(json.dumps(data))
+    return path
+
+
+def test_pool_says_when_the_files_ran_on_different_teachers(tmp_path, capsys):
+    v3 = _v3()
+    a = _with_teacher(_results_file(tmp_path / "a.json", {10: 1.0}), teacher_digest="aaaa")
+    b = _with_teacher(_results_file(tmp_path / "b.json", {16: 1.0}), teacher_digest="aaaa")
+    assert v3.main(["--pool", a, b])["teachers_differ"] == {}
+    assert "NOTE" not in capsys.readouterr().out
+    c = _with_teacher(_results_file(tmp_path / "c.json", {17: 1.0}), teacher_digest="cccc")
+    out = v3.main(["--pool", a, b, c])["teachers_differ"]
+    assert out == {"0 (control)": {a: "aaaa", b: "aaaa", c: "cccc"}}
+    assert "NOTE: instance 0 (control): the files' runs come from 2 different teachers" in capsys.readouterr().out
+    # files written before the digest was recorded: the teacher's text sensitivities stand in for it
+    old = _with_teacher(_results_file(tmp_path / "old.json", {18: 1.0}), teacher_text_sensitivity={"100": 2.1404243})
+    new = _with_teacher(_results_file(tmp_path / "new.json", {19: 1.0}), teacher_text_sensitivity={"100": 2.1404157})
+    assert set(v3.main(["--pool", old, new])["teachers_differ"]["0 (control)"].values()) == {
+        "text sensitivity 2.1404243", "text sensitivity 2.1404157"}
+
+
+def test_weights_digest_changes_with_any_weight():
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    import torch
+
+    from _miniature import weights_digest
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    assert weights_digest(a) == weights_digest(b)
+    with torch.no_grad():
+        b.bias[1] = torch.nextafter(b.bias[1], torch.tensor(10.0))  # the last bit of one weight
+    assert weights_digest(a) != weights_digest(b)
 
 
 def test_pool_refuses_other_settings_a_run_twice_and_other_files(tmp_path):
